@@ -1,0 +1,42 @@
+# Everything a fresh machine with Python 3.11+ and pip needs.
+#   make test    create .venv, install pinned dependencies, run the test suite
+#   make bench   run the benchmarks (prints tables)
+#   make lock    re-pin constraints.txt from the current .venv
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# keras_hub is the reference our tests check file compatibility against. Its
+# metadata demands tensorflow-text, which its backbones do not import, so it
+# is installed without dependencies, next to the few it does import.
+REFERENCE_PKGS := keras-hub absl-py regex rich tokenizers
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+
+.PHONY: setup test bench lock clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt $(REFERENCE_PKGS)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# pytest exits 5 when it collected nothing: say so and fail, so that an empty
+# run is never mistaken for a green one.
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(BIN)/python benchmarks/forward_throughput.py
+
+lock: setup
+	{ echo "# Pinned versions for reproducible installs (pip install -c constraints.txt ...)."; \
+	  echo "# Regenerate with: make lock"; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,143 @@
+"""Gemma's grouped-query attention with rotary positions, soft cap and window."""
+
+import keras
+import numpy as np
+from keras import ops
+
+# Added to masked logits. Finite, so a row with no visible key (a padded
+# query at the start of a left-padded row) gives a uniform distribution
+# instead of NaN; its output is unspecified anyway.
+_MASKED_LOGIT = -1e9
+
+
+def attention_mask(padding_mask, sliding_window_size=None):
+    """Which keys each query may see.
+
+    Args:
+        padding_mask: (B, S) 1 for real tokens, 0 for padding.
+        sliding_window_size: if set, query i sees key j only when
+            `i - j < sliding_window_size`.
+
+    Returns:
+        (B, T, S) bool, T == S: key j visible to query i when j <= i, j is
+        not padding, and (if windowed) j is within the window.
+    """
+    length = ops.shape(padding_mask)[1]
+    i = ops.expand_dims(ops.arange(length), 1)   # (T, 1)
+    j = ops.expand_dims(ops.arange(length), 0)   # (1, S)
+    visible = j <= i
+    if sliding_window_size is not None:
+        visible = ops.logical_and(visible, i - j < sliding_window_size)
+    keys = ops.expand_dims(ops.cast(padding_mask, "bool"), 1)  # (B, 1, S)
+    return ops.logical_and(ops.expand_dims(visible, 0), keys)
+
+
+def apply_rotary_embedding(x, base=10000.0):
+    """Rotary position embedding, half-split convention, positions 0..T-1.
+
+    Args:
+        x: (B, T, N, H) queries or keys.
+
+    Returns:
+        x rotated, same shape and dtype. The rotation is done in float32.
+    """
+    head_dim = x.shape[-1]
+    inverse_frequency = base ** (-np.arange(0, head_dim, 2, dtype="float32") / head_dim)
+    positions = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
+    angles = ops.einsum("t,f->tf", positions, inverse_frequency)  # (T, H/2)
+    cos = ops.expand_dims(ops.cos(angles), 1)                     # (T, 1, H/2)
+    sin = ops.expand_dims(ops.sin(angles), 1)
+    x32 = ops.cast(x, "float32")
+    x1, x2 = x32[..., : head_dim // 2], x32[..., head_dim // 2:]
+    rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return ops.cast(rotated, x.dtype)
+
+
+@keras.saving.register_keras_serializable(package="gemma_core")
+class GemmaAttention(keras.layers.Layer):
+    """Multi-head attention with grouped key/value heads.
+
+    Query head n reads key/value head n // (num_query_heads //
+    num_key_value_heads). Logits are soft-capped (if set) and soft-maxed in
+    float32.
+
+    Args:
+        num_query_heads: H.
+        num_key_value_heads: K; H must be a multiple of K.
+        head_dim: size of each head.
+        query_scale: factor on queries before the dot product.
+        logit_soft_cap: if set, `logits = tanh(logits / cap) * cap`.
+        sliding_window_size: if set, each query sees only that many most
+            recent keys (itself included).
+        dropout: rate on attention probabilities, training only.
+    """
+
+    def __init__(self, num_query_heads, num_key_value_heads, head_dim,
+                 query_scale, logit_soft_cap=None, sliding_window_size=None,
+                 dropout=0.0, kernel_initializer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_scale = query_scale
+        self.logit_soft_cap = logit_soft_cap
+        self.sliding_window_size = sliding_window_size
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(
+            kernel_initializer or "glorot_uniform")
+
+    def _projection(self, equation, output_shape, name):
+        return keras.layers.EinsumDense(
+            equation, output_shape=output_shape, name=name,
+            kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
+
+    def build(self, inputs_shape):
+        hidden_dim = inputs_shape[-1]
+        H, K, h = self.num_query_heads, self.num_key_value_heads, self.head_dim
+        self.query = self._projection("btd,ndh->btnh", (None, H, h), "query")
+        self.key = self._projection("bsd,kdh->bskh", (None, K, h), "key")
+        self.value = self._projection("bsd,kdh->bskh", (None, K, h), "value")
+        self.attention_output = self._projection(
+            "btnh,nhd->btd", (None, hidden_dim), "attention_output")
+        for projection in (self.query, self.key, self.value):
+            projection.build(inputs_shape)
+        self.attention_output.build((None, None, H, h))
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
+        self.built = True
+
+    def call(self, x, padding_mask, training=False):
+        B, T = ops.shape(x)[0], ops.shape(x)[1]
+        K, G, h = (self.num_key_value_heads,
+                   self.num_query_heads // self.num_key_value_heads, self.head_dim)
+        q = apply_rotary_embedding(self.query(x))                 # (B, T, H, h)
+        k = apply_rotary_embedding(self.key(x))                   # (B, S, K, h)
+        v = self.value(x)                                         # (B, S, K, h)
+        q = q * ops.cast(self.query_scale, q.dtype)
+        q = ops.reshape(q, (B, T, K, G, h))
+        logits = ops.einsum("btkgh,bskh->bkgts", q, k)
+        logits = ops.cast(logits, "float32")
+        if self.logit_soft_cap is not None:
+            logits = ops.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
+        mask = attention_mask(padding_mask, self.sliding_window_size)  # (B, T, S)
+        logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
+        probs = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
+        probs = self.dropout_layer(probs, training=training)
+        out = ops.einsum("bkgts,bskh->btkgh", probs, v)           # (B, T, K, G, h)
+        out = ops.reshape(out, (B, T, K * G, h))
+        return self.attention_output(out)
+
+    def compute_output_spec(self, x, padding_mask, training=False):
+        return keras.KerasTensor(x.shape, dtype=self.compute_dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_scale": self.query_scale,
+            "logit_soft_cap": self.logit_soft_cap,
+            "sliding_window_size": self.sliding_window_size,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

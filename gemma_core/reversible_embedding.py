@@ -1,0 +1,48 @@
+"""A token embedding that, reversed, is the language-model head."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="gemma_core")
+class ReversibleEmbedding(keras.layers.Embedding):
+    """`keras.layers.Embedding` whose transpose maps hidden states to logits.
+
+    Gemma ties its input embedding and output projection, so the one
+    `(vocabulary, hidden)` matrix serves both directions.
+
+    Args:
+        input_dim: vocabulary size.
+        output_dim: hidden size.
+        logit_soft_cap: if set, reversed logits become
+            `tanh(logits / cap) * cap`.
+
+    Example:
+    >>> emb = ReversibleEmbedding(256, 64)
+    >>> hidden = emb(ops.zeros((1, 3), "int32"))            # (1, 3, 64)
+    >>> logits = emb(hidden, reverse=True)                   # (1, 3, 256)
+    """
+
+    def __init__(self, input_dim, output_dim, logit_soft_cap=None, **kwargs):
+        super().__init__(input_dim, output_dim, **kwargs)
+        self.logit_soft_cap = logit_soft_cap
+
+    def call(self, inputs, reverse=False):
+        if not reverse:
+            return super().call(inputs)
+        embeddings = ops.cast(self.embeddings, self.compute_dtype)
+        logits = ops.einsum("btd,vd->btv", inputs, embeddings)
+        # Soft cap in float32: tanh saturates early in bf16.
+        logits = ops.cast(logits, "float32")
+        if self.logit_soft_cap is not None:
+            logits = ops.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
+        return logits
+
+    def compute_output_spec(self, inputs, reverse=False):
+        if not reverse:
+            return super().compute_output_spec(inputs)
+        return keras.KerasTensor(
+            tuple(inputs.shape[:-1]) + (self.input_dim,), dtype="float32")
+
+    def get_config(self):
+        return {**super().get_config(), "logit_soft_cap": self.logit_soft_cap}

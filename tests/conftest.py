@@ -1,0 +1,52 @@
+"""Test-wide setup: JAX on 8 fake CPU devices, set before JAX is imported."""
+
+import os
+
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+
+# The one tiny architecture every test that needs "a model" shares:
+# multi-query attention so the awkward sharding case is always exercised.
+TINY_CONFIG = dict(vocabulary_size=256, num_layers=2, num_query_heads=4,
+                   num_key_value_heads=1, hidden_dim=64, intermediate_dim=128,
+                   head_dim=16)
+
+
+def reference(name):
+    return np.load(FIXTURES / name / "reference_outputs.npz")
+
+
+def reference_inputs(name):
+    ref = reference(name)
+    return {"token_ids": ref["token_ids"], "padding_mask": ref["padding_mask"]}
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir():
+    return FIXTURES
+
+
+@pytest.fixture()
+def tiny_backbone():
+    import keras
+    from gemma_core import GemmaBackbone
+    keras.utils.set_random_seed(0)
+    return GemmaBackbone(**TINY_CONFIG)
+
+
+@pytest.fixture()
+def tiny_inputs():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, TINY_CONFIG["vocabulary_size"], size=(2, 12)).astype("int32")
+    mask = np.ones((2, 12), "int32")
+    mask[1, 9:] = 0
+    return {"token_ids": ids, "padding_mask": mask}
