@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import pathlib
 from typing import Any, ClassVar
@@ -12,6 +14,25 @@ import numpy as np
 from gemma_core import hf_format, keras_hub_format
 from gemma_core.errors import PresetError
 from gemma_core.preset_source import resolve_preset
+
+
+_WEIGHTS_WILL_BE_LOADED = contextvars.ContextVar("weights_will_be_loaded", default=False)
+
+
+def weights_will_be_loaded() -> bool:
+    """True while `from_preset` builds a model whose every weight it will
+    overwrite: subclasses then initialize with zeros, which is nearly free,
+    instead of drawing billions of random numbers to throw away."""
+    return _WEIGHTS_WILL_BE_LOADED.get()
+
+
+@contextlib.contextmanager
+def _loading_weights(enabled: bool):
+    token = _WEIGHTS_WILL_BE_LOADED.set(enabled)
+    try:
+        yield
+    finally:
+        _WEIGHTS_WILL_BE_LOADED.reset(token)
 
 
 class Backbone(keras.Model):
@@ -74,7 +95,8 @@ class Backbone(keras.Model):
         target = cls._subclass_for(class_name, directory)
         config.update(kwargs)
         try:
-            backbone = target.from_config(config)
+            with _loading_weights(load_weights):
+                backbone = target.from_config(config)
         except (TypeError, ValueError) as error:
             raise PresetError(f"The config in {directory} does not build a "
                               f"{class_name}: {error}") from error

@@ -14,7 +14,7 @@ import numpy as np
 from keras import ops
 
 from gemma_core import gemma_layout, gemma_lora, gemma_weight_names
-from gemma_core.backbone import Backbone
+from gemma_core.backbone import Backbone, weights_will_be_loaded
 from gemma_core.errors import PresetError, TokenIdError
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_decoder_block import GemmaDecoderBlock
@@ -95,13 +95,12 @@ class GemmaBackbone(Backbone):
             sliding_window_size=sliding_window_size,
             layer_norm_epsilon=layer_norm_epsilon, dropout=dropout)
         # === Layers ===
+        kernel_initializer = ("zeros" if weights_will_be_loaded() else
+                              keras.initializers.VarianceScaling(
+                                  scale=1.0, mode="fan_in", distribution="untruncated_normal"))
         self.token_embedding = ReversibleEmbedding(
             vocabulary_size, hidden_dim, logit_soft_cap=final_logit_soft_cap,
-            embeddings_initializer=keras.initializers.VarianceScaling(
-                scale=1.0, mode="fan_in", distribution="untruncated_normal", seed=None),
-            dtype=dtype, name="token_embedding")
-        kernel_initializer = keras.initializers.VarianceScaling(
-            scale=1.0, mode="fan_in", distribution="untruncated_normal")
+            embeddings_initializer=kernel_initializer, dtype=dtype, name="token_embedding")
         self.transformer_layers = [
             GemmaDecoderBlock(
                 hidden_dim=hidden_dim, intermediate_dim=intermediate_dim,
