@@ -51,3 +51,51 @@ def test_keras_hub_lora_file_reproduces_reference():
     assert np.abs(valid(ref["hidden_states_with_lora"], ref)
                   - valid(ref["hidden_states"], ref)).max() > 1e-2
 
+
+
+@pytest.mark.parametrize("prefix", ["model.", ""])
+def test_sharded_hugging_face_checkpoint_with_or_without_prefix(tmp_path, prefix):
+    """Split hf_gemma2_tiny into two safetensors shards plus an index, as
+    transformers does for large models, and rename keys."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    source = FIXTURES / "hf_gemma2_tiny"
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    tensors = {k.removeprefix("model."): v
+               for k, v in load_file(source / "model.safetensors").items()}
+    names = sorted(tensors)
+    weight_map = {}
+    for shard, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        file = f"model-{shard + 1:05d}-of-00002.safetensors"
+        save_file({prefix + n: tensors[n] for n in part}, tmp_path / file)
+        weight_map.update({prefix + n: file for n in part})
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ref = reference("hf_gemma2_tiny")
+    hidden = GemmaBackbone.from_preset(tmp_path)(reference_inputs("hf_gemma2_tiny"))
+    np.testing.assert_allclose(valid(hidden, ref), valid(ref["hidden_states"], ref),
+                               atol=1e-4, rtol=0)
+
+
+def test_bfloat16_hugging_face_checkpoint_stays_bfloat16(tmp_path):
+    import json
+
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    source = FIXTURES / "hf_gemma_tiny"
+    config = json.loads((source / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.astype(ml_dtypes.bfloat16)
+               for k, v in load_file(source / "model.safetensors").items()},
+              tmp_path / "model.safetensors")
+    backbone = GemmaBackbone.from_preset(tmp_path)
+    assert backbone.dtype_policy.name == "bfloat16"
+    assert all(v.dtype == "bfloat16" for v in backbone.weights)
+    ref = reference("hf_gemma_tiny")
+    hidden = backbone(reference_inputs("hf_gemma_tiny"))
+    assert relative_l2(valid(hidden, ref), valid(ref["hidden_states"], ref)) < 3e-2
