@@ -36,17 +36,18 @@ def apply_rotary_embedding(x, base=10000.0):
     """Rotary position embedding, half-split convention, positions 0..T-1.
 
     Args:
-        x: (B, T, N, H) queries or keys.
+        x: (B, T, N, H) queries or keys; T must be static (it is under jit).
 
     Returns:
         x rotated, same shape and dtype. The rotation is done in float32.
     """
-    head_dim = x.shape[-1]
-    inverse_frequency = base ** (-np.arange(0, head_dim, 2, dtype="float32") / head_dim)
-    positions = ops.cast(ops.arange(ops.shape(x)[1]), "float32")
-    angles = ops.einsum("t,f->tf", positions, inverse_frequency)  # (T, H/2)
-    cos = ops.expand_dims(ops.cos(angles), 1)                     # (T, 1, H/2)
-    sin = ops.expand_dims(ops.sin(angles), 1)
+    length, head_dim = x.shape[1], x.shape[-1]
+    # The tables are built in numpy at trace time: as XLA constants they are
+    # computed once, not re-derived with sin/cos for every element.
+    inverse_frequency = base ** (-np.arange(0, head_dim, 2, dtype="float64") / head_dim)
+    angles = np.arange(length, dtype="float64")[:, None] * inverse_frequency  # (T, H/2)
+    cos = np.cos(angles).astype("float32")[:, None, :]                       # (T, 1, H/2)
+    sin = np.sin(angles).astype("float32")[:, None, :]
     x32 = ops.cast(x, "float32")
     x1, x2 = x32[..., : head_dim // 2], x32[..., head_dim // 2:]
     rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -113,8 +114,10 @@ class GemmaAttention(keras.layers.Layer):
         k = apply_rotary_embedding(self.key(x))                   # (B, S, K, h)
         v = self.value(x)                                         # (B, S, K, h)
         q = q * ops.cast(self.query_scale, q.dtype)
-        q = ops.reshape(q, (B, T, K, G, h))
-        logits = ops.einsum("btkgh,bskh->bkgts", q, k)
+        # Heads-first before the einsums: transposing the small q and output
+        # is cheap; otherwise XLA transposes the (B, K, G, T, S) scores.
+        q = ops.transpose(ops.reshape(q, (B, T, K, G, h)), (0, 2, 3, 1, 4))  # (B, K, G, T, h)
+        logits = ops.einsum("bkgth,bskh->bkgts", q, k)
         logits = ops.cast(logits, "float32")
         if self.logit_soft_cap is not None:
             logits = ops.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
@@ -122,8 +125,8 @@ class GemmaAttention(keras.layers.Layer):
         logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
         probs = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         probs = self.dropout_layer(probs, training=training)
-        out = ops.einsum("bkgts,bskh->btkgh", probs, v)           # (B, T, K, G, h)
-        out = ops.reshape(out, (B, T, K * G, h))
+        out = ops.einsum("bkgts,bskh->bkgth", probs, v)           # (B, K, G, T, h)
+        out = ops.reshape(ops.transpose(out, (0, 3, 1, 2, 4)), (B, T, K * G, h))
         return self.attention_output(out)
 
     def compute_output_spec(self, x, padding_mask, training=False):
