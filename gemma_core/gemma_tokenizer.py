@@ -7,6 +7,7 @@ import os
 import pathlib
 from typing import Sequence
 
+import numpy as np
 import sentencepiece
 
 from gemma_core import hf_format, keras_hub_format
@@ -72,13 +73,14 @@ class GemmaTokenizer:
         ids = self._sp.EncodeAsIds(text)
         return [self.bos_token_id] * add_bos + ids + [self.eos_token_id] * add_eos
 
-    def detokenize(self, ids) -> str | list[str]:
-        """Ids -> text, dropping pad/bos/eos; a batch gives a list of texts."""
-        ids = [int(i) for i in ids] if not _is_batch(ids) else None
-        if ids is None:
-            raise TypeError("Use detokenize_batch for a batch of sequences.")
+    def detokenize(self, ids) -> str:
+        """One sequence of ids -> text, dropping pad/bos/eos."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise ValueError(f"detokenize takes one sequence of ids, got shape {ids.shape}; "
+                             "use detokenize_batch for several.")
         special = {self.pad_token_id, self.bos_token_id, self.eos_token_id}
-        return self._sp.DecodeIds([i for i in ids if i not in special])
+        return self._sp.DecodeIds([int(i) for i in ids if int(i) not in special])
 
     def detokenize_batch(self, batch) -> list[str]:
         return [self.detokenize(ids) for ids in batch]
@@ -116,10 +118,3 @@ class GemmaTokenizer:
         (directory / keras_hub_format.TOKENIZER_CONFIG_FILE).write_text(
             json.dumps(config, indent=4))
 
-
-def _is_batch(ids) -> bool:
-    try:
-        first = next(iter(ids))
-    except StopIteration:
-        return False
-    return hasattr(first, "__iter__")
