@@ -3,12 +3,29 @@
 Imports neither Ray nor gRPC; usable on its own.
 """
 
-from gemma_core.backbone import Backbone
+import os as _os
+import sys as _sys
+
+# Keras picks its backend at import; this library is JAX-only, so choose JAX
+# unless the user already chose, and refuse a Keras already bound elsewhere.
+_os.environ.setdefault("KERAS_BACKEND", "jax")
+if _os.environ["KERAS_BACKEND"] != "jax":
+    raise ImportError(f"gemma_core runs on Keras' JAX backend, but KERAS_BACKEND="
+                      f"{_os.environ['KERAS_BACKEND']!r}. Set KERAS_BACKEND=jax.")
+if "keras" in _sys.modules:
+    import keras as _keras
+    if _keras.backend.backend() != "jax":
+        raise ImportError("Keras was imported with the "
+                          f"{_keras.backend.backend()!r} backend before gemma_core; "
+                          "set KERAS_BACKEND=jax before importing keras.")
+
+from gemma_core.backbone import Backbone, read_preset_config
+from gemma_core.default_preset import DEFAULT_PRESET
 from gemma_core.errors import PresetError, TokenIdError
 from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
 from gemma_core.gemma_tokenizer import GemmaTokenizer
 
-__all__ = ["Backbone", "GemmaBackbone", "GemmaConfig", "GemmaTokenizer",
+__all__ = ["Backbone", "DEFAULT_PRESET", "read_preset_config", "GemmaBackbone", "GemmaConfig", "GemmaTokenizer",
            "GEMMA_PRESETS", "PresetError", "TokenIdError"]

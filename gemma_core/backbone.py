@@ -35,6 +35,30 @@ def _loading_weights(enabled: bool):
         _WEIGHTS_WILL_BE_LOADED.reset(token)
 
 
+def _read_preset_config(directory: pathlib.Path) -> tuple[str, dict[str, Any], str | None]:
+    """(class name, constructor kwargs, Hugging Face model_type or None)."""
+    if keras_hub_format.is_keras_hub_preset(directory):
+        class_name, config = keras_hub_format.read_config(directory)
+        return class_name, config, None
+    if hf_format.is_hf_checkpoint(directory):
+        model_type, class_name, config = hf_format.read_config(directory)
+        return class_name, config, model_type
+    raise PresetError(
+        f"{directory} is neither a keras_hub preset (config.json with "
+        "'class_name') nor a Hugging Face checkpoint (config.json with "
+        "'model_type').")
+
+
+def read_preset_config(preset: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(class name, constructor kwargs) of a preset, without building it.
+
+    Resolves (and if needed downloads) the preset like `from_preset`. Used to
+    plan a layout before the weights are loaded into it.
+    """
+    class_name, config, _ = _read_preset_config(resolve_preset(preset))
+    return class_name, config
+
+
 class Backbone(keras.Model):
     """A keras Functional model that loads and saves presets.
 
@@ -82,16 +106,7 @@ class Backbone(keras.Model):
         'GemmaBackbone'
         """
         directory = resolve_preset(preset)
-        if keras_hub_format.is_keras_hub_preset(directory):
-            class_name, config = keras_hub_format.read_config(directory)
-            model_type = None
-        elif hf_format.is_hf_checkpoint(directory):
-            model_type, class_name, config = hf_format.read_config(directory)
-        else:
-            raise PresetError(
-                f"{directory} is neither a keras_hub preset (config.json with "
-                "'class_name') nor a Hugging Face checkpoint (config.json with "
-                "'model_type').")
+        class_name, config, model_type = _read_preset_config(directory)
         target = cls._subclass_for(class_name, directory)
         config.update(kwargs)
         try:

@@ -214,6 +214,35 @@ class GemmaBackbone(Backbone):
             found[self.num_layers] = self.layer_norm(x)
         return [found[i] for i in wanted]
 
+    def selected_hidden_states(self, token_ids, padding_mask, layer_ids):
+        """Hidden states at layer indices given as data, not as Python ints.
+
+        For serving: one compiled function serves every choice of layers,
+        because the indices are an array traced by jit. Every block runs.
+
+        Args:
+            token_ids, padding_mask: (B, T).
+            layer_ids: (K,) int32 in [0, num_layers] (see `hidden_states`);
+                repeats allowed (padding slots).
+
+        Returns:
+            (K, B, T, hidden_dim) in the compute dtype.
+        """
+        layer_ids = ops.convert_to_tensor(layer_ids, "int32")
+        x = self._embed(ops.convert_to_tensor(token_ids, "int32"))
+        selected = ops.zeros((layer_ids.shape[0],) + tuple(x.shape), x.dtype)
+
+        def keep(selected, index, state):
+            hit = ops.reshape(layer_ids == index, (-1, 1, 1, 1))
+            return ops.where(hit, ops.expand_dims(state, 0), selected)
+
+        selected = keep(selected, 0, x)
+        for i, block in enumerate(self.transformer_layers):
+            x = block(x, padding_mask=padding_mask)
+            if i + 1 < self.num_layers:
+                selected = keep(selected, i + 1, x)
+        return keep(selected, self.num_layers, self.layer_norm(x))
+
     def logits(self, hidden_states):
         """Next-token logits (float32) from backbone outputs: the tied
         embedding transposed, then `final_logit_soft_cap` if set."""

@@ -1,6 +1,7 @@
 """Turns a preset reference into a local directory, downloading if needed.
 
-A reference is a built-in preset name, a `kaggle://owner/model/framework/
+A reference is "default" (the built-in random-weight model), a built-in
+preset name, a `kaggle://owner/model/framework/
 variation/version` handle, an `hf://org/repo` repository, or a local
 directory. Downloads go through kagglehub and huggingface_hub and their
 caches; when a download cannot work (no network, no credentials) the error
@@ -15,6 +16,7 @@ import pathlib
 import socket
 import urllib.parse
 
+from gemma_core.default_preset import DEFAULT_PRESET, ensure_default_preset
 from gemma_core.errors import PresetError
 from gemma_core.gemma_presets import GEMMA_PRESETS
 
@@ -26,6 +28,8 @@ _LOCAL_HINT = ("Download the preset on a machine with access and pass its "
 def resolve_preset(preset: str | os.PathLike) -> pathlib.Path:
     """Returns the local directory holding `preset`'s files."""
     text = os.fspath(preset)
+    if text == DEFAULT_PRESET:
+        return ensure_default_preset()
     if text.startswith("kaggle://"):
         return _kaggle_download(text, text)
     if text.startswith("hf://"):

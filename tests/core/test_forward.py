@@ -140,3 +140,12 @@ def test_jitted_forward_compiles_once_per_shape(tiny_backbone, tiny_inputs):
     norm.assign(np.full(norm.shape, 1.0, "float32"))
     np.testing.assert_allclose(np_(forward(ids, mask)[1]), 2 * np_(first[1]), rtol=1e-5)
     assert forward.num_compilations() == 2
+
+
+def test_selected_hidden_states_with_layer_ids_as_data(tiny_backbone, tiny_inputs):
+    expected = tiny_backbone.hidden_states(tiny_inputs, layers=[2, 0, 1])
+    got = tiny_backbone.selected_hidden_states(
+        tiny_inputs["token_ids"], tiny_inputs["padding_mask"], np.array([2, 0, 1, 1], "int32"))
+    assert got.shape == (4, 2, 12, TINY_CONFIG["hidden_dim"])
+    for k, want in enumerate(expected + [expected[2]]):
+        np.testing.assert_allclose(np_(got[k]), np_(want), atol=1e-6)

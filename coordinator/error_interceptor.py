@@ -1,0 +1,80 @@
+"""The one place exceptions become gRPC status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from coordinator.errors import ServiceError
+from gemma_core import TokenIdError
+from worker.errors import DeadlineExpired, WorkerUnavailable
+
+log = logging.getLogger("gemma_serve.errors")
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, message) for an exception raised while serving a call."""
+    if isinstance(error, ServiceError):
+        return error.code, str(error)
+    if isinstance(error, TokenIdError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, (DeadlineExpired, asyncio.TimeoutError)):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, (
+            f"deadline exceeded: {error}" if str(error) else "deadline exceeded")
+    if isinstance(error, WorkerUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly."
+    return grpc.StatusCode.INTERNAL, "internal error; the server log has the details."
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps unary and server-streaming handlers so any exception ends the
+    call with the mapped status instead of a bare INTERNAL."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # client-streaming handlers (reflection) pass through
+
+
+async def _abort(context, error: BaseException, method: str):
+    code, message = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("unhandled error in %s", method, exc_info=error)
+    await context.abort(code, message)
+
+
+def _wrap_unary(behavior, method):
+    async def wrapped(request, context):
+        try:
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
+            await _abort(context, error, method)
+    return wrapped
+
+
+def _wrap_stream(behavior, method):
+    async def wrapped(request, context):
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
+            await _abort(context, error, method)
+    return wrapped

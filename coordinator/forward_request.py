@@ -1,0 +1,108 @@
+"""Forward requests: proto in, validated plain data out.
+
+The one place a ForwardRequest message is read. Every rule names the field
+to fix, so a client in any language can act on the message alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator.errors import InvalidArgument, NotFound
+from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
+from coordinator.service_config import ServiceLimits
+from gemma_core import GemmaTokenizer
+from worker.forward_work import ForwardWork
+
+POOLING_NAMES = {pb.POOLING_UNSPECIFIED: "none", pb.POOLING_NONE: "none",
+                 pb.POOLING_LAST_TOKEN: "last_token", pb.POOLING_MEAN: "mean"}
+DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
+               pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_FLOAT16: "float16"}
+
+
+def _enum(value: int, names: dict, field: str, enum) -> str:
+    if value not in names:
+        valid = ", ".join(enum.Name(v) for v in sorted(names))
+        raise InvalidArgument(field, f"unknown value {value}; use one of {valid}.")
+    return names[value]
+
+
+def _layers(requested, limits: ServiceLimits) -> tuple[int, ...]:
+    L = limits.num_layers
+    layers = list(requested) or [-1]
+    if len(layers) > limits.max_layers_per_request:
+        raise InvalidArgument("layers", f"{len(layers)} layers requested; at most "
+                                        f"{limits.max_layers_per_request} per request.")
+    normalized = []
+    for position, index in enumerate(layers):
+        if not -(L + 1) <= index <= L:
+            raise InvalidArgument(f"layers[{position}]", f"{index} is out of range for a "
+                                  f"{L}-layer model; use 0..{L} or -{L + 1}..-1.")
+        normalized.append(index % (L + 1))
+    if len(set(normalized)) != len(normalized):
+        raise InvalidArgument("layers", f"{list(layers)} names a layer twice.")
+    return tuple(normalized)
+
+
+def _check_ids(ids: np.ndarray, field: str, limits: ServiceLimits) -> np.ndarray:
+    if ids.size == 0:
+        raise InvalidArgument(field, "is empty; send at least one token.")
+    if ids.size > limits.max_sequence_length:
+        raise InvalidArgument(field, f"has {ids.size} tokens; the limit is "
+                                     f"{limits.max_sequence_length}.")
+    bad = (ids < 0) | (ids >= limits.vocabulary_size)
+    if bad.any():
+        position = int(np.argmax(bad))
+        raise InvalidArgument(field, f"token id {int(ids[position])} at position {position} "
+                                     f"is outside [0, {limits.vocabulary_size}).")
+    return ids
+
+
+def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
+                          tokenizer: GemmaTokenizer | None, request_id: str,
+                          deadline: float | None) -> ForwardWork:
+    """Validates `message` and turns it into the work a worker runs.
+
+    Raises:
+        InvalidArgument: naming the field at fault.
+        NotFound: for an adapter the caller does not have.
+    """
+    texts, sequences = list(message.texts), list(message.sequences)
+    if texts and sequences:
+        raise InvalidArgument("texts, sequences", "send texts or token sequences, not both.")
+    if not texts and not sequences:
+        raise InvalidArgument("texts, sequences", "nothing to run; send texts or sequences.")
+    count = len(texts) + len(sequences)
+    if count > limits.max_sequences_per_request:
+        raise InvalidArgument("texts" if texts else "sequences",
+                              f"{count} items; at most {limits.max_sequences_per_request} "
+                              "per request.")
+    if message.HasField("add_bos") and not texts:
+        raise InvalidArgument("add_bos", "applies to texts only; token sequences are "
+                                         "used exactly as sent.")
+    pooling = _enum(message.pooling, POOLING_NAMES, "pooling", pb.Pooling)
+    dtype = _enum(message.dtype, DTYPE_NAMES, "dtype", pb.DType)
+    layers = _layers(message.layers, limits)
+    if message.adapter_id:
+        # Adapters arrive with the multi-tenant LoRA service; none exist yet.
+        raise NotFound(f"adapter_id: no adapter {message.adapter_id!r} for this tenant.")
+    if texts:
+        if tokenizer is None:
+            raise InvalidArgument("texts", "this model has no tokenizer; send token "
+                                           "sequences instead.")
+        add_bos = message.add_bos if message.HasField("add_bos") else True
+        ids = []
+        for i, text in enumerate(texts):
+            if not text:
+                raise InvalidArgument(f"texts[{i}]", "is empty.")
+            size = len(text.encode("utf-8"))
+            if size > limits.max_text_bytes:
+                raise InvalidArgument(f"texts[{i}]", f"is {size} bytes; the limit is "
+                                                     f"{limits.max_text_bytes}.")
+            tokens = np.asarray(tokenizer.tokenize(text, add_bos=add_bos), "int32")
+            ids.append(_check_ids(tokens, f"texts[{i}] (tokenized)", limits))
+    else:
+        ids = [_check_ids(np.asarray(s.ids, "int64"), f"sequences[{i}]", limits)
+               .astype("int32") for i, s in enumerate(sequences)]
+    return ForwardWork(request_id=request_id, sequences=tuple(ids), layers=layers,
+                       pooling=pooling, dtype=dtype, deadline=deadline)

@@ -1,0 +1,190 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOLING_UNSPECIFIED: _ClassVar[Pooling]
+    POOLING_NONE: _ClassVar[Pooling]
+    POOLING_LAST_TOKEN: _ClassVar[Pooling]
+    POOLING_MEAN: _ClassVar[Pooling]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+POOLING_UNSPECIFIED: Pooling
+POOLING_NONE: Pooling
+POOLING_LAST_TOKEN: Pooling
+POOLING_MEAN: Pooling
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_BFLOAT16: DType
+DTYPE_FLOAT16: DType
+
+class TokenSequence(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("texts", "sequences", "add_bos", "adapter_id", "layers", "pooling", "dtype")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    ADD_BOS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
+    add_bos: bool
+    adapter_id: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    pooling: Pooling
+    dtype: DType
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., add_bos: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ForwardHeader
+    chunk: TensorChunk
+    def __init__(self, header: _Optional[_Union[ForwardHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ForwardHeader(_message.Message):
+    __slots__ = ("request_id", "model", "layers", "pooling", "dtype", "hidden_dim", "sequences", "total_bytes", "adapter_id", "worker_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    pooling: Pooling
+    dtype: DType
+    hidden_dim: int
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceInfo]
+    total_bytes: int
+    adapter_id: str
+    worker_id: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., hidden_dim: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., adapter_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class SequenceInfo(_message.Message):
+    __slots__ = ("token_ids", "shape")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("sequence_index", "layer", "token_offset", "shape", "dtype", "data")
+    SEQUENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    sequence_index: int
+    layer: int
+    token_offset: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, sequence_index: _Optional[int] = ..., layer: _Optional[int] = ..., token_offset: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("preset", "model_class", "config_json", "dtype", "random_weights", "parameter_count", "workers", "limits")
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    preset: str
+    model_class: str
+    config_json: str
+    dtype: str
+    random_weights: bool
+    parameter_count: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    limits: Limits
+    def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MESH_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MESH_AXES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_RUN_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_RUN_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_IN_A_BATCH_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    node_id: str
+    mesh_shape: _containers.RepeatedScalarFieldContainer[int]
+    mesh_axes: _containers.RepeatedScalarFieldContainer[str]
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    ready: bool
+    in_flight_sequences: int
+    batches_run: int
+    sequences_run: int
+    max_sequences_in_a_batch: int
+    compiled_functions: int
+    sequences_cancelled: int
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes")
+    VOCABULARY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAYERS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    vocabulary_size: int
+    num_layers: int
+    hidden_dim: int
+    max_sequence_length: int
+    max_sequences_per_request: int
+    max_layers_per_request: int
+    max_text_bytes: int
+    max_batch_tokens: int
+    length_buckets: _containers.RepeatedScalarFieldContainer[int]
+    batch_buckets: _containers.RepeatedScalarFieldContainer[int]
+    bucket_count: int
+    max_response_chunk_bytes: int
+    def __init__(self, vocabulary_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_sequences_per_request: _Optional[int] = ..., max_layers_per_request: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., length_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., bucket_count: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ...) -> None: ...

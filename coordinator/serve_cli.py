@@ -1,0 +1,91 @@
+"""`gemma-serve`: start the coordinator and its workers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from coordinator.server import GemmaServer
+from coordinator.service_config import ServiceConfig
+from gemma_core import DEFAULT_PRESET
+from worker.worker_config import BatchingConfig, WorkerSpec
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.replace("x", ",").split(",") if part)
+
+
+def parse_args(argv=None) -> ServiceConfig:
+    p = argparse.ArgumentParser(prog="gemma-serve", description=__doc__)
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help="built-in name, kaggle://..., hf://org/repo, or a local keras_hub or "
+                        "Hugging Face directory; default: the built-in random-weight model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    p.add_argument("--workers", type=int, default=1, help="worker actors")
+    p.add_argument("--mesh", type=_ints, default=(1, 1),
+                   help="per-worker mesh as DATAxMODEL, e.g. 1x2 (devices = product)")
+    p.add_argument("--gpus", action="store_true",
+                   help="give each worker GPUs from Ray instead of fake CPU devices")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or mixed_bfloat16")
+    p.add_argument("--length-buckets", type=_ints, default=BatchingConfig.length_buckets)
+    p.add_argument("--batch-buckets", type=_ints, default=BatchingConfig.batch_buckets)
+    p.add_argument("--max-batch-tokens", type=int, default=BatchingConfig.max_batch_tokens)
+    p.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms)
+    p.add_argument("--max-layers-per-request", type=int, default=BatchingConfig.layer_slots)
+    p.add_argument("--max-sequences-per-request", type=int, default=64)
+    p.add_argument("--max-text-bytes", type=int, default=16384)
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. 10.0.0.1:6379); default: start a local one")
+    p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of a local Ray")
+    args = p.parse_args(argv)
+    batching = BatchingConfig(
+        length_buckets=args.length_buckets, batch_buckets=args.batch_buckets,
+        max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+        layer_slots=args.max_layers_per_request)
+    spec = WorkerSpec(preset=args.preset, mesh_shape=tuple(args.mesh), dtype=args.dtype,
+                      use_gpus=args.gpus, batching=batching)
+    return ServiceConfig(worker=spec, num_workers=args.workers, host=args.host,
+                         port=args.port, ray_address=args.ray_address,
+                         ray_num_cpus=args.ray_num_cpus,
+                         max_sequences_per_request=args.max_sequences_per_request,
+                         max_text_bytes=args.max_text_bytes)
+
+
+def ready_line(server: GemmaServer) -> str:
+    config = server.config
+    weights = (" (RANDOM WEIGHTS: the built-in default model; outputs are meaningless. "
+               "Use --preset for real weights)" if config.worker.preset == DEFAULT_PRESET else "")
+    mesh = "x".join(map(str, config.worker.mesh_shape))
+    return (f"gemma-serve ready on {config.host}:{server.port} preset={config.worker.preset}"
+            f"{weights} workers={config.num_workers} mesh={mesh} "
+            f"ray={'local' if not config.ray_address else config.ray_address}")
+
+
+async def serve(config: ServiceConfig) -> None:
+    server = GemmaServer(config)
+    await server.start()
+    print(ready_line(server), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+    except ValueError as error:
+        sys.exit(f"gemma-serve: {error}")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

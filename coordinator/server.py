@@ -1,0 +1,108 @@
+"""Assembles and runs the coordinator: Ray, workers, gRPC, health, reflection."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coordinator.error_interceptor import ErrorInterceptor
+from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
+from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
+from coordinator.service_config import ServiceConfig, ServiceLimits
+from coordinator.servicer import GemmaServicer
+from gemma_core import DEFAULT_PRESET, GemmaConfig, GemmaTokenizer, PresetError
+from gemma_core import read_preset_config
+
+log = logging.getLogger("gemma_serve.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GemmaService"].full_name
+# Requests are small; responses stream in chunks. Both limits stay explicit.
+MAX_RECEIVE_BYTES = 4 << 20
+MAX_SEND_BYTES = 4 << 20
+
+
+def connect_ray(config: ServiceConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Loopback clusters for development need no token; real clusters set
+    # RAY_AUTH_MODE themselves.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if config.ray_address:
+        ray.init(address=config.ray_address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING)
+
+
+class GemmaServer:
+    """The running service. `await start()`, then `port`; `await stop()`."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._pool = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> None:
+        from worker.worker_pool import WorkerPool
+
+        config = self.config
+        class_name, model_config = read_preset_config(config.worker.preset)
+        if class_name != "GemmaBackbone":
+            raise PresetError(f"{config.worker.preset} holds a {class_name}; only "
+                              "GemmaBackbone presets are served.")
+        if config.worker.dtype:
+            model_config["dtype"] = config.worker.dtype
+        architecture = GemmaConfig.from_kwargs(model_config)
+        try:
+            tokenizer = GemmaTokenizer.from_preset(config.worker.preset)
+        except PresetError:
+            tokenizer = None  # token ids only
+            log.warning("%s has no tokenizer: texts will be refused", config.worker.preset)
+        limits = ServiceLimits(
+            vocabulary_size=architecture.vocabulary_size, num_layers=architecture.num_layers,
+            hidden_dim=architecture.hidden_dim,
+            max_sequence_length=config.worker.batching.max_sequence_length,
+            max_sequences_per_request=config.max_sequences_per_request,
+            max_layers_per_request=config.worker.batching.layer_slots,
+            max_text_bytes=config.max_text_bytes)
+
+        connect_ray(config)
+        self._pool = WorkerPool(config.worker, config.num_workers)
+        await self._pool.wait_ready()
+
+        servicer = GemmaServicer(
+            config, self._pool, limits, tokenizer, model_config,
+            parameter_count=architecture.num_parameters(),
+            random_weights=config.worker.preset == DEFAULT_PRESET)
+        self._server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                     ("grpc.max_send_message_length", MAX_SEND_BYTES)])
+        pb_grpc.add_GemmaServiceServicer_to_server(servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self._server)
+        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._pool is not None:
+            self._pool.shutdown()

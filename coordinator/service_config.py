@@ -1,0 +1,51 @@
+"""The coordinator's configuration and the limits it enforces."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from worker.worker_config import WorkerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may ask for. Model-derived sizes come from the
+    preset; the rest are operator choices."""
+
+    vocabulary_size: int
+    num_layers: int
+    hidden_dim: int
+    max_sequence_length: int
+    max_sequences_per_request: int = 64
+    max_layers_per_request: int = 4
+    max_text_bytes: int = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Everything `gemma-serve` starts from.
+
+    Attributes:
+        worker: the spec every worker is built from.
+        num_workers: how many worker actors.
+        host, port: where gRPC listens (port 0 picks a free one).
+        ray_address: join this Ray cluster; None starts a local one.
+        ray_num_cpus: CPUs of a local Ray (None: all).
+        max_sequences_per_request, max_text_bytes: request limits.
+        chunk_bytes: payload bytes per streamed chunk (gRPC's default
+            message limit is 4 MiB).
+    """
+
+    worker: WorkerSpec
+    num_workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50051
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    max_sequences_per_request: int = 64
+    max_text_bytes: int = 16384
+    chunk_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not 0 < self.chunk_bytes <= 3 << 20:
+            raise ValueError("chunk_bytes must be in (0, 3 MiB] to stay under 4 MiB.")

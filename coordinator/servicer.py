@@ -1,0 +1,73 @@
+"""GemmaService over gRPC: translate, delegate, translate back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from coordinator.forward_request import parse_forward_request
+from coordinator.forward_response import response_stream
+from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
+from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
+from coordinator.service_config import ServiceConfig, ServiceLimits
+from gemma_core import GemmaTokenizer
+from worker.worker_pool import WorkerPool
+
+
+class GemmaServicer(pb_grpc.GemmaServiceServicer):
+    """Holds no model: validation is in forward_request, the work in the
+    worker pool, the wire format in forward_response, errors in the
+    interceptor."""
+
+    def __init__(self, config: ServiceConfig, pool: WorkerPool, limits: ServiceLimits,
+                 tokenizer: GemmaTokenizer | None, model_config: dict,
+                 parameter_count: int, random_weights: bool):
+        self._config = config
+        self._pool = pool
+        self._limits = limits
+        self._tokenizer = tokenizer
+        self._model_config = model_config
+        self._parameter_count = parameter_count
+        self._random_weights = random_weights
+
+    async def Forward(self, request, context):
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.time() + remaining
+        work = parse_forward_request(request, self._limits, self._tokenizer,
+                                     request_id=uuid.uuid4().hex[:16], deadline=deadline)
+        result = await asyncio.wait_for(self._pool.forward(work), timeout=remaining)
+        for response in response_stream(work, result, self._config.worker.preset,
+                                        self._limits.hidden_dim, self._config.chunk_bytes):
+            yield response
+
+    async def GetModelInfo(self, request, context):
+        batching = self._config.worker.batching
+        limits = self._limits
+        info = pb.ModelInfo(
+            preset=self._config.worker.preset, model_class="GemmaBackbone",
+            config_json=json.dumps(self._model_config, sort_keys=True),
+            dtype=self._model_config.get("dtype") or "float32",
+            random_weights=self._random_weights, parameter_count=self._parameter_count,
+            limits=pb.Limits(
+                vocabulary_size=limits.vocabulary_size, num_layers=limits.num_layers,
+                hidden_dim=limits.hidden_dim, max_sequence_length=limits.max_sequence_length,
+                max_sequences_per_request=limits.max_sequences_per_request,
+                max_layers_per_request=limits.max_layers_per_request,
+                max_text_bytes=limits.max_text_bytes,
+                max_batch_tokens=batching.max_batch_tokens,
+                length_buckets=batching.length_buckets, batch_buckets=batching.batch_buckets,
+                bucket_count=batching.bucket_count,
+                max_response_chunk_bytes=self._config.chunk_bytes))
+        for worker in await self._pool.infos():
+            info.workers.add(
+                worker_id=worker["worker_id"], node_id=worker["node_id"],
+                mesh_shape=worker["mesh_shape"], mesh_axes=["batch", "model"],
+                devices=worker["devices"], ready=True,
+                in_flight_sequences=worker["in_flight_sequences"],
+                batches_run=worker["batches_run"], sequences_run=worker["sequences_run"],
+                max_sequences_in_a_batch=worker["max_sequences_in_a_batch"],
+                compiled_functions=worker["compiled_functions"],
+                sequences_cancelled=worker["sequences_cancelled"])
+        return info

@@ -1,0 +1,174 @@
+"""Groups concurrent requests' sequences into padded, bucketed batches.
+
+Pure asyncio and numpy: the model is a blocking callable run on one
+executor thread, so the event loop keeps accepting work while the device
+computes, and whatever queued meanwhile forms the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from worker.errors import DeadlineExpired
+from worker.worker_config import BatchingConfig
+
+# run(token_ids (B, T), padding_mask (B, T), layer_ids (K,)) -> (K, B, T, d)
+RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class _Row:
+    token_ids: np.ndarray
+    layers: tuple[int, ...]
+    deadline: float | None
+    future: asyncio.Future
+
+
+@dataclasses.dataclass
+class BatcherStats:
+    batches_run: int = 0
+    sequences_run: int = 0
+    max_sequences_in_a_batch: int = 0
+    sequences_cancelled: int = 0
+    running: int = 0
+
+
+class DynamicBatcher:
+    """Batches rows of any requests; each request gets exactly its rows back.
+
+    Args:
+        config: bucket and budget limits.
+        run_batch: the blocking model call.
+        executor: where `run_batch` runs (one thread: one device mesh).
+    """
+
+    def __init__(self, config: BatchingConfig, run_batch: RunBatch,
+                 executor: concurrent.futures.Executor):
+        self._config = config
+        self._run_batch = run_batch
+        self._executor = executor
+        self._pending: collections.deque[_Row] = collections.deque()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self.stats = BatcherStats()
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_forever())
+
+    async def submit(self, sequences: Sequence[np.ndarray], layers: tuple[int, ...],
+                     deadline: float | None) -> list[dict[int, np.ndarray]]:
+        """Queues the sequences; returns, per sequence, {layer: (tokens, d)}.
+
+        Cancelling the caller drops its rows that have not run yet.
+        """
+        self.start()
+        loop = asyncio.get_running_loop()
+        rows = [_Row(np.asarray(s, "int32"), layers, deadline, loop.create_future())
+                for s in sequences]
+        self._pending.extend(rows)
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*(row.future for row in rows)))
+        except BaseException:
+            for row in rows:
+                row.future.cancel()  # no-op for rows already done
+            raise
+
+    def _drop_dead_rows(self) -> None:
+        now = time.time()
+        alive = collections.deque()
+        for row in self._pending:
+            if row.future.done():
+                self.stats.sequences_cancelled += 1
+            elif row.deadline is not None and now >= row.deadline:
+                self.stats.sequences_cancelled += 1
+                row.future.set_exception(DeadlineExpired(
+                    "the deadline passed while the request waited for the device"))
+            else:
+                alive.append(row)
+        self._pending = alive
+
+    def _take_batch(self) -> list[_Row]:
+        """FIFO, skipping rows that would break the budget or layer slots."""
+        batch, layers, longest, kept = [], set(), 0, collections.deque()
+        for row in self._pending:
+            new_layers = layers | set(row.layers)
+            new_longest = max(longest, len(row.token_ids))
+            if (len(new_layers) <= self._config.layer_slots
+                    and self._config.fits(len(batch) + 1, new_longest)):
+                batch.append(row)
+                layers, longest = new_layers, new_longest
+            else:
+                kept.append(row)
+        self._pending = kept
+        return batch
+
+    def _batch_is_full(self) -> bool:
+        rows = len(self._pending)
+        return rows >= self._config.batch_buckets[-1] or not self._config.fits(
+            rows + 1, max(len(r.token_ids) for r in self._pending))
+
+    async def _run_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._drop_dead_rows()
+            if not self._pending:
+                continue
+            if self._config.max_wait_ms and not self._batch_is_full():
+                await asyncio.sleep(self._config.max_wait_ms / 1000)
+                self._drop_dead_rows()
+            batch = self._take_batch()
+            if self._pending:
+                self._wake.set()
+            if batch:
+                await self._run(batch)
+
+    def _pack(self, batch: list[_Row]):
+        cfg = self._config
+        rows, length = cfg.batch_bucket(len(batch)), cfg.length_bucket(
+            max(len(r.token_ids) for r in batch))
+        token_ids = np.zeros((rows, length), "int32")
+        padding_mask = np.zeros((rows, length), "int32")
+        for i, row in enumerate(batch):
+            token_ids[i, : len(row.token_ids)] = row.token_ids
+            padding_mask[i, : len(row.token_ids)] = 1
+        layers = sorted({layer for row in batch for layer in row.layers})
+        slot_of = {layer: k for k, layer in enumerate(layers)}
+        # Unused slots repeat a layer: the shape stays fixed, the work is tiny.
+        layer_ids = np.array(layers + [layers[0]] * (cfg.layer_slots - len(layers)), "int32")
+        return token_ids, padding_mask, layer_ids, slot_of
+
+    async def _run(self, batch: list[_Row]) -> None:
+        token_ids, padding_mask, layer_ids, slot_of = self._pack(batch)
+        self.stats.running = len(batch)
+        try:
+            hidden = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, token_ids, padding_mask, layer_ids)
+        except Exception as error:  # The model failed: every row learns why.
+            for row in batch:
+                if not row.future.done():
+                    row.future.set_exception(error)
+            return
+        finally:
+            self.stats.running = 0
+        self.stats.batches_run += 1
+        self.stats.sequences_run += len(batch)
+        self.stats.max_sequences_in_a_batch = max(self.stats.max_sequences_in_a_batch,
+                                                  len(batch))
+        for i, row in enumerate(batch):
+            if not row.future.done():
+                n = len(row.token_ids)
+                row.future.set_result({layer: hidden[slot_of[layer], i, :n]
+                                       for layer in row.layers})
+
+    def in_flight(self) -> int:
+        return len(self._pending) + self.stats.running

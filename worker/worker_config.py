@@ -1,0 +1,91 @@
+"""What a worker is asked to be: its model, mesh and batching limits."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingConfig:
+    """How concurrent requests are grouped into padded batches.
+
+    A batch is padded to (batch bucket, length bucket), so the number of
+    compiled functions is at most `bucket_count` whatever the traffic.
+
+    Attributes:
+        length_buckets: padded sequence lengths, ascending; the last is the
+            longest sequence the service accepts.
+        batch_buckets: padded row counts, ascending; the last is the most
+            rows in one batch.
+        max_batch_tokens: rows x padded length never exceeds this.
+        max_wait_ms: how long a batch that is not full waits for more rows.
+        layer_slots: how many distinct layers one batch can return.
+    """
+
+    length_buckets: tuple[int, ...] = (32, 128, 512, 1024)
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 2.0
+    layer_slots: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("length_buckets", "batch_buckets"):
+            buckets = getattr(self, name)
+            if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+                raise ValueError(f"{name} must be distinct positive integers in ascending "
+                                 f"order, got {buckets}.")
+        if self.max_batch_tokens < self.length_buckets[-1]:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must hold one "
+                             f"sequence of the longest bucket ({self.length_buckets[-1]}).")
+        if self.max_wait_ms < 0 or self.layer_slots < 1:
+            raise ValueError("max_wait_ms must be >= 0 and layer_slots >= 1.")
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.length_buckets[-1]
+
+    @property
+    def bucket_count(self) -> int:
+        return len(self.length_buckets) * len(self.batch_buckets)
+
+    def length_bucket(self, length: int) -> int:
+        return next(b for b in self.length_buckets if b >= length)
+
+    def batch_bucket(self, rows: int) -> int:
+        return next(b for b in self.batch_buckets if b >= rows)
+
+    def fits(self, rows: int, longest: int) -> bool:
+        """Whether `rows` rows, the longest `longest` tokens, make one batch."""
+        if rows > self.batch_buckets[-1]:
+            return False
+        return self.batch_bucket(rows) * self.length_bucket(longest) <= self.max_batch_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """One worker: a preset sharded over a (data, model) mesh of its devices.
+
+    Attributes:
+        preset: anything `Backbone.from_preset` accepts.
+        mesh_shape: (data, model) sizes; the worker owns their product of
+            devices (GPUs assigned by Ray, or fake CPU devices).
+        dtype: dtype policy override, or None for the preset's.
+        use_gpus: ask Ray for GPUs instead of faking CPU devices.
+        batching: the batcher's limits.
+    """
+
+    preset: str
+    mesh_shape: tuple[int, int] = (1, 1)
+    dtype: str | None = None
+    use_gpus: bool = False
+    batching: BatchingConfig = BatchingConfig()
+
+    def __post_init__(self) -> None:
+        if len(self.mesh_shape) != 2 or min(self.mesh_shape) < 1:
+            raise ValueError(f"mesh_shape must be (data, model) with sizes >= 1, "
+                             f"got {self.mesh_shape}.")
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh_shape)

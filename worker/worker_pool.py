@@ -1,0 +1,88 @@
+"""Starts the worker actors on Ray and sends each request to one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from worker.backbone_worker import BackboneWorker
+from worker.errors import WorkerError, WorkerUnavailable
+from worker.forward_work import ForwardResult, ForwardWork
+from worker.worker_config import WorkerSpec
+
+log = logging.getLogger("gemma_serve.worker_pool")
+
+
+def actor_options(spec: WorkerSpec) -> dict:
+    """Ray options giving an actor its devices before JAX starts in it."""
+    env = {"KERAS_BACKEND": "jax"}
+    if spec.use_gpus:
+        return {"num_gpus": spec.num_devices, "num_cpus": 1,
+                "runtime_env": {"env_vars": env}}
+    # A dedicated process with N fake host devices: sharding is real on CPU.
+    env.update(JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={spec.num_devices}")
+    return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
+
+
+class WorkerPool:
+    """N actors of one spec, spread over the cluster's nodes.
+
+    Requests go to the worker with the fewest sequences in flight, as counted
+    here (the coordinator is the only sender).
+    """
+
+    def __init__(self, spec: WorkerSpec, num_workers: int):
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+        self.spec = spec
+        remote_class = ray.remote(BackboneWorker)
+        self._actors = {}
+        for i in range(num_workers):
+            worker_id = f"worker-{i}"
+            self._actors[worker_id] = remote_class.options(
+                name=None, scheduling_strategy="SPREAD", max_concurrency=1000,
+                **actor_options(spec)).remote(worker_id, spec)
+        self._in_flight = dict.fromkeys(self._actors, 0)
+
+    async def wait_ready(self) -> list[dict]:
+        """Waits for every actor to have loaded its model; returns their info."""
+        try:
+            return list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
+        except RayActorError as error:
+            raise WorkerUnavailable(f"a worker failed to start: {error}") from error
+
+    async def infos(self) -> list[dict]:
+        return list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
+
+    def _least_loaded(self) -> str:
+        return min(self._in_flight, key=self._in_flight.get)
+
+    async def forward(self, work: ForwardWork) -> ForwardResult:
+        worker_id = self._least_loaded()
+        weight = len(work.sequences)
+        self._in_flight[worker_id] += weight
+        ref = self._actors[worker_id].forward.remote(work)
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)  # the actor drops the rows that have not run
+            raise
+        except RayTaskError as error:
+            cause = error.cause
+            if isinstance(cause, WorkerError):
+                raise cause from None
+            raise
+        except RayActorError as error:
+            raise WorkerUnavailable(f"{worker_id} died while serving the request: "
+                                    f"{error}") from error
+        finally:
+            self._in_flight[worker_id] -= weight
+
+    def shutdown(self) -> None:
+        for actor in self._actors.values():
+            ray.kill(actor)
+        self._actors.clear()
