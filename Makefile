@@ -1,6 +1,8 @@
 # Everything a fresh machine with Python 3.11+ and pip needs.
 #   make test    create .venv, install pinned dependencies, run the test suite
+#   make serve   start gemma-serve on the built-in default model (random weights)
 #   make bench   run the benchmarks (prints tables)
+#   make protos  regenerate coordinator/generated from protos/
 #   make lock    re-pin constraints.txt from the current .venv
 
 PYTHON ?= python3
@@ -12,7 +14,7 @@ BIN := $(VENV)/bin
 REFERENCE_PKGS := keras-hub absl-py regex rich tokenizers
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup test bench lock clean
+.PHONY: setup test serve bench protos lock clean
 
 setup: $(STAMP)
 
@@ -29,6 +31,13 @@ $(STAMP):
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+serve: setup
+	$(BIN)/gemma-serve $(SERVE_ARGS)
+
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Icoordinator/generated=protos --python_out=. \
+	  --pyi_out=. --grpc_python_out=. coordinator/generated/gemma/v1/gemma_service.proto
 
 bench: setup
 	$(BIN)/python benchmarks/forward_throughput.py

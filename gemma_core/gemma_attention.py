@@ -123,7 +123,10 @@ class GemmaAttention(keras.layers.Layer):
             logits = ops.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
         mask = attention_mask(padding_mask, self.sliding_window_size)  # (B, T, S)
         logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
-        probs = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
+        # Written out (not ops.softmax, which warns on one-token inputs).
+        weights = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
+        probs = weights / ops.sum(weights, axis=-1, keepdims=True)
+        probs = ops.cast(probs, self.compute_dtype)
         probs = self.dropout_layer(probs, training=training)
         out = ops.einsum("bkgts,bskh->bkgth", probs, v)           # (B, K, G, T, h)
         out = ops.reshape(ops.transpose(out, (0, 3, 1, 2, 4)), (B, T, K * G, h))

@@ -32,7 +32,7 @@ class WorkerPool:
     """N actors of one spec, spread over the cluster's nodes.
 
     Requests go to the worker with the fewest sequences in flight, as counted
-    here (the coordinator is the only sender).
+    here (the coordinator is the only sender), ties taken in turn.
     """
 
     def __init__(self, spec: WorkerSpec, num_workers: int):
@@ -47,6 +47,7 @@ class WorkerPool:
                 name=None, scheduling_strategy="SPREAD", max_concurrency=1000,
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
+        self._turn = 0
 
     async def wait_ready(self) -> list[dict]:
         """Waits for every actor to have loaded its model; returns their info."""
@@ -59,7 +60,11 @@ class WorkerPool:
         return list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
 
     def _least_loaded(self) -> str:
-        return min(self._in_flight, key=self._in_flight.get)
+        # Ties go round-robin, so an idle pool still uses every worker.
+        self._turn += 1
+        ids = list(self._in_flight)
+        order = ids[self._turn % len(ids):] + ids[: self._turn % len(ids)]
+        return min(order, key=self._in_flight.get)
 
     async def forward(self, work: ForwardWork) -> ForwardResult:
         worker_id = self._least_loaded()

@@ -1,0 +1,73 @@
+"""A cancelled call and an expired deadline stop their work: their
+sequences are dropped before they reach the device."""
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from coordinator.client import GemmaClient
+from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
+
+
+def totals(client):
+    workers = client.model_info()["workers"]
+    return (sum(int(w.get("sequences_run", 0)) for w in workers),
+            sum(int(w.get("sequences_cancelled", 0)) for w in workers))
+
+
+def heavy_request():
+    """16 x 1024 tokens with every layer: one full batch, about a second."""
+    rng = np.random.default_rng(0)
+    return pb.ForwardRequest(sequences=[pb.TokenSequence(ids=rng.integers(0, 1024, 1024).tolist())
+                                        for _ in range(16)], layers=[0, 1, 2, 3, 4])
+
+
+def keep_workers_busy(address, count=4):
+    """Heavy requests on threads so both workers have a queue."""
+    def run():
+        with grpc.insecure_channel(address) as channel:
+            from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
+            list(pb_grpc.GemmaServiceStub(channel).Forward(heavy_request(), timeout=300))
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # let them reach the workers before the victim
+    return threads
+
+
+def wait_until_idle(client, bound_s=120):
+    end = time.time() + bound_s
+    while time.time() < end:
+        if all(int(w.get("in_flight_sequences", 0)) == 0 for w in client.model_info()["workers"]):
+            return
+        time.sleep(0.2)
+    raise AssertionError("workers did not drain")
+
+
+VICTIM = pb.ForwardRequest(sequences=[pb.TokenSequence(ids=[2, 3, 4])] * 3)
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
+def test_abandoned_call_does_no_work(service, stub, client, how):
+    wait_until_idle(client)
+    run_before, cancelled_before = totals(client)
+    busy = keep_workers_busy(service.address)
+    with pytest.raises(grpc.RpcError) as raised:
+        if how == "deadline":
+            list(stub.Forward(VICTIM, timeout=0.3))
+        else:
+            call = stub.Forward(VICTIM, timeout=60)
+            threading.Timer(0.3, call.cancel).start()
+            list(call)
+    expected = (grpc.StatusCode.DEADLINE_EXCEEDED if how == "deadline"
+                else grpc.StatusCode.CANCELLED)
+    assert raised.value.code() == expected
+    for thread in busy:
+        thread.join(300)
+    wait_until_idle(client)
+    run_after, cancelled_after = totals(client)
+    assert run_after - run_before == 4 * 16      # only the heavy rows ran
+    assert cancelled_after - cancelled_before == 3  # the victim's were dropped

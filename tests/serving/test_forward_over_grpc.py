@@ -1,0 +1,123 @@
+"""Hidden states over gRPC equal the in-process backbone's."""
+
+import concurrent.futures
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from coordinator.client import GemmaClient
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.",
+         "Sharded backbones stream hidden states.", "Hi"]
+
+
+def expected_states(model, ids_list, layers):
+    """In-process reference: every layer of every sequence, unpadded."""
+    out = []
+    for ids in ids_list:
+        ids = np.asarray(ids, "int32")[None]
+        states = model.hidden_states({"token_ids": ids, "padding_mask": np.ones_like(ids)},
+                                     layers=layers)
+        out.append([np.asarray(s)[0] for s in states])
+    return out
+
+
+def pooled(state, pooling):
+    return {"none": state, "last_token": state[-1], "mean": state.mean(0)}[pooling]
+
+
+@pytest.mark.parametrize("pooling", ["none", "last_token", "mean"])
+@pytest.mark.parametrize("source", ["ids", "texts"])
+def test_every_pooling_for_ids_and_texts(client, local_model, pooling, source):
+    model, tokenizer = local_model
+    ids_list = [tokenizer.tokenize(t, add_bos=True) for t in TEXTS]
+    layers = [0, 2, -1]
+    if source == "texts":
+        result = client.forward(texts=TEXTS, layers=layers, pooling=pooling)
+    else:
+        result = client.forward(token_ids=ids_list, layers=layers, pooling=pooling)
+    assert result.layers == [0, 2, 4]
+    for got_ids, want_ids in zip(result.token_ids, ids_list):
+        np.testing.assert_array_equal(got_ids, want_ids)
+    expected = expected_states(model, ids_list, layers)
+    for got_seq, want_seq in zip(result.hidden_states, expected):
+        for got, want in zip(got_seq, want_seq):
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, pooled(want, pooling), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, numpy_dtype", [("float32", np.float32),
+                                                ("bfloat16", ml_dtypes.bfloat16),
+                                                ("float16", np.float16)])
+def test_output_dtypes(client, local_model, dtype, numpy_dtype):
+    model, tokenizer = local_model
+    ids = tokenizer.tokenize(TEXTS[0], add_bos=True)
+    result = client.forward(token_ids=[ids], layers=[1], dtype=dtype)
+    got = result.hidden_states[0][0]
+    assert got.dtype == numpy_dtype and got.shape == (len(ids), model.hidden_dim)
+    want = expected_states(model, [ids], [1])[0][0].astype(numpy_dtype)
+    # Identical up to one rounding step of the narrow type.
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
+                               rtol=2 ** -7 if dtype != "float32" else 0, atol=1e-5)
+
+
+def test_default_is_final_layer_without_pooling(client, local_model):
+    model, tokenizer = local_model
+    result = client.forward(texts=["defaults"])
+    assert result.layers == [model.num_layers]
+    want = expected_states(model, [tokenizer.tokenize("defaults", add_bos=True)], [-1])[0][0]
+    np.testing.assert_allclose(result.hidden_states[0][0], want, atol=1e-5)
+
+
+def test_add_bos_false(client, local_model):
+    _, tokenizer = local_model
+    result = client.forward(texts=["no bos"], add_bos=False)
+    np.testing.assert_array_equal(result.token_ids[0], tokenizer.tokenize("no bos"))
+
+
+def test_response_over_16_mib_streams_with_default_limits(client, local_model):
+    model, _ = local_model
+    rng = np.random.default_rng(3)
+    ids_list = [rng.integers(0, model.vocabulary_size, 1024) for _ in range(8)]
+    result = client.forward(token_ids=ids_list, layers=[0, 1, 2, 3, 4])
+    total = sum(t.nbytes for per_layer in result.hidden_states for t in per_layer)
+    assert total > 16 * 2**20
+    want = expected_states(model, ids_list[-1:], [4])[0][0]
+    np.testing.assert_allclose(result.hidden_states[-1][4], want, atol=1e-5)
+
+
+def test_sixteen_concurrent_clients_get_their_own_rows(service, local_model):
+    model, _ = local_model
+    rng = np.random.default_rng(4)
+    requests = [[rng.integers(0, model.vocabulary_size, rng.integers(1, 60)).tolist()
+                 for _ in range(rng.integers(1, 4))] for _ in range(16)]
+
+    def call(ids_list):
+        with GemmaClient(service.address) as client:
+            return client.forward(token_ids=ids_list, layers=[-1], pooling="mean")
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, requests))
+    for ids_list, result in zip(requests, results):
+        expected = expected_states(model, ids_list, [-1])
+        for got, want in zip(result.hidden_states, expected):
+            np.testing.assert_allclose(got[0], want[0].mean(0), atol=1e-5)
+    with GemmaClient(service.address) as client:
+        workers = client.model_info()["workers"]
+    assert max(int(w.get("max_sequences_in_a_batch", 0)) for w in workers) > 1
+
+
+def test_random_lengths_compile_no_more_than_the_buckets(service, client, local_model):
+    model, _ = local_model
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        count = int(rng.integers(1, 20))
+        ids_list = [rng.integers(0, model.vocabulary_size, int(rng.integers(1, 1025)))
+                    for _ in range(count)]
+        client.forward(token_ids=ids_list, pooling="last_token")
+    info = client.model_info()
+    buckets = info["limits"]["bucket_count"]
+    assert buckets == 12
+    for worker in info["workers"]:
+        assert 1 <= int(worker["compiled_functions"]) <= buckets
