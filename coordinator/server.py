@@ -36,7 +36,8 @@ def connect_ray(config: ServiceConfig) -> None:
     if config.ray_address:
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False,
+        # "local" starts a new instance even if another runs on this host.
+        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING)
 
 

@@ -7,6 +7,8 @@ import logging
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from worker.backbone_worker import BackboneWorker
 from worker.errors import WorkerError, WorkerUnavailable
@@ -14,6 +16,11 @@ from worker.forward_work import ForwardResult, ForwardWork
 from worker.worker_config import WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker_pool")
+
+
+def worker_resources(spec: WorkerSpec) -> dict:
+    """What one worker reserves: a CPU, and its GPUs when it uses them."""
+    return {"CPU": 1, "GPU": spec.num_devices} if spec.use_gpus else {"CPU": 1}
 
 
 def actor_options(spec: WorkerSpec) -> dict:
@@ -28,6 +35,9 @@ def actor_options(spec: WorkerSpec) -> dict:
     return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
 
 
+PLACEMENT_TIMEOUT_S = 120
+
+
 class WorkerPool:
     """N actors of one spec, spread over the cluster's nodes.
 
@@ -39,18 +49,31 @@ class WorkerPool:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
         self.spec = spec
+        # One bundle per worker, spread over distinct nodes where resources
+        # allow: a node's loss then takes out as few workers as possible.
+        self._placement = placement_group([worker_resources(spec)] * num_workers,
+                                          strategy="SPREAD")
         remote_class = ray.remote(BackboneWorker)
         self._actors = {}
         for i in range(num_workers):
             worker_id = f"worker-{i}"
+            strategy = PlacementGroupSchedulingStrategy(self._placement,
+                                                        placement_group_bundle_index=i)
             self._actors[worker_id] = remote_class.options(
-                name=None, scheduling_strategy="SPREAD", max_concurrency=1000,
+                scheduling_strategy=strategy, max_concurrency=1000,
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
         self._turn = 0
 
     async def wait_ready(self) -> list[dict]:
         """Waits for every actor to have loaded its model; returns their info."""
+        try:
+            await asyncio.wait_for(self._placement.ready(), PLACEMENT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise WorkerUnavailable(
+                f"the cluster cannot place {len(self._actors)} workers of "
+                f"{worker_resources(self.spec)} each within {PLACEMENT_TIMEOUT_S}s; add "
+                "nodes or lower --workers / --mesh.") from None
         try:
             return list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
         except RayActorError as error:
@@ -91,3 +114,4 @@ class WorkerPool:
         for actor in self._actors.values():
             ray.kill(actor)
         self._actors.clear()
+        remove_placement_group(self._placement)

@@ -27,7 +27,8 @@ def ray_session(tmp_path_factory):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["GEMMA_SERVE_CACHE"] = str(tmp_path_factory.mktemp("gemma-serve-cache"))
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    # address="local": a fresh instance, never one that happens to run here.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

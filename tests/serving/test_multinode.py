@@ -64,13 +64,13 @@ def test_two_node_cluster(tmp_path):
         with GemmaClient(address) as client:
             info = client.model_info(timeout=30)
             nodes = {w["node_id"] for w in info["workers"]}
-            assert len(info["workers"]) == 2 and len(nodes) == 2
+            assert len(info["workers"]) == 2 and len(nodes) == 2, info["workers"]
             served_by = set()
             for _ in range(4):  # idle workers take turns: both nodes serve
                 result = client.forward(texts=["across two nodes"], pooling="mean", timeout=60)
                 assert np.isfinite(result.hidden_states[0][0]).all()
                 served_by.add(result.worker_id)
-            assert served_by == {"worker-0", "worker-1"}
+            assert served_by == {"worker-0", "worker-1"}, served_by
     finally:
         for process in reversed(processes):
             stop(process)

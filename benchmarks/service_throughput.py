@@ -1,0 +1,376 @@
+"""Service throughput and latency against the in-process jitted forward.
+
+Starts a local Ray and one GemmaServer with ONE worker (a 1 x 1 mesh, one
+process), then, for the built-in default model and for the mid-size
+benchmark config (the one forward_throughput.py times, random weights,
+saved as a preset in a temporary directory), measures:
+
+* for 1, 4 and 16 concurrent clients (threads, one GemmaClient each, each
+  sending requests back to back, one 128-token sequence per request,
+  layers [-1], mean pooling so the response is small): service requests/s,
+  tokens/s, p50 and p99 latency as the client sees it;
+* in the same run, right before each service measurement (while the
+  service is idle, since both share the same cores), the in-process
+  `ShardedBackbone.run` -- the exact jitted function the worker calls -- on
+  the padded batch the worker would build for C concurrent rows:
+  batch_bucket(C) x length_bucket(128). Its rate is C / (seconds per call),
+  the same total work; `ratio` is service req/s over that rate;
+* the added latency of one short request (8 tokens, one client): service
+  p50 minus the p50 of `run` on a (1, length_bucket(8)) batch.
+
+Targets (from the issue): at 16 clients, service throughput >= 0.9x the
+in-process rate; added p50 latency of a single short request < 5 ms. This
+is a report, not a test: it prints PASS/MISS and always exits 0.
+"""
+
+import os
+
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+THROUGHPUT_TARGET = 0.9   # service req/s / in-process req/s at 16 clients
+LATENCY_TARGET_MS = 5.0   # added p50 latency of one short request
+MID_CONFIG = dict(vocabulary_size=32000, num_layers=8, num_query_heads=8,
+                  num_key_value_heads=1, hidden_dim=512, intermediate_dim=4096,
+                  head_dim=64)
+
+
+class ServerThread:
+    """A GemmaServer on its own asyncio loop in a daemon thread."""
+
+    def __init__(self, config):
+        from coordinator.server import GemmaServer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="gemma-server-loop")
+        self.thread.start()
+        self.server = GemmaServer(config)
+        try:
+            self.call(self.server.start(), timeout=600)
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.address = f"{config.host}:{self.server.port}"
+
+    def call(self, coroutine, timeout=60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def _stop_loop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def stop(self):
+        try:
+            self.call(self.server.stop(grace=1))
+        finally:
+            self._stop_loop()
+
+
+# ---- in-process baseline --------------------------------------------------------
+
+
+def padded_batch(rows, length, real_rows, real_length, vocabulary_size, rng):
+    """What the batcher builds: `real_rows` rows of `real_length` tokens,
+    zero-padded to (rows, length)."""
+    token_ids = np.zeros((rows, length), "int32")
+    padding_mask = np.zeros((rows, length), "int32")
+    token_ids[:real_rows, :real_length] = rng.integers(
+        0, vocabulary_size, (real_rows, real_length))
+    padding_mask[:real_rows, :real_length] = 1
+    return token_ids, padding_mask
+
+
+def time_run(model, batch, layer_ids, seconds, min_calls):
+    """Per-call seconds of `model.run` (blocking, result on the host), after
+    one untimed call; at least `min_calls` calls and `seconds` seconds."""
+    token_ids, padding_mask = batch
+    model.run(token_ids, padding_mask, layer_ids)
+    times, start = [], time.perf_counter()
+    while len(times) < min_calls or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        model.run(token_ids, padding_mask, layer_ids)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ---- service load ---------------------------------------------------------------
+
+
+def run_load(clients, requests_each, length, vocabulary_size, seed):
+    """Every client (a thread) sends `requests_each` requests back to back,
+    all starting together. Returns (latencies in seconds, wall seconds)."""
+    barrier = threading.Barrier(len(clients))
+    latencies = [[] for _ in clients]
+    spans = [None] * len(clients)
+    errors = []
+
+    def work(index, client):
+        rng = np.random.default_rng([seed, index])
+        sequences = rng.integers(0, vocabulary_size, (requests_each, length)).tolist()
+        mine = latencies[index]
+        try:
+            barrier.wait()
+            start = time.perf_counter()
+            for ids in sequences:
+                t0 = time.perf_counter()
+                client.forward(token_ids=[ids], layers=[-1], pooling="mean", timeout=120)
+                mine.append(time.perf_counter() - t0)
+            spans[index] = (start, time.perf_counter())
+        except BaseException as error:  # reported by the caller
+            barrier.abort()
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i, c), name=f"client-{i}")
+               for i, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    return [x for per_client in latencies for x in per_client], wall
+
+
+def worker_counters(client):
+    """(batches_run, sequences_run, compiled_functions) of the one worker."""
+    worker = client.model_info()["workers"][0]
+    return tuple(int(worker.get(k, 0)) for k in
+                 ("batches_run", "sequences_run", "compiled_functions"))
+
+
+def percentile_ms(values, q):
+    return 1e3 * float(np.percentile(values, q))
+
+
+# ---- one model ------------------------------------------------------------------
+
+
+def bench_model(label, preset, args, batching, seed):
+    from coordinator.client import GemmaClient
+    from coordinator.service_config import ServiceConfig
+    from gemma_core import read_preset_config
+    from worker.sharded_backbone import ShardedBackbone
+    from worker.worker_config import WorkerSpec
+
+    spec = WorkerSpec(preset=preset, mesh_shape=(1, 1), batching=batching)
+    _, model_config = read_preset_config(preset)
+    vocab, num_layers = model_config["vocabulary_size"], model_config["num_layers"]
+    layer_ids = np.full((batching.layer_slots,), num_layers, "int32")  # layers [-1]
+    rng = np.random.default_rng(seed)
+    length = batching.length_bucket(args.seq)
+    short_length = batching.length_bucket(args.short)
+
+    started = time.perf_counter()
+    model = ShardedBackbone(spec)
+    batches = {c: padded_batch(batching.batch_bucket(c), length, c, args.seq, vocab, rng)
+               for c in args.clients}
+    short_batch = padded_batch(1, short_length, 1, args.short, vocab, rng)
+    for batch in [*batches.values(), short_batch]:  # compile every shape once
+        model.run(*batch, layer_ids)
+    print(f"[{label}] in-process model loaded and compiled in "
+          f"{time.perf_counter() - started:.1f}s", flush=True)
+
+    started = time.perf_counter()
+    config = ServiceConfig(worker=spec, num_workers=1, host="127.0.0.1", port=0,
+                           max_sequences_per_request=max(64, batching.batch_buckets[-1]))
+    server = ServerThread(config)
+    clients = [GemmaClient(server.address) for _ in range(max(args.clients))]
+    rows, notes = [], []
+    try:
+        # Warm-up: one request of b sequences makes one batch of b rows, so
+        # every batch bucket the load can produce is compiled before timing.
+        seq = rng.integers(0, vocab, args.seq).tolist()
+        for b in batching.batch_buckets:
+            if b > batching.batch_bucket(max(args.clients)):
+                break
+            clients[0].forward(token_ids=[seq] * b, layers=[-1], pooling="mean", timeout=600)
+        short = rng.integers(0, vocab, args.short).tolist()
+        clients[0].forward(token_ids=[short], layers=[-1], pooling="mean", timeout=600)
+        print(f"[{label}] service started and warmed in "
+              f"{time.perf_counter() - started:.1f}s ({server.address})", flush=True)
+        compiled_before = worker_counters(clients[0])[2]
+
+        for c in args.clients:
+            # Untimed pass: warms these client channels and estimates the
+            # rate, so that the timed pass lasts about args.seconds.
+            probe = 2 if c > 1 else 5
+            _, wall = run_load(clients[:c], probe, args.seq, vocab, seed + 1)
+            requests_each = max(args.min_requests, math.ceil(args.seconds * probe / wall))
+
+            # Baseline first, while the service is idle (same cores).
+            times = time_run(model, batches[c], layer_ids, args.baseline_seconds,
+                             args.baseline_calls)
+            base_call = statistics.median(times)
+
+            before = worker_counters(clients[0])
+            latencies, wall = run_load(clients[:c], requests_each, args.seq, vocab,
+                                       seed + 2 + c)
+            after = worker_counters(clients[0])
+            total = len(latencies)
+            service_rate = total / wall
+            batches_run = after[0] - before[0]
+            rows.append(dict(
+                model=label, clients=c, requests=total, rate=service_rate,
+                tokens=service_rate * args.seq, p50=percentile_ms(latencies, 50),
+                p99=percentile_ms(latencies, 99),
+                rows_per_batch=(after[1] - before[1]) / max(1, batches_run),
+                base_shape=batches[c][0].shape, base_ms=1e3 * base_call,
+                base_rate=c / base_call, ratio=service_rate / (c / base_call)))
+            print(f"[{label}] {c:>2} clients: {total} requests in {wall:.1f}s", flush=True)
+
+        # One short request at a time, one client.
+        times = time_run(model, short_batch, layer_ids, args.baseline_seconds,
+                         args.baseline_calls)
+        _, wall = run_load(clients[:1], 10, args.short, vocab, seed + 50)
+        requests_each = max(args.min_requests * 4, math.ceil(args.seconds * 10 / wall))
+        latencies, _ = run_load(clients[:1], requests_each, args.short, vocab, seed + 51)
+        short_row = dict(model=label, requests=len(latencies),
+                         service_p50=percentile_ms(latencies, 50),
+                         service_p99=percentile_ms(latencies, 99),
+                         base_p50=percentile_ms(times, 50), shape=short_batch[0].shape)
+        short_row["added"] = short_row["service_p50"] - short_row["base_p50"]
+
+        compiled_after = worker_counters(clients[0])[2]
+        if compiled_after != compiled_before:
+            notes.append(f"{label}: the worker compiled {compiled_after - compiled_before} "
+                         "new shape(s) during the timed runs (their latency is included)")
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+    del model
+    return rows, short_row, notes
+
+
+def make_mid_preset(directory):
+    import gemma_core
+
+    backbone = gemma_core.GemmaBackbone(**MID_CONFIG)  # random weights
+    backbone.save_to_preset(directory)
+    return directory
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter timed runs (about half the time)")
+    parser.add_argument("--models", default="default,mid",
+                        help="comma-separated: default, mid")
+    parser.add_argument("--clients", default="1,4,16",
+                        help="comma-separated concurrency levels")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per request")
+    parser.add_argument("--short", type=int, default=8, help="tokens of the short request")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="target seconds per timed service run (default 4, quick 1.5)")
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="override BatchingConfig.max_wait_ms (default: its default)")
+    parser.add_argument("--batch-buckets", default=None,
+                        help="override BatchingConfig.batch_buckets, e.g. 1,2,4,8,12,16,32")
+    args = parser.parse_args()
+    args.clients = [int(c) for c in args.clients.split(",")]
+    args.models = [m.strip() for m in args.models.split(",")]
+    if args.seconds is None:
+        args.seconds = 1.5 if args.quick else 4.0
+    args.baseline_seconds = 0.5 if args.quick else 1.5
+    args.baseline_calls = 5 if args.quick else 10
+    args.min_requests = 3 if args.quick else 5
+
+    for name in args.models:
+        if name not in ("default", "mid"):
+            raise SystemExit(f"unknown model {name!r}; use default and/or mid")
+
+    import ray
+
+    from worker.worker_config import BatchingConfig
+
+    overrides = {}
+    if args.max_wait_ms is not None:
+        overrides["max_wait_ms"] = args.max_wait_ms
+    if args.batch_buckets:
+        overrides["batch_buckets"] = tuple(int(b) for b in args.batch_buckets.split(","))
+    batching = dataclasses.replace(BatchingConfig(), **overrides)
+
+    workdir = tempfile.mkdtemp(prefix="gemma-serve-bench-")
+    os.environ["GEMMA_SERVE_CACHE"] = os.path.join(workdir, "cache")  # before ray.init
+    # Ray first: it forks its processes before JAX starts threads here.
+    # address="local": always a private cluster, never one found on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             logging_level=logging.WARNING)
+    logging.getLogger("gemma_serve.server").setLevel(logging.ERROR)  # "no tokenizer"
+    rows, shorts, notes = [], [], []
+    try:
+        import jax
+
+        print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  "
+              f"cpu cores: {os.cpu_count()}  jax {jax.__version__} devices: {jax.devices()}  "
+              f"ray {ray.__version__}")
+        print(f"one worker, mesh 1x1; {batching}")
+        print(f"requests: 1 sequence of {args.seq} tokens, layers [-1], mean pooling; "
+              f"short request: {args.short} tokens", flush=True)
+        for name in args.models:
+            preset = ("default" if name == "default"
+                      else make_mid_preset(os.path.join(workdir, "mid")))
+            r, s, n = bench_model(name, preset, args, batching, seed=len(rows))
+            rows += r
+            shorts.append(s)
+            notes += n
+    finally:
+        ray.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print()
+    print(f"{'model':<8} {'clients':>7} {'reqs':>6} {'req/s':>9} {'tokens/s':>10} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'rows/bat':>8} {'in-proc shape':>13} "
+          f"{'ms/call':>8} {'in-proc req/s':>13} {'ratio':>6}")
+    for r in rows:
+        shape = "x".join(map(str, r["base_shape"]))
+        print(f"{r['model']:<8} {r['clients']:>7} {r['requests']:>6} {r['rate']:>9.1f} "
+              f"{r['tokens']:>10,.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
+              f"{r['rows_per_batch']:>8.1f} {shape:>13} {r['base_ms']:>8.2f} "
+              f"{r['base_rate']:>13.1f} {r['ratio']:>6.2f}")
+    print()
+    for s in shorts:
+        shape = "x".join(map(str, s["shape"]))
+        print(f"{s['model']:<8} short request ({args.short} tokens, 1 client, "
+              f"{s['requests']} requests): service p50 {s['service_p50']:.2f} ms "
+              f"(p99 {s['service_p99']:.2f}), in-process run {shape} p50 "
+              f"{s['base_p50']:.2f} ms, added p50 {s['added']:.2f} ms")
+    for note in notes:
+        print(f"note: {note}")
+    print()
+    top = max(args.clients)
+    print(f"target: service req/s at {top} clients >= {THROUGHPUT_TARGET} x in-process "
+          f"req/s (same batch shape); added p50 latency of a short request < "
+          f"{LATENCY_TARGET_MS:g} ms")
+    for r in rows:
+        if r["clients"] == top:
+            verdict = "PASS" if r["ratio"] >= THROUGHPUT_TARGET else "MISS"
+            print(f"{verdict}: {r['model']} throughput at {top} clients: ratio "
+                  f"{r['ratio']:.2f}")
+    for s in shorts:
+        verdict = "PASS" if s["added"] < LATENCY_TARGET_MS else "MISS"
+        print(f"{verdict}: {s['model']} added p50 latency: {s['added']:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
