@@ -1,0 +1,36 @@
+"""The gemma-client command against the running service."""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+BIN = pathlib.Path(sys.executable).parent
+
+
+def gemma_client(service, *args):
+    return subprocess.run([BIN / "gemma-client", "--target", service.address, *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_forward_prints_shapes_and_saves_arrays(service, client, tmp_path):
+    out = tmp_path / "states.npz"
+    run = gemma_client(service, "forward", "--text", "Hello there", "--layers", "0,-1",
+                       "--save", str(out))
+    assert run.returncode == 0, run.stderr
+    assert "layer 0: shape (" in run.stdout and "layer 4: shape (" in run.stdout
+    saved = np.load(out)
+    expected = client.forward(texts=["Hello there"], layers=[0, -1])
+    np.testing.assert_array_equal(saved["seq0_layer4"], expected.hidden_states[0][1])
+
+
+def test_errors_are_reported_with_their_code(service):
+    run = gemma_client(service, "forward", "--ids", "1,2,999999")
+    assert run.returncode != 0
+    assert "INVALID_ARGUMENT" in run.stderr and "outside [0, 1024)" in run.stderr
+
+
+def test_info(service):
+    run = gemma_client(service, "info")
+    assert run.returncode == 0 and '"random_weights": true' in run.stdout
