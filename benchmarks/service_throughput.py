@@ -9,8 +9,8 @@ saved as a preset in a temporary directory), measures:
   sending requests back to back, one 128-token sequence per request,
   layers [-1], mean pooling so the response is small): service requests/s,
   tokens/s, p50 and p99 latency as the client sees it;
-* in the same run, right before each service measurement (while the
-  service is idle, since both share the same cores), the in-process
+* in the same run, right before and right after each service measurement
+  (while the service is idle, since both share the same cores), the in-process
   `ShardedBackbone.run` -- the exact jitted function the worker calls -- on
   the padded batch the worker would build for C concurrent rows:
   batch_bucket(C) x length_bucket(128). Its rate is C / (seconds per call),
@@ -31,6 +31,8 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import concurrent.futures  # noqa: E402
+import multiprocessing  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import logging  # noqa: E402
@@ -48,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 THROUGHPUT_TARGET = 0.9   # service req/s / in-process req/s at 16 clients
 LATENCY_TARGET_MS = 5.0   # added p50 latency of one short request
+LOAD_PROCESS = None  # the clients' process, started in main()
 MID_CONFIG = dict(vocabulary_size=32000, num_layers=8, num_query_heads=8,
                   num_key_value_heads=1, hidden_dim=512, intermediate_dim=4096,
                   head_dim=64)
@@ -115,12 +118,22 @@ def time_run(model, batch, layer_ids, seconds, min_calls):
 # ---- service load ---------------------------------------------------------------
 
 
-def run_load(clients, requests_each, length, vocabulary_size, seed):
-    """Every client (a thread) sends `requests_each` requests back to back,
-    all starting together. Returns (latencies in seconds, wall seconds)."""
-    barrier = threading.Barrier(len(clients))
+def run_load(address, count, requests_each, length, vocabulary_size, seed):
+    """`count` clients send `requests_each` requests each, back to back, all
+    starting together, from a separate process (as real clients are: they
+    must not share the coordinator's interpreter lock). Returns (latencies in
+    seconds, wall seconds)."""
+    return LOAD_PROCESS.submit(_load, address, count, requests_each, length,
+                               vocabulary_size, seed).result()
+
+
+def _load(address, count, requests_each, length, vocabulary_size, seed):
+    from coordinator.client import GemmaClient
+
+    clients = [GemmaClient(address) for _ in range(count)]
+    barrier = threading.Barrier(count)
     latencies = [[] for _ in clients]
-    spans = [None] * len(clients)
+    spans = [None] * count
     errors = []
 
     def work(index, client):
@@ -136,8 +149,8 @@ def run_load(clients, requests_each, length, vocabulary_size, seed):
                 mine.append(time.perf_counter() - t0)
             spans[index] = (start, time.perf_counter())
         except BaseException as error:  # reported by the caller
+            errors.append(error)  # first, so errors[0] is the cause
             barrier.abort()
-            errors.append(error)
 
     threads = [threading.Thread(target=work, args=(i, c), name=f"client-{i}")
                for i, c in enumerate(clients)]
@@ -145,6 +158,8 @@ def run_load(clients, requests_each, length, vocabulary_size, seed):
         thread.start()
     for thread in threads:
         thread.join()
+    for client in clients:
+        client.close()
     if errors:
         raise errors[0]
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
@@ -214,18 +229,21 @@ def bench_model(label, preset, args, batching, seed):
             # Untimed pass: warms these client channels and estimates the
             # rate, so that the timed pass lasts about args.seconds.
             probe = 2 if c > 1 else 5
-            _, wall = run_load(clients[:c], probe, args.seq, vocab, seed + 1)
+            _, wall = run_load(server.address, c, probe, args.seq, vocab, seed + 1)
             requests_each = max(args.min_requests, math.ceil(args.seconds * probe / wall))
 
-            # Baseline first, while the service is idle (same cores).
+            # Baseline right before and right after the timed pass, while the
+            # service is idle (same cores); the median over both halves is
+            # less at the mercy of one burst of background load.
             times = time_run(model, batches[c], layer_ids, args.baseline_seconds,
                              args.baseline_calls)
-            base_call = statistics.median(times)
-
             before = worker_counters(clients[0])
-            latencies, wall = run_load(clients[:c], requests_each, args.seq, vocab,
+            latencies, wall = run_load(server.address, c, requests_each, args.seq, vocab,
                                        seed + 2 + c)
             after = worker_counters(clients[0])
+            times += time_run(model, batches[c], layer_ids, args.baseline_seconds,
+                              args.baseline_calls)
+            base_call = statistics.median(times)
             total = len(latencies)
             service_rate = total / wall
             batches_run = after[0] - before[0]
@@ -238,12 +256,14 @@ def bench_model(label, preset, args, batching, seed):
                 base_rate=c / base_call, ratio=service_rate / (c / base_call)))
             print(f"[{label}] {c:>2} clients: {total} requests in {wall:.1f}s", flush=True)
 
-        # One short request at a time, one client.
+        # One short request at a time, one client; baseline before and after.
+        _, wall = run_load(server.address, 1, 10, args.short, vocab, seed + 50)
+        requests_each = max(args.min_requests * 4, math.ceil(args.seconds * 10 / wall))
         times = time_run(model, short_batch, layer_ids, args.baseline_seconds,
                          args.baseline_calls)
-        _, wall = run_load(clients[:1], 10, args.short, vocab, seed + 50)
-        requests_each = max(args.min_requests * 4, math.ceil(args.seconds * 10 / wall))
-        latencies, _ = run_load(clients[:1], requests_each, args.short, vocab, seed + 51)
+        latencies, _ = run_load(server.address, 1, requests_each, args.short, vocab, seed + 51)
+        times += time_run(model, short_batch, layer_ids, args.baseline_seconds,
+                          args.baseline_calls)
         short_row = dict(model=label, requests=len(latencies),
                          service_p50=percentile_ms(latencies, 50),
                          service_p99=percentile_ms(latencies, 99),
@@ -281,7 +301,7 @@ def main():
     parser.add_argument("--seq", type=int, default=128, help="tokens per request")
     parser.add_argument("--short", type=int, default=8, help="tokens of the short request")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="target seconds per timed service run (default 4, quick 1.5)")
+                        help="target seconds per timed service run (default 6, quick 1.5)")
     parser.add_argument("--max-wait-ms", type=float, default=None,
                         help="override BatchingConfig.max_wait_ms (default: its default)")
     parser.add_argument("--batch-buckets", default=None,
@@ -290,7 +310,7 @@ def main():
     args.clients = [int(c) for c in args.clients.split(",")]
     args.models = [m.strip() for m in args.models.split(",")]
     if args.seconds is None:
-        args.seconds = 1.5 if args.quick else 4.0
+        args.seconds = 1.5 if args.quick else 6.0
     args.baseline_seconds = 0.5 if args.quick else 1.5
     args.baseline_calls = 5 if args.quick else 10
     args.min_requests = 3 if args.quick else 5
@@ -298,6 +318,11 @@ def main():
     for name in args.models:
         if name not in ("default", "mid"):
             raise SystemExit(f"unknown model {name!r}; use default and/or mid")
+
+    global LOAD_PROCESS
+    LOAD_PROCESS = concurrent.futures.ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    LOAD_PROCESS.submit(int).result()  # start it before Ray and JAX
 
     import ray
 

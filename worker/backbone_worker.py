@@ -29,6 +29,16 @@ def _pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
     return hidden
 
 
+def _undo_ray_niceness() -> None:
+    """Ray starts worker processes at niceness 15, so on a shared host the
+    device-feeding worker would yield to every client and the coordinator.
+    Restore normal priority where the process may (root, CAP_SYS_NICE)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        log.info("worker keeps Ray's niceness %d (no permission to lower it)", os.nice(0))
+
+
 class BackboneWorker:
     """Serves forward work for one worker id. Wrap with `ray.remote` (the
     pool does, with the devices and environment this spec needs).
@@ -41,6 +51,7 @@ class BackboneWorker:
         from worker.sharded_backbone import ShardedBackbone  # JAX starts here
 
         started = time.time()
+        _undo_ray_niceness()
         self.worker_id = worker_id
         self.spec = spec
         self.model = ShardedBackbone(spec)

@@ -57,6 +57,8 @@ class DynamicBatcher:
         self._pending: collections.deque[_Row] = collections.deque()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._last_batch_rows = 1
+        self._last_batch_seconds = 0.0
         self.stats = BatcherStats()
 
     def start(self) -> None:
@@ -116,20 +118,36 @@ class DynamicBatcher:
         return rows >= self._config.batch_buckets[-1] or not self._config.fits(
             rows + 1, max(len(r.token_ids) for r in self._pending))
 
+    def _ready_to_run(self) -> bool:
+        # As many rows as the last batch had means the callers of that batch
+        # are back: waiting longer only adds latency. Fewer means some are
+        # probably on their way, so the batch waits for them a little.
+        return len(self._pending) >= self._last_batch_rows or self._batch_is_full()
+
     async def _run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             self._drop_dead_rows()
             if not self._pending:
                 continue
-            if self._config.max_wait_ms and not self._batch_is_full():
-                await asyncio.sleep(self._config.max_wait_ms / 1000)
-                self._drop_dead_rows()
+            # Waiting a tenth of a batch's run time to fill it costs at most
+            # 10%; splitting one batch in two costs far more on a busy worker.
+            wait_s = max(self._config.max_wait_ms / 1000, 0.1 * self._last_batch_seconds)
+            give_up = loop.time() + wait_s
+            while not self._ready_to_run() and loop.time() < give_up:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), give_up - loop.time())
+                except asyncio.TimeoutError:
+                    break
+                self._wake.clear()
+            self._drop_dead_rows()
             batch = self._take_batch()
             if self._pending:
                 self._wake.set()
             if batch:
+                self._last_batch_rows = len(batch)
                 await self._run(batch)
 
     def _pack(self, batch: list[_Row]):
@@ -150,6 +168,7 @@ class DynamicBatcher:
     async def _run(self, batch: list[_Row]) -> None:
         token_ids, padding_mask, layer_ids, slot_of = self._pack(batch)
         self.stats.running = len(batch)
+        started = time.monotonic()
         try:
             hidden = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run_batch, token_ids, padding_mask, layer_ids)
@@ -160,6 +179,7 @@ class DynamicBatcher:
             return
         finally:
             self.stats.running = 0
+            self._last_batch_seconds = time.monotonic() - started
         self.stats.batches_run += 1
         self.stats.sequences_run += len(batch)
         self.stats.max_sequences_in_a_batch = max(self.stats.max_sequences_in_a_batch,

@@ -19,14 +19,16 @@ class BatchingConfig:
         batch_buckets: padded row counts, ascending; the last is the most
             rows in one batch.
         max_batch_tokens: rows x padded length never exceeds this.
-        max_wait_ms: how long a batch that is not full waits for more rows.
+        max_wait_ms: how long a batch smaller than the previous one waits
+            for more rows, at least (a tenth of the previous batch's run
+            time if that is longer); a batch at least as large runs at once.
         layer_slots: how many distinct layers one batch can return.
     """
 
     length_buckets: tuple[int, ...] = (32, 128, 512, 1024)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     max_batch_tokens: int = 16384
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 5.0
     layer_slots: int = 4
 
     def __post_init__(self) -> None:
