@@ -1,0 +1,102 @@
+"""The batcher alone, with a numpy model whose output encodes its input."""
+
+import asyncio
+import concurrent.futures
+import time
+
+import numpy as np
+import pytest
+
+from worker.dynamic_batcher import DynamicBatcher
+from worker.errors import DeadlineExpired
+from worker.worker_config import BatchingConfig
+
+CONFIG = BatchingConfig(length_buckets=(4, 8, 16), batch_buckets=(1, 2, 4),
+                        max_batch_tokens=32, max_wait_ms=5.0, layer_slots=2)
+
+
+class EncodingModel:
+    """hidden[k, b, t, 0] = 1000 * layer + token id; records batch shapes."""
+
+    def __init__(self, delay=0.0):
+        self.shapes, self.delay = [], delay
+
+    def __call__(self, token_ids, padding_mask, layer_ids):
+        time.sleep(self.delay)
+        self.shapes.append((token_ids.shape, len(set(layer_ids.tolist()))))
+        assert ((token_ids != 0) <= (padding_mask == 1)).all()
+        return (1000 * layer_ids[:, None, None, None] + token_ids[None, :, :, None]).astype("f4")
+
+
+def run(coroutine_fn, model):
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(CONFIG, model, executor)
+            return await coroutine_fn(batcher), batcher
+    return asyncio.run(main())
+
+
+def check(result, sequences, layers):
+    for ids, per_layer in zip(sequences, result):
+        assert sorted(per_layer) == sorted(layers)
+        for layer in layers:
+            np.testing.assert_array_equal(per_layer[layer][:, 0], 1000 * layer + np.asarray(ids))
+
+
+def test_concurrent_requests_share_batches_and_get_their_rows():
+    model = EncodingModel(delay=0.02)
+    rng = np.random.default_rng(0)
+    requests = [([rng.integers(1, 99, rng.integers(1, 9)).tolist()
+                  for _ in range(rng.integers(1, 3))], (int(rng.integers(0, 2)),))
+                for _ in range(12)]
+
+    async def go(batcher):
+        return await asyncio.gather(*(batcher.submit(seqs, layers, None)
+                                      for seqs, layers in requests))
+
+    results, batcher = run(go, model)
+    for (seqs, layers), result in zip(requests, results):
+        check(result, seqs, layers)
+    rows = sum(len(seqs) for seqs, _ in requests)
+    assert batcher.stats.sequences_run == rows
+    assert batcher.stats.batches_run < rows          # batching happened
+    assert batcher.stats.max_sequences_in_a_batch > 1
+    for (batch, length), _ in model.shapes:          # only bucket shapes, within budget
+        assert batch in CONFIG.batch_buckets and length in CONFIG.length_buckets
+        assert batch * length <= CONFIG.max_batch_tokens
+
+
+def test_layer_slots_split_batches():
+    model = EncodingModel()
+
+    async def go(batcher):
+        return await asyncio.gather(batcher.submit([[5]], (0,), None),
+                                    batcher.submit([[6]], (1,), None),
+                                    batcher.submit([[7]], (2,), None))
+
+    results, _ = run(go, model)
+    for ids, layer, result in zip((5, 6, 7), (0, 1, 2), results):
+        check(result, [[ids]], (layer,))
+    assert all(distinct <= CONFIG.layer_slots for _, distinct in model.shapes)
+
+
+def test_cancelled_and_expired_rows_never_run():
+    model = EncodingModel(delay=0.2)
+
+    async def go(batcher):
+        blocker = asyncio.ensure_future(batcher.submit([[1] * 16] * 2, (0,), None))
+        await asyncio.sleep(0.05)  # the blocker is on the device now
+        cancelled = asyncio.ensure_future(batcher.submit([[2], [3]], (0,), None))
+        expired = asyncio.ensure_future(batcher.submit([[4]], (0,), time.time() + 0.05))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(DeadlineExpired):
+            await expired
+        await blocker
+        after = await batcher.submit([[9]], (1,), None)
+        return after
+
+    after, batcher = run(go, model)
+    check(after, [[9]], (1,))
+    assert batcher.stats.sequences_run == 3           # the blocker's two rows, then [9]
+    assert batcher.stats.sequences_cancelled == 3     # [2], [3] cancelled; [4] expired
