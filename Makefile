@@ -41,6 +41,7 @@ protos: setup
 
 bench: setup
 	$(BIN)/python benchmarks/forward_throughput.py
+	$(BIN)/python benchmarks/service_throughput.py
 
 lock: setup
 	{ echo "# Pinned versions for reproducible installs (pip install -c constraints.txt ...)."; \

@@ -10,7 +10,8 @@ import sys
 
 from coordinator.server import GemmaServer
 from coordinator.service_config import ServiceConfig
-from gemma_core import DEFAULT_PRESET
+from gemma_core import DEFAULT_PRESET, PresetError
+from worker.errors import WorkerError
 from worker.worker_config import BatchingConfig, WorkerSpec
 
 
@@ -82,9 +83,9 @@ def main(argv=None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(argv)
-    except ValueError as error:
+        asyncio.run(serve(config))
+    except (ValueError, PresetError, WorkerError) as error:  # PresetError is a ValueError
         sys.exit(f"gemma-serve: {error}")
-    asyncio.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -27,5 +27,5 @@ from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
 from gemma_core.gemma_tokenizer import GemmaTokenizer
 
-__all__ = ["Backbone", "DEFAULT_PRESET", "read_preset_config", "GemmaBackbone", "GemmaConfig", "GemmaTokenizer",
-           "GEMMA_PRESETS", "PresetError", "TokenIdError"]
+__all__ = ["Backbone", "DEFAULT_PRESET", "GEMMA_PRESETS", "GemmaBackbone", "GemmaConfig",
+           "GemmaTokenizer", "PresetError", "TokenIdError", "read_preset_config"]

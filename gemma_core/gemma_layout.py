@@ -16,8 +16,8 @@ from gemma_core.gemma_config import GemmaConfig
 
 M, B = "model", "batch"  # Placeholders for the mesh's axis names.
 
-# regex (matched against the whole variable path) -> candidate placements, best first. Each candidate
-# is one mesh-axis placeholder (or None) per tensor axis.
+# regex (matched against the whole variable path) -> candidate placements,
+# best first. Each candidate is one mesh-axis placeholder (or None) per axis.
 _RULES: dict[str, tuple[tuple, ...]] = {
     r".*token_embedding/embeddings": ((M, B), (None, B), (None, None)),
     r".*attention/query/kernel": ((M, B, None), (None, B, M), (None, B, None)),

@@ -8,7 +8,6 @@ import grpc
 import numpy as np
 import pytest
 
-from coordinator.client import GemmaClient
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 
 
