@@ -30,13 +30,12 @@ def connect_ray(config: ServiceConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Loopback clusters for development need no token; real clusters set
-    # RAY_AUTH_MODE themselves.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if config.ray_address:
+    if config.ray_address:  # the cluster's own auth settings apply
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
     else:
-        # "local" starts a new instance even if another runs on this host.
+        # A private instance for this process: no token needed unless the
+        # user asks for one; "local" never joins another instance on the host.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False,
                  logging_level=logging.WARNING)
 
