@@ -46,7 +46,8 @@ bench: setup
 lock: setup
 	{ echo "# Pinned versions for reproducible installs (pip install -c constraints.txt ...)."; \
 	  echo "# Regenerate with: make lock"; \
-	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v "^-e" \
+	  | sed "s|^keras-hub @ .*|keras-hub==0.32.0|"; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache
