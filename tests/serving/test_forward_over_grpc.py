@@ -1,6 +1,7 @@
 """Hidden states over gRPC equal the in-process backbone's."""
 
 import concurrent.futures
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -87,25 +88,40 @@ def test_response_over_16_mib_streams_with_default_limits(client, local_model):
     np.testing.assert_allclose(result.hidden_states[-1][4], want, atol=1e-5)
 
 
-def test_sixteen_concurrent_clients_get_their_own_rows(service, local_model):
+def batches_and_sequences(client):
+    workers = client.model_info()["workers"]
+    return (sum(int(w.get("batches_run", 0)) for w in workers),
+            sum(int(w.get("sequences_run", 0)) for w in workers))
+
+
+def test_sixteen_concurrent_clients_get_their_own_rows(service, client, local_model):
     model, _ = local_model
     rng = np.random.default_rng(4)
-    requests = [[rng.integers(0, model.vocabulary_size, rng.integers(1, 60)).tolist()
-                 for _ in range(rng.integers(1, 4))] for _ in range(16)]
+    # One sequence per request, so a batch with two rows holds two requests.
+    requests = [[rng.integers(0, model.vocabulary_size, rng.integers(1, 60)).tolist()]
+                for _ in range(16)]
 
-    def call(ids_list):
-        with GemmaClient(service.address) as client:
-            return client.forward(token_ids=ids_list, layers=[-1], pooling="mean")
+    clients = [GemmaClient(service.address) for _ in requests]
+    for own_client in clients:
+        own_client.model_info()  # connected before the race starts
+    start = threading.Barrier(len(clients))
 
+    def call(own_client, ids_list):
+        start.wait()
+        return own_client.forward(token_ids=ids_list, layers=[-1], pooling="mean")
+
+    batches_before, sequences_before = batches_and_sequences(client)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(call, requests))
+        results = list(pool.map(call, clients, requests))
+    batches_after, sequences_after = batches_and_sequences(client)
+    for own_client in clients:
+        own_client.close()
     for ids_list, result in zip(requests, results):
         expected = expected_states(model, ids_list, [-1])
         for got, want in zip(result.hidden_states, expected):
             np.testing.assert_allclose(got[0], want[0].mean(0), atol=1e-5)
-    with GemmaClient(service.address) as client:
-        workers = client.model_info()["workers"]
-    assert max(int(w.get("max_sequences_in_a_batch", 0)) for w in workers) > 1
+    assert sequences_after - sequences_before == 16
+    assert batches_after - batches_before < 16  # requests shared batches
 
 
 def test_random_lengths_compile_no_more_than_the_buckets(service, client, local_model):
