@@ -311,12 +311,10 @@ class GemmaBackbone(Backbone):
             raise ValueError("LoRA is not enabled; call enable_lora(rank) first.")
         if not os.fspath(filepath).endswith(".lora.h5"):
             raise ValueError(f"LoRA files end in '.lora.h5', got {filepath}.")
-        post_norms = self.use_post_attention_norm
         kernels = {}
         for block, target, layer in self._lora_layers():
             if getattr(layer, "lora_enabled", False):
-                index = gemma_lora.keras_hub_lora_index(
-                    self.transformer_layers.index(block), target, post_norms)
+                index = self._lora_index(self.transformer_layers.index(block), target)
                 kernels[index] = (ops.convert_to_numpy(layer.lora_kernel_a),
                                   ops.convert_to_numpy(layer.lora_kernel_b))
         gemma_lora.write_lora_file(filepath, self._lora_rank, kernels)
@@ -325,32 +323,37 @@ class GemmaBackbone(Backbone):
         """Reads a keras_hub `.lora.h5` file, enabling LoRA at its rank if
         needed."""
         rank, kernels = gemma_lora.read_lora_file(filepath)
-        if self._lora_rank is None:
-            self.enable_lora(rank)
-        elif self._lora_rank != rank:
+        if self._lora_rank is not None and self._lora_rank != rank:
             raise PresetError(f"{filepath} has LoRA rank {rank} but this model has "
                               f"rank {self._lora_rank} enabled.")
-        post_norms = self.use_post_attention_norm
-        expected = {}
-        for i, block in enumerate(self.transformer_layers):
-            for target in gemma_lora.LORA_TARGETS:
-                layer = getattr(block.attention, target)
-                if getattr(layer, "lora_enabled", False):
-                    expected[gemma_lora.keras_hub_lora_index(i, target, post_norms)] = layer
+        # Check everything before changing the model, so a wrong file leaves
+        # it as it was.
+        expected = {self._lora_index(i, target): (i, target)
+                    for i in range(self.num_layers) for target in gemma_lora.LORA_TARGETS}
         if set(kernels) != set(expected):
             raise PresetError(
                 f"{filepath} holds LoRA for layer indices {sorted(kernels)} but this "
                 f"model expects {sorted(expected)}; it was made for another "
                 "architecture.")
-        for index, layer in expected.items():
-            a, b = kernels[index]
-            for name, value, variable in (("lora_kernel_a", a, layer.lora_kernel_a),
-                                          ("lora_kernel_b", b, layer.lora_kernel_b)):
-                if tuple(value.shape) != tuple(variable.shape):
+        for index, (block, target) in expected.items():
+            heads = (self.num_query_heads if target == "query" else self.num_key_value_heads)
+            shapes = ((heads, self.hidden_dim, rank), (rank, self.head_dim))
+            for name, value, shape in zip(("lora_kernel_a", "lora_kernel_b"), kernels[index],
+                                          shapes):
+                if tuple(value.shape) != shape:
                     raise PresetError(
-                        f"{filepath}: lora/{index} {name} has shape {value.shape}, "
-                        f"expected {tuple(variable.shape)} for {variable.path}.")
-                variable.assign(value)
+                        f"{filepath}: lora/{index} {name} has shape {value.shape}, expected "
+                        f"{shape} for block {block} {target}.")
+        if self._lora_rank is None:
+            self.enable_lora(rank)
+        for index, (block, target) in expected.items():
+            layer = getattr(self.transformer_layers[block].attention, target)
+            layer.lora_kernel_a.assign(kernels[index][0])
+            layer.lora_kernel_b.assign(kernels[index][1])
+
+    def _lora_index(self, block: int, target: str) -> int:
+        return gemma_lora.keras_hub_lora_index(
+            block, target, self.use_post_attention_norm, self.use_post_ffw_norm)
 
     # ---- sharding ---------------------------------------------------------------
 

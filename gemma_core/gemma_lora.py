@@ -2,7 +2,8 @@
 
 keras_hub keys each LoRA pair by the position of its layer among all layers
 with weights in its own traversal order, which for Gemma works out to
-`1 + block * stride + offset` (REFERENCE.md).
+`1 + block * stride + offset` (REFERENCE.md gives the no/both post-norm
+cases; the mixed ones were read off files keras_hub 0.32 wrote).
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from gemma_core.errors import PresetError
 LORA_TARGETS = ("query", "value")
 
 
-def keras_hub_lora_index(block: int, target: str, has_post_norms: bool) -> int:
-    stride, value_offset = (13, 8) if has_post_norms else (11, 7)
-    index = 1 + block * stride + value_offset
+def keras_hub_lora_index(block: int, target: str, use_post_attention_norm: bool,
+                         use_post_ffw_norm: bool) -> int:
+    """keras_hub's key for `target` ("query"/"value") of decoder block `block`.
+
+    Each post norm adds a layer with weights to every block (stride 11, 12
+    or 13); the post-ffw norm also comes before the attention in keras_hub's
+    traversal, shifting the value layer by one.
+    """
+    stride = 11 + use_post_attention_norm + use_post_ffw_norm
+    index = 1 + block * stride + 7 + use_post_ffw_norm
     return index + 2 if target == "query" else index
 
 

@@ -76,8 +76,13 @@ def read_config(directory: pathlib.Path) -> tuple[str, str, dict[str, Any]]:
                 raise PresetError(f"{path}: layer_types {layer_types} differ from "
                                   "Gemma 2's alternation (even layers sliding), "
                                   "which is the only one supported.")
+        scalar = config.get("query_pre_attn_scalar", head_dim)
+        if scalar not in (head_dim, hidden // heads):
+            raise PresetError(f"{path}: query_pre_attn_scalar {scalar} is neither head_dim "
+                              f"({head_dim}) nor hidden_size / num_attention_heads "
+                              f"({hidden // heads}), the two scalings Gemma supports.")
         kwargs.update(
-            query_head_dim_normalize=config.get("query_pre_attn_scalar", head_dim) == head_dim,
+            query_head_dim_normalize=scalar == head_dim,
             use_post_attention_norm=True,
             use_post_ffw_norm=True,
             attention_logit_soft_cap=config.get("attn_logit_softcapping"),

@@ -86,3 +86,34 @@ def test_lora_save_load_round_trip(tmp_path):
     theirs = keras_hub.models.Backbone.from_preset(str(FIXTURES / "gemma1_tiny"))
     theirs.load_lora_weights(str(path))
     np.testing.assert_allclose(np.asarray(theirs(inputs)), outputs(trained), atol=1e-5)
+
+
+@pytest.mark.parametrize("post_attention, post_ffw", [(False, True), (True, False),
+                                                      (True, True), (False, False)])
+def test_lora_files_interchange_with_keras_hub_for_every_post_norm_mix(
+        tmp_path, post_attention, post_ffw):
+    config = dict(TINY_CONFIG, use_post_attention_norm=post_attention,
+                  use_post_ffw_norm=post_ffw)
+    keras_hub.models.GemmaBackbone(**config).save_to_preset(str(tmp_path / "base"))
+    theirs = keras_hub.models.Backbone.from_preset(str(tmp_path / "base"))
+    ours = GemmaBackbone.from_preset(tmp_path / "base")
+    theirs.enable_lora(2)
+    rng = np.random.default_rng(2)
+    for variable in theirs.trainable_weights:
+        variable.assign(rng.normal(0, 0.1, variable.shape).astype("float32"))
+    theirs.save_lora_weights(str(tmp_path / "theirs.lora.h5"))
+    ours.load_lora_weights(tmp_path / "theirs.lora.h5")
+    inputs = reference_inputs("gemma1_tiny")
+    np.testing.assert_allclose(outputs(ours), np.asarray(theirs(inputs)), atol=1e-5)
+    ours.save_lora_weights(tmp_path / "ours.lora.h5")
+    again = keras_hub.models.Backbone.from_preset(str(tmp_path / "base"))
+    again.load_lora_weights(str(tmp_path / "ours.lora.h5"))
+    np.testing.assert_allclose(np.asarray(again(inputs)), outputs(ours), atol=1e-5)
+
+
+def test_a_wrong_lora_file_leaves_the_model_untouched(tmp_path):
+    backbone = GemmaBackbone.from_preset(FIXTURES / "gemma2_tiny")
+    with pytest.raises(Exception, match="another architecture"):
+        backbone.load_lora_weights(FIXTURES / "gemma1_tiny" / "adapter.lora.h5")
+    assert not any("lora" in v.path for v in backbone.weights)
+    assert len(backbone.trainable_weights) == len(backbone.weights)
