@@ -8,7 +8,6 @@ import logging
 import grpc
 
 from coordinator.errors import ServiceError
-from gemma_core import TokenIdError
 from worker.errors import DeadlineExpired, WorkerUnavailable
 
 log = logging.getLogger("gemma_serve.errors")
@@ -18,8 +17,6 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message) for an exception raised while serving a call."""
     if isinstance(error, ServiceError):
         return error.code, str(error)
-    if isinstance(error, TokenIdError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     if isinstance(error, (DeadlineExpired, asyncio.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, (
             f"deadline exceeded: {error}" if str(error) else "deadline exceeded")
@@ -47,7 +44,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _wrap_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler  # client-streaming handlers (reflection) pass through
+        return handler  # client/bidi-streaming handlers (reflection) pass through
 
 
 async def _abort(context, error: BaseException, method: str):

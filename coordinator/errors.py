@@ -22,6 +22,3 @@ class InvalidArgument(ServiceError):
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
-
-class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE

@@ -60,7 +60,7 @@ def _check_ids(ids: np.ndarray, field: str, limits: ServiceLimits) -> np.ndarray
 
 def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
                           tokenizer: GemmaTokenizer | None, request_id: str,
-                          deadline: float | None) -> ForwardWork:
+                          timeout_s: float | None) -> ForwardWork:
     """Validates `message` and turns it into the work a worker runs.
 
     Raises:
@@ -105,4 +105,4 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
         ids = [_check_ids(np.asarray(s.ids, "int64"), f"sequences[{i}]", limits)
                .astype("int32") for i, s in enumerate(sequences)]
     return ForwardWork(request_id=request_id, sequences=tuple(ids), layers=layers,
-                       pooling=pooling, dtype=dtype, deadline=deadline)
+                       pooling=pooling, dtype=dtype, timeout_s=timeout_s)

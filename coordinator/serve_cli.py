@@ -10,7 +10,7 @@ import sys
 
 from coordinator.server import GemmaServer
 from coordinator.service_config import ServiceConfig
-from gemma_core import DEFAULT_PRESET, PresetError
+from gemma_core import DEFAULT_PRESET
 from worker.errors import WorkerError
 from worker.worker_config import BatchingConfig, WorkerSpec
 
@@ -31,7 +31,8 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="per-worker mesh as DATAxMODEL, e.g. 1x2 (devices = product)")
     p.add_argument("--gpus", action="store_true",
                    help="give each worker GPUs from Ray instead of fake CPU devices")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or mixed_bfloat16")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "mixed_bfloat16"],
+                   help="override the preset's dtype policy")
     p.add_argument("--length-buckets", type=_ints, default=BatchingConfig.length_buckets)
     p.add_argument("--batch-buckets", type=_ints, default=BatchingConfig.batch_buckets)
     p.add_argument("--max-batch-tokens", type=int, default=BatchingConfig.max_batch_tokens)
@@ -84,7 +85,8 @@ def main(argv=None) -> None:
     try:
         config = parse_args(argv)
         asyncio.run(serve(config))
-    except (ValueError, PresetError, WorkerError) as error:  # PresetError is a ValueError
+    except (ValueError, RuntimeError, WorkerError) as error:  # PresetError is a ValueError;
+        # grpc raises RuntimeError for a port it cannot bind.
         sys.exit(f"gemma-serve: {error}")
 
 

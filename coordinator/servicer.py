@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 
 from coordinator.forward_request import parse_forward_request
@@ -33,11 +32,11 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
         self._random_weights = random_weights
 
     async def Forward(self, request, context):
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.time() + remaining
         work = parse_forward_request(request, self._limits, self._tokenizer,
-                                     request_id=uuid.uuid4().hex[:16], deadline=deadline)
-        result = await asyncio.wait_for(self._pool.forward(work), timeout=remaining)
+                                     request_id=uuid.uuid4().hex[:16],
+                                     timeout_s=context.time_remaining())
+        result = await asyncio.wait_for(self._pool.forward(work),
+                                        timeout=context.time_remaining())
         for response in response_stream(work, result, self._config.worker.preset,
                                         self._limits.hidden_dim, self._config.chunk_bytes):
             yield response
@@ -61,13 +60,12 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 bucket_count=batching.bucket_count,
                 max_response_chunk_bytes=self._config.chunk_bytes))
         for worker in await self._pool.infos():
+            counters = {key: worker.get(key, 0) for key in (
+                "in_flight_sequences", "batches_run", "sequences_run",
+                "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled")}
             info.workers.add(
-                worker_id=worker["worker_id"], node_id=worker["node_id"],
-                mesh_shape=worker["mesh_shape"], mesh_axes=["batch", "model"],
-                devices=worker["devices"], ready=True,
-                in_flight_sequences=worker["in_flight_sequences"],
-                batches_run=worker["batches_run"], sequences_run=worker["sequences_run"],
-                max_sequences_in_a_batch=worker["max_sequences_in_a_batch"],
-                compiled_functions=worker["compiled_functions"],
-                sequences_cancelled=worker["sequences_cancelled"])
+                worker_id=worker["worker_id"], node_id=worker.get("node_id", ""),
+                mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],
+                devices=worker.get("devices", []), ready=worker.get("ready", True),
+                **counters)
         return info

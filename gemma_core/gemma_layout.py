@@ -23,8 +23,8 @@ _RULES: dict[str, tuple[tuple, ...]] = {
     r".*attention/query/kernel": ((M, B, None), (None, B, M), (None, B, None)),
     r".*attention/(key|value)/kernel": ((M, B, None), (None, B, None)),
     r".*attention/attention_output/kernel": ((M, None, B), (None, M, B), (None, None, B)),
-    r".*ffw_gating(_2)?/kernel": ((B, M),),
-    r".*ffw_linear/kernel": ((M, B),),
+    r".*ffw_gating(_2)?/kernel": ((B, M), (None, M), (B, None), (None, None)),
+    r".*ffw_linear/kernel": ((M, B), (M, None), (None, B), (None, None)),
     r".*attention/query/lora_kernel_a": ((M, B, None), (None, B, None)),
     r".*attention/value/lora_kernel_a": ((M, B, None), (None, B, None)),
     r".*attention/(query|value)/lora_kernel_b": ((None, None),),
@@ -32,7 +32,7 @@ _RULES: dict[str, tuple[tuple, ...]] = {
 }
 
 
-def weight_shapes(config: GemmaConfig, lora_rank: int | None = None) -> dict[str, tuple]:
+def weight_shapes(config: GemmaConfig) -> dict[str, tuple]:
     """Rule regex -> the shapes of the weights it matches, for `config`."""
     c = config
     f = c.intermediate_dim // 2
@@ -45,7 +45,7 @@ def weight_shapes(config: GemmaConfig, lora_rank: int | None = None) -> dict[str
         r".*ffw_linear/kernel": [(f, c.hidden_dim)],
         r".*norm(alization)?/scale": [(c.hidden_dim,)],
     }
-    r = lora_rank or 1
+    r = 1  # the LoRA rank axis is never sharded, so its size does not matter
     shapes[r".*attention/query/lora_kernel_a"] = [(c.num_query_heads, c.hidden_dim, r)]
     shapes[r".*attention/value/lora_kernel_a"] = [(c.num_key_value_heads, c.hidden_dim, r)]
     shapes[r".*attention/(query|value)/lora_kernel_b"] = [(r, c.head_dim)]

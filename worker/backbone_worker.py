@@ -63,10 +63,11 @@ class BackboneWorker:
 
     async def forward(self, work: ForwardWork) -> ForwardResult:
         started = time.time()
-        if work.deadline is not None and started >= work.deadline:
+        if work.timeout_s is not None and work.timeout_s <= 0:
             self._batcher.stats.sequences_cancelled += len(work.sequences)
             raise DeadlineExpired("the deadline passed before the worker received the request")
-        per_sequence = await self._batcher.submit(work.sequences, work.layers, work.deadline)
+        deadline = None if work.timeout_s is None else started + work.timeout_s
+        per_sequence = await self._batcher.submit(work.sequences, work.layers, deadline)
         dtype = _OUTPUT_DTYPES[work.dtype]
         tensors = [[_pool(hidden[layer], work.pooling).astype(dtype) for layer in work.layers]
                    for hidden in per_sequence]

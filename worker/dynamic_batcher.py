@@ -19,6 +19,10 @@ import numpy as np
 from worker.errors import DeadlineExpired
 from worker.worker_config import BatchingConfig
 
+# A first call of a shape includes its compilation: never wait longer than
+# this for stragglers, whatever the last batch took.
+_MAX_STRAGGLER_WAIT_S = 0.1
+
 # run(token_ids (B, T), padding_mask (B, T), layer_ids (K,)) -> (K, B, T, d)
 RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -62,7 +66,7 @@ class DynamicBatcher:
         self.stats = BatcherStats()
 
     def start(self) -> None:
-        if self._loop_task is None:
+        if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run_forever())
 
     async def submit(self, sequences: Sequence[np.ndarray], layers: tuple[int, ...],
@@ -72,6 +76,13 @@ class DynamicBatcher:
         Cancelling the caller drops its rows that have not run yet.
         """
         self.start()
+        if not 1 <= len(set(layers)) <= self._config.layer_slots:
+            raise ValueError(f"{len(set(layers))} layers requested; a batch holds 1 to "
+                             f"{self._config.layer_slots}.")
+        for sequence in sequences:
+            if not 1 <= len(sequence) <= self._config.max_sequence_length:
+                raise ValueError(f"a sequence of {len(sequence)} tokens; this worker takes 1 "
+                                 f"to {self._config.max_sequence_length}.")
         loop = asyncio.get_running_loop()
         rows = [_Row(np.asarray(s, "int32"), layers, deadline, loop.create_future())
                 for s in sequences]
@@ -82,6 +93,7 @@ class DynamicBatcher:
         except BaseException:
             for row in rows:
                 row.future.cancel()  # no-op for rows already done
+            self._wake.set()  # so the loop drops them now, not at the next arrival
             raise
 
     def _drop_dead_rows(self) -> None:
@@ -134,7 +146,8 @@ class DynamicBatcher:
                 continue
             # Waiting a tenth of a batch's run time to fill it costs at most
             # 10%; splitting one batch in two costs far more on a busy worker.
-            wait_s = max(self._config.max_wait_ms / 1000, 0.1 * self._last_batch_seconds)
+            wait_s = max(self._config.max_wait_ms / 1000,
+                         min(0.1 * self._last_batch_seconds, _MAX_STRAGGLER_WAIT_S))
             give_up = loop.time() + wait_s
             while not self._ready_to_run() and loop.time() < give_up:
                 try:
@@ -166,13 +179,15 @@ class DynamicBatcher:
         return token_ids, padding_mask, layer_ids, slot_of
 
     async def _run(self, batch: list[_Row]) -> None:
-        token_ids, padding_mask, layer_ids, slot_of = self._pack(batch)
         self.stats.running = len(batch)
         started = time.monotonic()
         try:
+            token_ids, padding_mask, layer_ids, slot_of = self._pack(batch)
             hidden = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._run_batch, token_ids, padding_mask, layer_ids)
-        except Exception as error:  # The model failed: every row learns why.
+            results = [{layer: hidden[slot_of[layer], i, : len(row.token_ids)]
+                        for layer in row.layers} for i, row in enumerate(batch)]
+        except Exception as error:  # This batch failed: its rows learn why, the loop goes on.
             for row in batch:
                 if not row.future.done():
                     row.future.set_exception(error)
@@ -184,11 +199,9 @@ class DynamicBatcher:
         self.stats.sequences_run += len(batch)
         self.stats.max_sequences_in_a_batch = max(self.stats.max_sequences_in_a_batch,
                                                   len(batch))
-        for i, row in enumerate(batch):
+        for row, result in zip(batch, results):
             if not row.future.done():
-                n = len(row.token_ids)
-                row.future.set_result({layer: hidden[slot_of[layer], i, :n]
-                                       for layer in row.layers})
+                row.future.set_result(result)
 
     def in_flight(self) -> int:
         return len(self._pending) + self.stats.running

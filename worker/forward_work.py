@@ -20,8 +20,9 @@ class ForwardWork:
         layers: normalized layer indices in [0, num_layers], distinct.
         pooling: one of POOLINGS.
         dtype: one of OUTPUT_DTYPES.
-        deadline: wall-clock seconds (time.time()) after which the result is
-            useless, or None.
+        timeout_s: seconds the caller still waits, counted from when the work
+            was sent, or None. Relative, because the coordinator's and the
+            worker's clocks may disagree across nodes.
     """
 
     request_id: str
@@ -29,7 +30,7 @@ class ForwardWork:
     layers: tuple[int, ...]
     pooling: str = "none"
     dtype: str = "float32"
-    deadline: float | None = None
+    timeout_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

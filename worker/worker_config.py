@@ -37,9 +37,11 @@ class BatchingConfig:
             if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
                 raise ValueError(f"{name} must be distinct positive integers in ascending "
                                  f"order, got {buckets}.")
-        if self.max_batch_tokens < self.length_buckets[-1]:
-            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must hold one "
-                             f"sequence of the longest bucket ({self.length_buckets[-1]}).")
+        if self.max_batch_tokens < self.batch_buckets[0] * self.length_buckets[-1]:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must hold the smallest batch "
+                f"({self.batch_buckets[0]} rows) of the longest bucket "
+                f"({self.length_buckets[-1]} tokens).")
         if self.max_wait_ms < 0 or self.layer_slots < 1:
             raise ValueError("max_wait_ms must be >= 0 and layer_slots >= 1.")
 

@@ -64,6 +64,7 @@ class WorkerPool:
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
         self._turn = 0
+        self._dead: set[str] = set()  # restarts come with the reliability work
 
     async def wait_ready(self) -> list[dict]:
         """Waits for every actor to have loaded its model; returns their info."""
@@ -80,12 +81,19 @@ class WorkerPool:
             raise WorkerUnavailable(f"a worker failed to start: {error}") from error
 
     async def infos(self) -> list[dict]:
-        return list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
+        """Every worker's info; a worker that does not answer is `ready: False`."""
+        answers = await asyncio.gather(*(a.info.remote() for a in self._actors.values()),
+                                       return_exceptions=True)
+        return [answer if isinstance(answer, dict) else
+                {"worker_id": worker_id, "ready": False, "error": str(answer)}
+                for worker_id, answer in zip(self._actors, answers)]
 
     def _least_loaded(self) -> str:
         # Ties go round-robin, so an idle pool still uses every worker.
         self._turn += 1
-        ids = list(self._in_flight)
+        ids = [i for i in self._in_flight if i not in self._dead]
+        if not ids:
+            raise WorkerUnavailable("no worker is alive")
         order = ids[self._turn % len(ids):] + ids[: self._turn % len(ids)]
         return min(order, key=self._in_flight.get)
 
@@ -105,6 +113,7 @@ class WorkerPool:
                 raise cause from None
             raise
         except RayActorError as error:
+            self._dead.add(worker_id)  # never route to it again
             raise WorkerUnavailable(f"{worker_id} died while serving the request: "
                                     f"{error}") from error
         finally:

@@ -100,3 +100,35 @@ def test_cancelled_and_expired_rows_never_run():
     check(after, [[9]], (1,))
     assert batcher.stats.sequences_run == 3           # the blocker's two rows, then [9]
     assert batcher.stats.sequences_cancelled == 3     # [2], [3] cancelled; [4] expired
+
+
+def test_rows_that_could_never_run_are_refused_not_queued():
+    async def go(batcher):
+        with pytest.raises(ValueError, match="a sequence of 17 tokens"):
+            await batcher.submit([[1] * 17], (0,), None)
+        with pytest.raises(ValueError, match="3 layers requested"):
+            await batcher.submit([[1]], (0, 1, 2), None)
+        return await batcher.submit([[3]], (0,), None)  # the loop still serves
+
+    result, _ = run(go, EncodingModel())
+    check(result, [[3]], (0,))
+    with pytest.raises(ValueError, match="must hold the smallest batch"):
+        BatchingConfig(length_buckets=(32,), batch_buckets=(2, 4), max_batch_tokens=32)
+
+
+def test_a_failing_batch_fails_its_rows_and_the_loop_goes_on():
+    calls = []
+
+    def flaky(token_ids, padding_mask, layer_ids):
+        calls.append(token_ids.shape)
+        if len(calls) == 1:
+            raise RuntimeError("device fell over")
+        return EncodingModel()(token_ids, padding_mask, layer_ids)
+
+    async def go(batcher):
+        with pytest.raises(RuntimeError, match="device fell over"):
+            await batcher.submit([[1]], (0,), None)
+        return await batcher.submit([[4]], (1,), None)
+
+    result, _ = run(go, flaky)
+    check(result, [[4]], (1,))
