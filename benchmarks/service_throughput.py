@@ -30,7 +30,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import argparse  # noqa: E402
-import asyncio  # noqa: E402
 import concurrent.futures  # noqa: E402
 import multiprocessing  # noqa: E402
 import dataclasses  # noqa: E402
@@ -54,38 +53,6 @@ LOAD_PROCESS = None  # the clients' process, started in main()
 MID_CONFIG = dict(vocabulary_size=32000, num_layers=8, num_query_heads=8,
                   num_key_value_heads=1, hidden_dim=512, intermediate_dim=4096,
                   head_dim=64)
-
-
-class ServerThread:
-    """A GemmaServer on its own asyncio loop in a daemon thread."""
-
-    def __init__(self, config):
-        from coordinator.server import GemmaServer
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="gemma-server-loop")
-        self.thread.start()
-        self.server = GemmaServer(config)
-        try:
-            self.call(self.server.start(), timeout=600)
-        except BaseException:
-            self._stop_loop()
-            raise
-        self.address = f"{config.host}:{self.server.port}"
-
-    def call(self, coroutine, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def _stop_loop(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def stop(self):
-        try:
-            self.call(self.server.stop(grace=1))
-        finally:
-            self._stop_loop()
 
 
 # ---- in-process baseline --------------------------------------------------------
@@ -182,6 +149,7 @@ def percentile_ms(values, q):
 
 def bench_model(label, preset, args, batching, seed):
     from coordinator.client import GemmaClient
+    from coordinator.server_thread import ServerThread
     from coordinator.service_config import ServiceConfig
     from gemma_core import read_preset_config
     from worker.sharded_backbone import ShardedBackbone

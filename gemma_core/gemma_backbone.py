@@ -248,11 +248,16 @@ class GemmaBackbone(Backbone):
         embedding transposed, then `final_logit_soft_cap` if set."""
         return self.token_embedding(hidden_states, reverse=True)
 
+    def bound_to(self, variable_values):
+        """A scope in which the variables read `variable_values` (in the order
+        of `self.variables`): how a forward becomes a pure function for
+        `jax.jit`, the values passed as arguments instead of captured."""
+        return keras.StatelessScope(state_mapping=list(zip(self.variables, variable_values)))
+
     def stateless_hidden_states(self, variable_values, inputs, layers=(-1,)):
         """`hidden_states` as a pure function of the variables' values, for
         `jax.jit`: pass `[v.value for v in backbone.variables]`."""
-        mapping = list(zip(self.variables, variable_values))
-        with keras.StatelessScope(state_mapping=mapping):
+        with self.bound_to(variable_values):
             return self.hidden_states(inputs, layers)
 
     def make_forward_fn(self, layers: Sequence[int] = (-1,)):

@@ -39,8 +39,7 @@ class ShardedBackbone:
         self._jitted = jax.jit(self._forward)
 
     def _forward(self, values, token_ids, padding_mask, layer_ids):
-        mapping = list(zip(self.backbone.variables, values))
-        with keras.StatelessScope(state_mapping=mapping):
+        with self.backbone.bound_to(values):
             return self.backbone.selected_hidden_states(token_ids, padding_mask, layer_ids)
 
     def run(self, token_ids: np.ndarray, padding_mask: np.ndarray,

@@ -35,8 +35,9 @@ def test_peak_memory_of_loading_is_one_copy(tmp_path):
             "import sys, json\nfrom gemma_core import GemmaBackbone\n"
             "GemmaBackbone(**json.loads(sys.argv[1])).save_to_preset(sys.argv[2])\n")
     subprocess.run([sys.executable, "-c", save, json.dumps(CONFIG), str(tmp_path)], check=True)
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path), str(FIXTURES / "gemma1_tiny")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tmp_path), str(FIXTURES / "gemma1_tiny")],
+        capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     weights, growth = result["weights"], result["peak_growth"]
     assert weights > 90e6

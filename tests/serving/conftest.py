@@ -5,15 +5,13 @@ serve the built-in default model; tests compare against the same model
 loaded in-process.
 """
 
-import asyncio
 import os
-import threading
 
 import grpc
 import pytest
 
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
-from coordinator.server import GemmaServer
+from coordinator.server_thread import ServerThread
 from coordinator.service_config import ServiceConfig
 from worker.worker_config import BatchingConfig, WorkerSpec
 
@@ -31,26 +29,6 @@ def ray_session(tmp_path_factory):
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
-
-
-class ServerThread:
-    """A GemmaServer on its own event loop, as `gemma-serve` runs it."""
-
-    def __init__(self, config: ServiceConfig):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = GemmaServer(config)
-        self.call(self.server.start(), timeout=600)
-        self.address = f"127.0.0.1:{self.server.port}"
-
-    def call(self, coroutine, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def stop(self):
-        self.call(self.server.stop(grace=1))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="session")
