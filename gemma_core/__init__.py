@@ -21,11 +21,14 @@ if "keras" in _sys.modules:
 
 from gemma_core.backbone import Backbone, read_preset_config
 from gemma_core.default_preset import DEFAULT_PRESET
-from gemma_core.errors import PresetError, TokenIdError
+from gemma_core.errors import AdapterMismatch, PresetError, TokenIdError
 from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
 from gemma_core.gemma_tokenizer import GemmaTokenizer
+from gemma_core.lora_adapter import LoraAdapter
+from gemma_core.lora_slot_table import LoraSlotTable
 
-__all__ = ["Backbone", "DEFAULT_PRESET", "GEMMA_PRESETS", "GemmaBackbone", "GemmaConfig",
-           "GemmaTokenizer", "PresetError", "TokenIdError", "read_preset_config"]
+__all__ = ["AdapterMismatch", "Backbone", "DEFAULT_PRESET", "GEMMA_PRESETS", "GemmaBackbone",
+           "GemmaConfig", "GemmaTokenizer", "LoraAdapter", "LoraSlotTable", "PresetError",
+           "TokenIdError", "read_preset_config"]

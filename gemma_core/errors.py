@@ -7,3 +7,8 @@ class PresetError(ValueError):
 
 class TokenIdError(ValueError):
     """Token ids outside [0, vocabulary_size) or inputs of the wrong form."""
+
+
+class AdapterMismatch(ValueError):
+    """A LoRA adapter does not fit the base model (made for another one) or
+    its factors are malformed."""

@@ -54,6 +54,14 @@ def apply_rotary_embedding(x, base=10000.0):
     return ops.cast(rotated, x.dtype)
 
 
+def _per_row_lora(x, a, b):
+    """Each row's own low-rank update: x (B, T, d), a (B, n, d, R), b (B, R, h)
+    -> (B, T, n, h), computed in float32 and returned in x's dtype."""
+    x32 = ops.cast(x, "float32")
+    down = ops.einsum("btd,bndr->btnr", x32, ops.cast(a, "float32"))
+    return ops.cast(ops.einsum("btnr,brh->btnh", down, ops.cast(b, "float32")), x.dtype)
+
+
 @keras.saving.register_keras_serializable(package="gemma_core")
 class GemmaAttention(keras.layers.Layer):
     """Multi-head attention with grouped key/value heads.
@@ -106,13 +114,19 @@ class GemmaAttention(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=self.dtype_policy)
         self.built = True
 
-    def call(self, x, padding_mask, training=False):
+    def call(self, x, padding_mask, training=False, lora=None):
+        """`lora`: optional per-row LoRA factors (see LoraSlotTable.rows),
+        {"query"|"value": (a (B, heads, d, R), b (B, R, h))}, added to the
+        projections on top of any `enable_lora` kernels."""
         B, T = ops.shape(x)[0], ops.shape(x)[1]
         K, G, h = (self.num_key_value_heads,
                    self.num_query_heads // self.num_key_value_heads, self.head_dim)
-        q = apply_rotary_embedding(self.query(x))                 # (B, T, H, h)
+        q, v = self.query(x), self.value(x)                       # (B, T, H, h), (B, S, K, h)
+        if lora is not None:
+            q = q + _per_row_lora(x, *lora["query"])
+            v = v + _per_row_lora(x, *lora["value"])
+        q = apply_rotary_embedding(q)
         k = apply_rotary_embedding(self.key(x))                   # (B, S, K, h)
-        v = self.value(x)                                         # (B, S, K, h)
         q = q * ops.cast(self.query_scale, q.dtype)
         # Heads-first before the einsums: transposing the small q and output
         # is cheap; otherwise XLA transposes the (B, K, G, T, S) scores.
@@ -132,7 +146,7 @@ class GemmaAttention(keras.layers.Layer):
         out = ops.reshape(ops.transpose(out, (0, 3, 1, 2, 4)), (B, T, K * G, h))
         return self.attention_output(out)
 
-    def compute_output_spec(self, x, padding_mask, training=False):
+    def compute_output_spec(self, x, padding_mask, training=False, lora=None):
         return keras.KerasTensor(x.shape, dtype=self.compute_dtype)
 
     def get_config(self):

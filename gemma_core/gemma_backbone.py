@@ -19,6 +19,7 @@ from gemma_core.errors import PresetError, TokenIdError
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_decoder_block import GemmaDecoderBlock
 from gemma_core.gemma_presets import GEMMA_PRESETS
+from gemma_core.lora_slot_table import LoraSlotTable
 from gemma_core.reversible_embedding import ReversibleEmbedding
 from gemma_core.rms_normalization import RMSNormalization
 
@@ -214,16 +215,20 @@ class GemmaBackbone(Backbone):
             found[self.num_layers] = self.layer_norm(x)
         return [found[i] for i in wanted]
 
-    def selected_hidden_states(self, token_ids, padding_mask, layer_ids):
+    def selected_hidden_states(self, token_ids, padding_mask, layer_ids, lora=None):
         """Hidden states at layer indices given as data, not as Python ints.
 
-        For serving: one compiled function serves every choice of layers,
-        because the indices are an array traced by jit. Every block runs.
+        For serving: one compiled function serves every choice of layers and
+        of adapters, because the layer indices and the per-row adapter slots
+        are arrays traced by jit. Every block runs.
 
         Args:
             token_ids, padding_mask: (B, T).
             layer_ids: (K,) int32 in [0, num_layers] (see `hidden_states`);
                 repeats allowed (padding slots).
+            lora: optional (tables, slot_ids): a `LoraSlotTable`'s tables and
+                (B,) int32 slot per row (0 = base model), so each row runs
+                with its own adapter.
 
         Returns:
             (K, B, T, hidden_dim) in the compute dtype.
@@ -238,7 +243,8 @@ class GemmaBackbone(Backbone):
 
         selected = keep(selected, 0, x)
         for i, block in enumerate(self.transformer_layers):
-            x = block(x, padding_mask=padding_mask)
+            rows = None if lora is None else LoraSlotTable.rows(lora[0], i, lora[1])
+            x = block(x, padding_mask=padding_mask, lora=rows)
             if i + 1 < self.num_layers:
                 selected = keep(selected, i + 1, x)
         return keep(selected, self.num_layers, self.layer_norm(x))

@@ -78,8 +78,9 @@ class GemmaDecoderBlock(keras.layers.Layer):
             self.post_ffw_norm.build(input_shape)
         self.built = True
 
-    def call(self, x, padding_mask, training=False):
-        a = self.attention(self.pre_attention_norm(x), padding_mask, training=training)
+    def call(self, x, padding_mask, training=False, lora=None):
+        a = self.attention(self.pre_attention_norm(x), padding_mask, training=training,
+                           lora=lora)
         if self.use_post_attention_norm:
             a = self.post_attention_norm(a)
         x = x + self.dropout_layer(a, training=training)
@@ -90,7 +91,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             f = self.post_ffw_norm(f)
         return x + f
 
-    def compute_output_spec(self, x, padding_mask, training=False):
+    def compute_output_spec(self, x, padding_mask, training=False, lora=None):
         return keras.KerasTensor(x.shape, dtype=self.compute_dtype)
 
     def get_config(self):

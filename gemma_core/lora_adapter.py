@@ -1,0 +1,205 @@
+"""A LoRA adapter as plain arrays: what the registry stores and workers load.
+
+keras_hub's `enable_lora` puts rank-r factors on each block's query and
+value projections; the effective kernel is `kernel + (alpha / r) * a @ b`.
+An adapter here is those factors for every block, independent of any model
+instance, so it can be checked against a config, written to disk, sent to
+a worker and written into an adapter slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+import numpy as np
+
+from gemma_core import gemma_lora
+from gemma_core.errors import AdapterMismatch, PresetError
+from gemma_core.gemma_config import GemmaConfig
+
+# (block index, "query" | "value") -> (a (heads, d, r), b (r, head_dim))
+Kernels = Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+
+
+def tensor_name(block: int, target: str, factor: str) -> str:
+    """The adapter's safetensors key, e.g. `blocks.3.query.lora_a`."""
+    return f"blocks.{block}.{target}.lora_{factor}"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """LoRA factors for some of the query/value projections of a backbone.
+
+    Attributes:
+        rank: r, the inner size of every pair.
+        alpha: the update is scaled by `alpha / rank` (keras_hub: alpha = r).
+        kernels: (block, target) -> (a, b), float32; a is (heads, d, r) with
+            the query or key/value head count, b is (r, head_dim). Blocks or
+            targets absent from the map are not adapted.
+
+    Example:
+    >>> adapter = LoraAdapter.from_backbone(lora_enabled_backbone)
+    >>> adapter.check_fits(backbone.config)
+    """
+
+    rank: int
+    alpha: float
+    kernels: Kernels
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) \
+                or self.rank < 1:
+            raise AdapterMismatch(f"LoRA rank must be a positive integer, got {self.rank!r}.")
+        if not np.isfinite(self.alpha) or self.alpha <= 0:
+            raise AdapterMismatch(f"LoRA alpha must be a positive number, got {self.alpha!r}.")
+        if not self.kernels:
+            raise AdapterMismatch("the adapter has no LoRA kernels.")
+        for (block, target), (a, b) in self.kernels.items():
+            if target not in gemma_lora.LORA_TARGETS:
+                raise AdapterMismatch(f"LoRA target {target!r} of block {block} is not one "
+                                      f"of {gemma_lora.LORA_TARGETS}.")
+            if a.ndim != 3 or b.ndim != 2 or a.shape[-1] != self.rank \
+                    or b.shape[0] != self.rank:
+                raise AdapterMismatch(
+                    f"block {block} {target}: factors of shapes {a.shape} and {b.shape} do "
+                    f"not make a rank-{self.rank} pair ((heads, d, r) and (r, head_dim)).")
+            for factor in (a, b):
+                if not np.all(np.isfinite(factor)):
+                    raise AdapterMismatch(f"block {block} {target}: the factors hold NaN or "
+                                          "infinite values.")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t for t in gemma_lora.LORA_TARGETS
+                     if any(target == t for _, target in self.kernels))
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(sorted({block for block, _ in self.kernels}))
+
+    def num_parameters(self) -> int:
+        return sum(a.size + b.size for a, b in self.kernels.values())
+
+    def check_fits(self, config: GemmaConfig) -> None:
+        """Raises AdapterMismatch unless every pair fits `config`'s shapes."""
+        for (block, target), (a, b) in sorted(self.kernels.items()):
+            if not 0 <= block < config.num_layers:
+                raise AdapterMismatch(
+                    f"the adapter adapts block {block} but the base model has "
+                    f"{config.num_layers} blocks; it was made for another model.")
+            heads = config.num_query_heads if target == "query" else config.num_key_value_heads
+            want_a = (heads, config.hidden_dim, self.rank)
+            want_b = (self.rank, config.head_dim)
+            if a.shape != want_a or b.shape != want_b:
+                raise AdapterMismatch(
+                    f"block {block} {target}: the adapter's factors are {a.shape} and "
+                    f"{b.shape} but this base model needs {want_a} and {want_b}; it was "
+                    "made for another model.")
+
+    # ---- conversions ---------------------------------------------------------
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Flat name -> float32 array map, for safetensors."""
+        out = {}
+        for (block, target), (a, b) in sorted(self.kernels.items()):
+            out[tensor_name(block, target, "a")] = np.ascontiguousarray(a, "float32")
+            out[tensor_name(block, target, "b")] = np.ascontiguousarray(b, "float32")
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], rank: int,
+                     alpha: float) -> "LoraAdapter":
+        """The inverse of `tensors`; raises AdapterMismatch on unknown names or
+        unpaired factors."""
+        pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        for name, value in tensors.items():
+            parts = name.split(".")
+            if (len(parts) != 4 or parts[0] != "blocks" or not parts[1].isdigit()
+                    or parts[2] not in gemma_lora.LORA_TARGETS
+                    or parts[3] not in ("lora_a", "lora_b")):
+                raise AdapterMismatch(f"unexpected tensor {name!r}; adapter tensors are named "
+                                      "blocks.<i>.<query|value>.lora_<a|b>.")
+            pairs.setdefault((int(parts[1]), parts[2]), {})[parts[3]] = value
+        kernels = {}
+        for key, pair in pairs.items():
+            if set(pair) != {"lora_a", "lora_b"}:
+                raise AdapterMismatch(f"block {key[0]} {key[1]} has only {sorted(pair)}; "
+                                      "each adapted projection needs lora_a and lora_b.")
+            kernels[key] = (np.asarray(pair["lora_a"], "float32"),
+                            np.asarray(pair["lora_b"], "float32"))
+        return cls(rank=int(rank), alpha=float(alpha), kernels=kernels)
+
+    @classmethod
+    def from_lora_file(cls, path: str | os.PathLike, config: GemmaConfig) -> "LoraAdapter":
+        """Reads a keras_hub `.lora.h5` file written for a model of `config`
+        (keras_hub's alpha is the rank)."""
+        rank, by_index = gemma_lora.read_lora_file(path)
+        where = {gemma_lora.keras_hub_lora_index(block, target,
+                                                 config.use_post_attention_norm,
+                                                 config.use_post_ffw_norm): (block, target)
+                 for block in range(config.num_layers) for target in gemma_lora.LORA_TARGETS}
+        unknown = sorted(set(by_index) - set(where))
+        if unknown:
+            raise AdapterMismatch(
+                f"{os.fspath(path)} holds LoRA for keras_hub layer indices {unknown}, which "
+                "this base model does not have; it was made for another model.")
+        adapter = cls(rank=rank, alpha=float(rank), kernels={
+            where[index]: (np.asarray(a, "float32"), np.asarray(b, "float32"))
+            for index, (a, b) in by_index.items()})
+        adapter.check_fits(config)
+        return adapter
+
+    def write_lora_file(self, path: str | os.PathLike, config: GemmaConfig) -> None:
+        """Writes a keras_hub `.lora.h5` file. keras_hub has no alpha (it is
+        the rank there), so `alpha / rank` is folded into each b."""
+        self.check_fits(config)
+        if not os.fspath(path).endswith(".lora.h5"):
+            raise PresetError(f"LoRA files end in '.lora.h5', got {path}.")
+        gemma_lora.write_lora_file(path, self.rank, {
+            gemma_lora.keras_hub_lora_index(block, target, config.use_post_attention_norm,
+                                            config.use_post_ffw_norm):
+                (a, (b * self.scale).astype("float32"))
+            for (block, target), (a, b) in self.kernels.items()})
+
+    @classmethod
+    def from_backbone(cls, backbone, alpha: float | None = None) -> "LoraAdapter":
+        """The LoRA factors of a backbone after `enable_lora` (and training)."""
+        rank = backbone._lora_rank
+        if rank is None:
+            raise ValueError("LoRA is not enabled on this backbone; call enable_lora first.")
+        kernels = {}
+        for block_index, block in enumerate(backbone.transformer_layers):
+            for target in gemma_lora.LORA_TARGETS:
+                layer = getattr(block.attention, target)
+                if getattr(layer, "lora_enabled", False):
+                    kernels[(block_index, target)] = (
+                        np.asarray(layer.lora_kernel_a.numpy(), "float32"),
+                        np.asarray(layer.lora_kernel_b.numpy(), "float32"))
+        return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
+
+    def apply_to(self, backbone) -> None:
+        """Enables LoRA on `backbone` (rank `self.rank`) and sets these factors,
+        `alpha / rank` folded into b; projections the adapter leaves out get
+        zero factors. The model then computes exactly this adapter."""
+        self.check_fits(backbone.config)
+        if backbone._lora_rank is None:
+            backbone.enable_lora(self.rank)
+        elif backbone._lora_rank != self.rank:
+            raise AdapterMismatch(f"the backbone has LoRA rank {backbone._lora_rank} enabled; "
+                                  f"this adapter has rank {self.rank}.")
+        for block_index, block in enumerate(backbone.transformer_layers):
+            for target in gemma_lora.LORA_TARGETS:
+                layer = getattr(block.attention, target)
+                a, b = self.kernels.get((block_index, target), (None, None))
+                if a is None:
+                    layer.lora_kernel_a.assign(np.zeros(layer.lora_kernel_a.shape, "float32"))
+                    layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, "float32"))
+                else:
+                    layer.lora_kernel_a.assign(a)
+                    layer.lora_kernel_b.assign(b * self.scale)
