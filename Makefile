@@ -37,7 +37,7 @@ serve: setup
 
 protos: setup
 	$(BIN)/python -m grpc_tools.protoc -Icoordinator/generated=protos --python_out=. \
-	  --pyi_out=. --grpc_python_out=. coordinator/generated/gemma/v1/gemma_service.proto
+	  --pyi_out=. --grpc_python_out=. $(patsubst protos/%,coordinator/generated/%,$(wildcard protos/gemma/v1/*.proto))
 
 bench: setup
 	$(BIN)/python benchmarks/forward_throughput.py

@@ -1,21 +1,39 @@
-"""A Python client: requests in, numpy arrays out.
+"""A Python client: requests in, numpy arrays (or plain dicts) out.
 
 Example:
->>> with GemmaClient("127.0.0.1:50051") as client:
+>>> with GemmaClient("127.0.0.1:50051", api_key="...") as client:
 ...     result = client.forward(texts=["Hello"], layers=[-1], pooling="mean")
 ...     result.hidden_states[0][0].shape          # (hidden_dim,)
+...     adapter = client.upload_adapter("support", "support.lora.h5")
+...     client.forward(texts=["Hello"], adapter_id=adapter["adapter_id"])
+...     job = client.start_fine_tune("faq", texts=["Q: ... A: ..."], steps=100)
+...     for update in client.watch_fine_tune(job["job_id"]):
+...         print(update["state"], update["step"], update["loss"])
+
+Adapter, dataset and fine-tune calls answer with dicts of the proto
+messages' fields (proto field names, every field present, int64 as int);
+a job's `state` is a short lowercase string: "queued", "running",
+"succeeded", "failed" or "cancelled". Errors surface as grpc.RpcError.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import json
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 import ml_dtypes
 import numpy as np
-from google.protobuf import json_format
+from google.protobuf import descriptor, json_format
 
+from coordinator.generated.gemma.v1 import adapter_service_pb2 as adapter_pb
+from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as adapter_grpc
+from coordinator.generated.gemma.v1 import finetune_service_pb2 as ft_pb
+from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as ft_grpc
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 
@@ -25,6 +43,84 @@ _DTYPE = {"float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16,
           "float16": pb.DTYPE_FLOAT16}
 _NUMPY = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
           pb.DTYPE_FLOAT16: np.dtype(np.float16)}
+
+UPLOAD_CHUNK_BYTES = 1 << 20
+# File name endings -> the upload format they imply (longest first).
+ADAPTER_FORMATS = {".lora.h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
+                   ".safetensors": adapter_pb.ADAPTER_FORMAT_SAFETENSORS}
+_FORMAT_NAMES = {"lora.h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
+                 "keras_hub_lora_h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
+                 "safetensors": adapter_pb.ADAPTER_FORMAT_SAFETENSORS}
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+_STATE_PREFIX = "FINE_TUNE_STATE_"
+
+
+def adapter_format(path: str | os.PathLike, format=None) -> int:
+    """The AdapterFormat to upload `path` as: `format` when given (an
+    AdapterFormat value or "lora.h5" / "keras_hub_lora_h5" / "safetensors"),
+    else inferred from the file name. Raises ValueError when neither says."""
+    if format is None:
+        name = os.fspath(path).lower()
+        for ending, value in ADAPTER_FORMATS.items():
+            if name.endswith(ending):
+                return value
+        raise ValueError(f"cannot tell the adapter format of {os.fspath(path)!r} from its "
+                         f"name (expected {' or '.join(ADAPTER_FORMATS)}); pass format=.")
+    if isinstance(format, str):
+        key = format.lower().lstrip(".")
+        key = key.removeprefix("adapter_format_")
+        if key not in _FORMAT_NAMES:
+            raise ValueError(f"unknown adapter format {format!r}; use one of "
+                             f"{sorted(_FORMAT_NAMES)}.")
+        return _FORMAT_NAMES[key]
+    if format not in ADAPTER_FORMATS.values():
+        raise ValueError(f"unknown adapter format {format!r}.")
+    return int(format)
+
+
+_INT64 = (descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
+          descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
+          descriptor.FieldDescriptor.TYPE_SFIXED64)
+
+
+def _to_dict(message) -> dict:
+    """A message as a dict: proto field names, every field present, int64s
+    as ints (not JSON's strings), a fine-tune state as "running" etc."""
+    out = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+    _normalize(message, out)
+    return out
+
+
+def _normalize(message, out: dict) -> None:
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in out:
+            continue
+        value = getattr(message, field.name)
+        repeated = field.is_repeated
+        if field.message_type is not None:
+            for sub, sub_out in (zip(value, out[field.name]) if repeated
+                                 else [(value, out[field.name])]):
+                _normalize(sub, sub_out)
+        elif field.type in _INT64:
+            out[field.name] = [int(v) for v in value] if repeated else int(value)
+        elif field.enum_type is not None and field.enum_type.full_name == \
+                ft_pb.FineTuneState.DESCRIPTOR.full_name and not repeated:
+            name = ft_pb.FineTuneState.Name(value)
+            out[field.name] = name.removeprefix(_STATE_PREFIX).lower()
+
+
+def _jsonl(examples: Iterable[str | Sequence[int]]) -> bytes:
+    """Training examples (texts, or lists of token ids) as JSON Lines."""
+    lines = [json.dumps({"text": example}) if isinstance(example, str)
+             else json.dumps({"ids": [int(t) for t in example]}) for example in examples]
+    return "".join(line + "\n" for line in lines).encode()
+
+
+def _file_chunks(path: str | os.PathLike) -> Iterator[bytes]:
+    with open(path, "rb") as file:
+        while chunk := file.read(UPLOAD_CHUNK_BYTES):
+            yield chunk
 
 
 class IncompleteResponse(RuntimeError):
@@ -41,6 +137,7 @@ class ForwardResult:
     layers: list[int]
     token_ids: list[np.ndarray]
     hidden_states: list[list[np.ndarray]]
+    adapter_id: str = ""  # "name@version" as resolved, "" for the base model
 
     def layer(self, layer: int) -> list[np.ndarray]:
         """Every sequence's tensor at one (normalized) layer index."""
@@ -75,7 +172,7 @@ def assemble(responses) -> ForwardResult:
     return ForwardResult(
         request_id=header.request_id, model=header.model, worker_id=header.worker_id,
         layers=layers, token_ids=[np.asarray(s.token_ids, "int32") for s in header.sequences],
-        hidden_states=tensors)
+        hidden_states=tensors, adapter_id=header.adapter_id)
 
 
 class GemmaClient:
@@ -87,6 +184,8 @@ class GemmaClient:
         self._channel = (grpc.secure_channel(target, credentials) if credentials
                          else grpc.insecure_channel(target))
         self._stub = pb_grpc.GemmaServiceStub(self._channel)
+        self._adapters = adapter_grpc.AdapterServiceStub(self._channel)
+        self._fine_tunes = ft_grpc.FineTuneServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     def forward(self, texts: Sequence[str] | None = None,
@@ -106,6 +205,162 @@ class GemmaClient:
         info = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,
                                        metadata=self._metadata)
         return json_format.MessageToDict(info, preserving_proto_field_name=True)
+
+    # ---- adapters ------------------------------------------------------------
+
+    def upload_adapter(self, name: str, path: str | os.PathLike, format=None, *,
+                       timeout: float | None = None) -> dict:
+        """Uploads an adapter file as a new version of `name`; its format
+        comes from the file name (`.lora.h5`, `.safetensors`) unless given.
+        Returns the Adapter: {"adapter_id": "name@N", "rank": ..., ...}."""
+        header = adapter_pb.UploadHeader(name=name, format=adapter_format(path, format))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no adapter file {os.fspath(path)!r}")
+
+        def requests():
+            yield adapter_pb.UploadAdapterRequest(header=header)
+            for chunk in _file_chunks(path):
+                yield adapter_pb.UploadAdapterRequest(data=chunk)
+
+        return _to_dict(self._adapters.UploadAdapter(requests(), timeout=timeout,
+                                                     metadata=self._metadata))
+
+    def list_adapters(self, *, timeout: float | None = None) -> list[dict]:
+        """The caller's adapters, every version."""
+        response = self._adapters.ListAdapters(adapter_pb.ListAdaptersRequest(),
+                                               timeout=timeout, metadata=self._metadata)
+        return [_to_dict(adapter) for adapter in response.adapters]
+
+    def load_adapter(self, adapter_id: str, *, timeout: float | None = None) -> dict:
+        """Makes an adapter resident on the workers now: {"adapter": {...},
+        "workers": [...], "load_ms": ...}."""
+        return _to_dict(self._adapters.LoadAdapter(
+            adapter_pb.LoadAdapterRequest(adapter_id=adapter_id), timeout=timeout,
+            metadata=self._metadata))
+
+    def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> list[str]:
+        """Releases an adapter's slots; returns the workers that released one."""
+        response = self._adapters.UnloadAdapter(
+            adapter_pb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=timeout,
+            metadata=self._metadata)
+        return list(response.workers)
+
+    def delete_adapter(self, adapter_id: str, *, timeout: float | None = None) -> list[dict]:
+        """Deletes "name" (every version) or "name@N"; returns what went."""
+        response = self._adapters.DeleteAdapter(
+            adapter_pb.DeleteAdapterRequest(adapter_id=adapter_id), timeout=timeout,
+            metadata=self._metadata)
+        return [_to_dict(adapter) for adapter in response.deleted]
+
+    def export_adapter(self, adapter_id: str, path: str | os.PathLike, *,
+                       timeout: float | None = None) -> pathlib.Path:
+        """Downloads an adapter as a keras_hub `.lora.h5` file to `path` (or,
+        when `path` is a directory, to the server's suggested name in it).
+        The file appears whole or not at all. Returns where it went."""
+        path = pathlib.Path(path)
+        call = self._adapters.ExportAdapter(
+            adapter_pb.ExportAdapterRequest(adapter_id=adapter_id), timeout=timeout,
+            metadata=self._metadata)
+        try:
+            first = next(call, None)
+            if first is None:
+                raise IncompleteResponse("the export stream was empty")
+            if path.is_dir():
+                path = path / (os.path.basename(first.file_name)
+                               or f"{adapter_id.replace('@', '-v')}.lora.h5")
+            fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
+                                        dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(first.data)
+                    received = len(first.data)
+                    for chunk in call:
+                        file.write(chunk.data)
+                        received += len(chunk.data)
+                if received != first.total_bytes:
+                    raise IncompleteResponse(f"received {received} of {first.total_bytes} "
+                                             "bytes")
+                os.replace(temp, path)
+            except BaseException:
+                os.unlink(temp)
+                raise
+        except BaseException:
+            call.cancel()
+            raise
+        return path
+
+    # ---- fine-tuning ---------------------------------------------------------
+
+    def upload_dataset(self, name: str,
+                       examples: Sequence[str] | Sequence[Sequence[int]] | str | os.PathLike,
+                       *, timeout: float | None = None) -> dict:
+        """Stores training data as dataset `name`: a list of texts, a list of
+        token id lists, or the path of a JSON Lines file ({"text": ...} or
+        {"ids": [...]} per line). Returns {"dataset_id", "num_examples",
+        "num_tokens"}."""
+        if isinstance(examples, (str, os.PathLike)):
+            if not os.path.isfile(examples):
+                raise FileNotFoundError(f"no dataset file {os.fspath(examples)!r}")
+            chunks = _file_chunks(examples)
+        else:
+            data = _jsonl(examples)
+            chunks = (data[i:i + UPLOAD_CHUNK_BYTES]
+                      for i in range(0, len(data), UPLOAD_CHUNK_BYTES))
+
+        def requests():
+            yield ft_pb.UploadDatasetRequest(name=name)
+            for chunk in chunks:
+                yield ft_pb.UploadDatasetRequest(data=chunk)
+
+        return _to_dict(self._fine_tunes.UploadDataset(requests(), timeout=timeout,
+                                                       metadata=self._metadata))
+
+    def start_fine_tune(self, adapter_name: str, *, texts: Sequence[str] | None = None,
+                        sequences: Sequence[Sequence[int]] | None = None,
+                        dataset_id: str | None = None, rank: int | None = None,
+                        alpha: float | None = None, learning_rate: float | None = None,
+                        steps: int | None = None, epochs: int | None = None,
+                        batch_size: int | None = None, sequence_length: int | None = None,
+                        seed: int | None = None, initial_adapter_id: str | None = None,
+                        timeout: float | None = None) -> dict:
+        """Queues a job training a new version of adapter `adapter_name` on
+        exactly one of `texts`, `sequences` (token ids) and `dataset_id`.
+        Unset hyper-parameters take the server's defaults (rank 8, alpha =
+        rank, learning rate 1e-3, 1 epoch, batch 8, sequence length 128).
+        Returns the FineTuneJob (state "queued" usually) at once."""
+        request = ft_pb.StartFineTuneRequest(
+            adapter_name=adapter_name, initial_adapter_id=initial_adapter_id or "",
+            texts=list(texts or ()), dataset_id=dataset_id or "",
+            sequences=[ft_pb.TrainingSequence(ids=[int(t) for t in ids])
+                       for ids in sequences or ()],
+            rank=rank or 0, alpha=alpha or 0.0, learning_rate=learning_rate or 0.0,
+            steps=steps or 0, epochs=epochs or 0, batch_size=batch_size or 0,
+            sequence_length=sequence_length or 0, seed=seed or 0)
+        return _to_dict(self._fine_tunes.StartFineTune(request, timeout=timeout,
+                                                       metadata=self._metadata))
+
+    def watch_fine_tune(self, job_id: str, *, timeout: float | None = None) -> Iterator[dict]:
+        """The job now, then every update until it ends (the last one has a
+        state in TERMINAL_STATES). Closing the iterator early ends the call."""
+        call = self._fine_tunes.WatchFineTune(ft_pb.WatchFineTuneRequest(job_id=job_id),
+                                              timeout=timeout, metadata=self._metadata)
+        try:
+            for job in call:
+                yield _to_dict(job)
+        finally:
+            call.cancel()
+
+    def cancel_fine_tune(self, job_id: str, *, timeout: float | None = None) -> dict:
+        """Stops a queued or running job; returns it."""
+        return _to_dict(self._fine_tunes.CancelFineTune(
+            ft_pb.CancelFineTuneRequest(job_id=job_id), timeout=timeout,
+            metadata=self._metadata))
+
+    def list_fine_tunes(self, *, timeout: float | None = None) -> list[dict]:
+        """The caller's jobs, newest first."""
+        response = self._fine_tunes.ListFineTunes(ft_pb.ListFineTunesRequest(),
+                                                  timeout=timeout, metadata=self._metadata)
+        return [_to_dict(job) for job in response.jobs]
 
     def close(self) -> None:
         self._channel.close()

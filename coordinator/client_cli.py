@@ -1,27 +1,184 @@
-"""`gemma-client`: call a gemma-serve from the shell."""
+"""`gemma-client`: call a gemma-serve from the shell.
+
+The API key comes from --api-key, else from $GEMMA_SERVE_API_KEY. Errors
+print `gemma-client: <STATUS_CODE>: <details>` and exit non-zero.
+
+Examples:
+  gemma-client forward --text "Hello" --layers 0,-1 [--adapter support]
+  gemma-client adapters upload support support.lora.h5
+  gemma-client adapters list
+  gemma-client datasets upload faq faq.jsonl
+  gemma-client finetune start faq --dataset faq --steps 200 --watch
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import grpc
 import numpy as np
 
-from coordinator.client import GemmaClient
+from coordinator.client import TERMINAL_STATES, GemmaClient
+
+API_KEY_ENV = "GEMMA_SERVE_API_KEY"
 
 
 def _ids(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="gemma-client", description=__doc__)
+def _table(rows: list[dict], columns: list[tuple[str, object]], empty: str) -> str:
+    """A left-aligned text table; each column is (heading, key or function)."""
+    if not rows:
+        return empty
+    cells = [[heading for heading, _ in columns]]
+    for row in rows:
+        cells.append([str(get(row) if callable(get) else row.get(get, ""))
+                      for _, get in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in cells)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _layers(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> "0-3,7"."""
+    spans, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            spans.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ",".join(spans) or "-"
+
+
+def _seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600
+            else f"{seconds // 60}:{seconds % 60:02d}")
+
+
+ADAPTER_COLUMNS = [
+    ("ADAPTER_ID", "adapter_id"), ("RANK", "rank"), ("ALPHA", lambda a: f"{a['alpha']:g}"),
+    ("TARGETS", lambda a: ",".join(a["targets"])), ("LAYERS", lambda a: _layers(a["layers"])),
+    ("PARAMS", "num_parameters"), ("SIZE", lambda a: _size(a["size_bytes"])),
+    ("SOURCE", "source"), ("CREATED", "created"),
+    ("RESIDENT_ON", lambda a: ",".join(a["resident_on"]) or "-")]
+
+JOB_COLUMNS = [
+    ("JOB_ID", "job_id"), ("STATE", "state"), ("ADAPTER", lambda j: j["adapter_id"] or
+                                                f"{j['adapter_name']} (pending)"),
+    ("STEP", lambda j: f"{j['step']}/{j['total_steps']}"),
+    ("LOSS", lambda j: f"{j['first_loss']:.4f} -> {j['loss']:.4f}" if j["step"] else "-"),
+    ("WORKER", lambda j: j["worker_id"] or "-"), ("CREATED", "created"),
+    ("ERROR", lambda j: j["error"] or "")]
+
+
+def _print_adapter(adapter: dict, verb: str) -> None:
+    print(f"{verb} {adapter['adapter_id']}: rank {adapter['rank']}, alpha "
+          f"{adapter['alpha']:g}, {','.join(adapter['targets'])} of layers "
+          f"{_layers(adapter['layers'])}, {adapter['num_parameters']} parameters, "
+          f"{_size(adapter['size_bytes'])}, sha256 {adapter['sha256'][:12]}")
+
+
+class _Progress:
+    """A progress bar on stderr for a fine-tune job's updates (tqdm when it
+    is installed, else a line redrawn in place)."""
+
+    def __init__(self, job_id: str):
+        self._job_id = job_id
+        self._bar = None
+        self._last_line = 0
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._tqdm = None
+        else:
+            self._tqdm = tqdm
+
+    def _postfix(self, job: dict) -> str:
+        parts = [job["state"]]
+        if job["step"]:
+            parts.append(f"loss {job['loss']:.4f}")
+            parts.append(f"{job['tokens_per_second']:,.0f} tok/s")
+        if job["state"] == "running" and job["eta_seconds"]:
+            parts.append(f"ETA {_seconds(job['eta_seconds'])}")
+        return ", ".join(parts)
+
+    def update(self, job: dict) -> None:
+        total = job["total_steps"] or None
+        if self._tqdm is not None:
+            if self._bar is None:
+                self._bar = self._tqdm(total=total, desc=f"job {self._job_id}", unit="step",
+                                       file=sys.stderr, dynamic_ncols=True,
+                                       bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                                                  "{n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
+            if total and self._bar.total != total:
+                self._bar.total = total
+            self._bar.n = job["step"]
+            self._bar.set_postfix_str(self._postfix(job), refresh=False)
+            self._bar.refresh()
+            return
+        width = 30
+        done = int(width * job["step"] / total) if total else 0
+        line = (f"job {self._job_id}: [{'#' * done}{'.' * (width - done)}] "
+                f"{job['step']}/{job['total_steps']} {self._postfix(job)}")
+        sys.stderr.write("\r" + line.ljust(self._last_line))
+        sys.stderr.flush()
+        self._last_line = len(line)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._last_line:
+            sys.stderr.write("\n")
+
+
+def _watch(client: GemmaClient, job_id: str, quiet: bool) -> int:
+    """Follows a job to its end; prints its outcome; 0 if it succeeded."""
+    progress = None if quiet else _Progress(job_id)
+    last = None
+    try:
+        for job in client.watch_fine_tune(job_id):
+            last = job
+            if progress is not None:
+                progress.update(job)
+    finally:
+        if progress is not None:
+            progress.close()
+    if last is None or last["state"] not in TERMINAL_STATES:
+        state = last["state"] if last else "unknown"
+        print(f"gemma-client: the watch on job {job_id} ended with the job {state}",
+              file=sys.stderr)
+        return 1
+    print(f"job {job_id} {last['state']} after {last['step']}/{last['total_steps']} steps"
+          + (f", loss {last['first_loss']:.4f} -> {last['loss']:.4f}" if last["step"] else ""))
+    if last["state"] == "succeeded":
+        print(f"adapter {last['adapter_id']}")
+        return 0
+    if last["error"]:
+        print(f"error: {last['error']}")
+    return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gemma-client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--api-key", default=None, help=f"default: ${API_KEY_ENV}")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds per call (watching a job has no limit)")
     commands = p.add_subparsers(dest="command", required=True)
+
     forward = commands.add_parser("forward", help="hidden states for texts or token ids")
     forward.add_argument("--text", action="append", default=[], help="repeatable")
     forward.add_argument("--ids", action="append", type=_ids, default=[],
@@ -30,22 +187,72 @@ def main(argv=None) -> None:
     forward.add_argument("--pooling", choices=["none", "last_token", "mean"], default="none")
     forward.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          default="float32")
+    forward.add_argument("--adapter", default="", help="a LoRA adapter id (name or name@N)")
     forward.add_argument("--save", default=None,
                          help="write the arrays to this .npz (key seq{i}_layer{l})")
     commands.add_parser("info", help="the model, workers and limits")
-    args = p.parse_args(argv)
 
-    with GemmaClient(args.target, api_key=args.api_key) as client:
-        try:
-            if args.command == "info":
-                print(json.dumps(client.model_info(timeout=args.timeout), indent=2))
-                return
-            result = client.forward(texts=args.text, token_ids=args.ids, layers=args.layers,
-                                    pooling=args.pooling, dtype=args.dtype,
-                                    timeout=args.timeout)
-        except grpc.RpcError as error:
-            sys.exit(f"gemma-client: {error.code().name}: {error.details()}")
-    print(f"request {result.request_id} on {result.worker_id} ({result.model})")
+    adapters = commands.add_parser("adapters", help="your LoRA adapters").add_subparsers(
+        dest="action", required=True)
+    upload = adapters.add_parser("upload", help="upload a .lora.h5 or .safetensors file")
+    upload.add_argument("name")
+    upload.add_argument("file")
+    upload.add_argument("--format", choices=["lora.h5", "safetensors"], default=None,
+                        help="default: from the file name")
+    listing = adapters.add_parser("list", help="every version of your adapters")
+    listing.add_argument("--json", action="store_true")
+    for action, text in (("load", "make resident on the workers now"),
+                         ("unload", "release the workers' slots"),
+                         ("delete", "delete NAME (every version) or NAME@N")):
+        adapters.add_parser(action, help=text).add_argument("adapter_id")
+    export = adapters.add_parser("export", help="download as a keras_hub .lora.h5")
+    export.add_argument("adapter_id")
+    export.add_argument("out", help="file, or directory for the server's suggested name")
+
+    datasets = commands.add_parser("datasets", help="training data").add_subparsers(
+        dest="action", required=True)
+    upload = datasets.add_parser("upload", help='JSON Lines: {"text": ...} or {"ids": [...]}')
+    upload.add_argument("name")
+    upload.add_argument("file")
+
+    finetune = commands.add_parser("finetune", help="LoRA fine-tuning jobs").add_subparsers(
+        dest="action", required=True)
+    start = finetune.add_parser("start", help="train a new version of adapter NAME")
+    start.add_argument("name")
+    data = start.add_mutually_exclusive_group(required=True)
+    data.add_argument("--text", action="append", dest="texts", metavar="TEXT",
+                      help="a training text; repeatable")
+    data.add_argument("--texts-file", metavar="FILE", help="one training text per line")
+    data.add_argument("--dataset", metavar="ID", help="an uploaded dataset's id")
+    start.add_argument("--rank", type=int, help="default 8")
+    start.add_argument("--alpha", type=float, help="default: the rank")
+    start.add_argument("--lr", type=float, dest="learning_rate", metavar="LR",
+                       help="default 1e-3")
+    length = start.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int)
+    length.add_argument("--epochs", type=int, help="default 1")
+    start.add_argument("--batch-size", type=int, help="default 8")
+    start.add_argument("--sequence-length", type=int, help="default 128")
+    start.add_argument("--seed", type=int)
+    start.add_argument("--from", dest="initial_adapter_id", metavar="ADAPTER",
+                       help="continue training this adapter")
+    start.add_argument("--watch", action="store_true", help="follow the job to its end")
+    start.add_argument("--quiet", action="store_true", help="no progress bar with --watch")
+    watch = finetune.add_parser("watch", help="follow a job; exits 1 unless it succeeds")
+    watch.add_argument("job_id")
+    watch.add_argument("--quiet", action="store_true", help="no progress bar")
+    finetune.add_parser("cancel", help="stop a queued or running job").add_argument("job_id")
+    listing = finetune.add_parser("list", help="your jobs, newest first")
+    listing.add_argument("--json", action="store_true")
+    return p
+
+
+def _forward(client: GemmaClient, args) -> int:
+    result = client.forward(texts=args.text, token_ids=args.ids, layers=args.layers,
+                            pooling=args.pooling, dtype=args.dtype, adapter_id=args.adapter,
+                            timeout=args.timeout)
+    print(f"request {result.request_id} on {result.worker_id} ({result.model}"
+          + (f", adapter {args.adapter}" if args.adapter else "") + ")")
     arrays = {}
     for i, per_layer in enumerate(result.hidden_states):
         for layer, tensor in zip(result.layers, per_layer):
@@ -57,6 +264,91 @@ def main(argv=None) -> None:
     if args.save:
         np.savez(args.save, **{k: v.astype(np.float32) for k, v in arrays.items()})
         print(f"saved {len(arrays)} arrays to {args.save}")
+    return 0
+
+
+def _adapters(client: GemmaClient, args) -> int:
+    timeout = args.timeout
+    if args.action == "upload":
+        _print_adapter(client.upload_adapter(args.name, args.file, args.format,
+                                             timeout=timeout), "uploaded")
+    elif args.action == "list":
+        adapters = client.list_adapters(timeout=timeout)
+        print(json.dumps(adapters, indent=2) if args.json
+              else _table(adapters, ADAPTER_COLUMNS, "no adapters"))
+    elif args.action == "load":
+        loaded = client.load_adapter(args.adapter_id, timeout=timeout)
+        print(f"loaded {loaded['adapter']['adapter_id']} on {', '.join(loaded['workers'])} "
+              f"in {loaded['load_ms']:.1f} ms")
+    elif args.action == "unload":
+        workers = client.unload_adapter(args.adapter_id, timeout=timeout)
+        print(f"unloaded {args.adapter_id} from {', '.join(workers)}" if workers
+              else f"{args.adapter_id} was not resident on any worker")
+    elif args.action == "delete":
+        for adapter in client.delete_adapter(args.adapter_id, timeout=timeout):
+            print(f"deleted {adapter['adapter_id']}")
+    elif args.action == "export":
+        path = client.export_adapter(args.adapter_id, args.out, timeout=timeout)
+        print(f"exported {args.adapter_id} to {path} ({_size(path.stat().st_size)})")
+    return 0
+
+
+def _texts_file(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as file:
+        return [line.rstrip("\r\n") for line in file if line.strip()]
+
+
+def _finetune(client: GemmaClient, args) -> int:
+    timeout = args.timeout
+    if args.action == "start":
+        texts = _texts_file(args.texts_file) if args.texts_file else args.texts
+        job = client.start_fine_tune(
+            args.name, texts=texts, dataset_id=args.dataset, rank=args.rank,
+            alpha=args.alpha, learning_rate=args.learning_rate, steps=args.steps,
+            epochs=args.epochs, batch_size=args.batch_size,
+            sequence_length=args.sequence_length, seed=args.seed,
+            initial_adapter_id=args.initial_adapter_id, timeout=timeout)
+        print(f"job {job['job_id']} {job['state']}: training {job['adapter_name']}", flush=True)
+        return _watch(client, job["job_id"], args.quiet) if args.watch else 0
+    if args.action == "watch":
+        return _watch(client, args.job_id, args.quiet)
+    if args.action == "cancel":
+        job = client.cancel_fine_tune(args.job_id, timeout=timeout)
+        print(f"job {job['job_id']} {job['state']} at step {job['step']}/{job['total_steps']}")
+        return 0
+    jobs = client.list_fine_tunes(timeout=timeout)
+    print(json.dumps(jobs, indent=2) if args.json
+          else _table(jobs, JOB_COLUMNS, "no fine-tune jobs"))
+    return 0
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    with GemmaClient(args.target, api_key=api_key) as client:
+        try:
+            if args.command == "info":
+                print(json.dumps(client.model_info(timeout=args.timeout), indent=2))
+                code = 0
+            elif args.command == "forward":
+                code = _forward(client, args)
+            elif args.command == "adapters":
+                code = _adapters(client, args)
+            elif args.command == "datasets":
+                dataset = client.upload_dataset(args.name, args.file, timeout=args.timeout)
+                print(f"uploaded dataset {dataset['dataset_id']}: {dataset['num_examples']} "
+                      f"examples, {dataset['num_tokens']} tokens")
+                code = 0
+            else:
+                code = _finetune(client, args)
+        except grpc.RpcError as error:
+            sys.exit(f"gemma-client: {error.code().name}: {error.details()}")
+        except (OSError, ValueError) as error:
+            sys.exit(f"gemma-client: {error}")
+        except KeyboardInterrupt:
+            sys.exit("gemma-client: interrupted")
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import logging
 import grpc
 
 from coordinator.errors import ServiceError
-from worker.errors import DeadlineExpired, WorkerUnavailable
+from worker.errors import (AdapterRejected, AdapterSlotsBusy, DeadlineExpired,
+                           WorkerUnavailable)
 
 log = logging.getLogger("gemma_serve.errors")
 
@@ -22,6 +23,10 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
             f"deadline exceeded: {error}" if str(error) else "deadline exceeded")
     if isinstance(error, WorkerUnavailable):
         return grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly."
+    if isinstance(error, AdapterSlotsBusy):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+    if isinstance(error, AdapterRejected):
+        return grpc.StatusCode.FAILED_PRECONDITION, f"the adapter cannot be loaded: {error}"
     return grpc.StatusCode.INTERNAL, "internal error; the server log has the details."
 
 
@@ -44,7 +49,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _wrap_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler  # client/bidi-streaming handlers (reflection) pass through
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # bidi-streaming handlers (reflection) pass through
 
 
 async def _abort(context, error: BaseException, method: str):
@@ -55,6 +65,7 @@ async def _abort(context, error: BaseException, method: str):
 
 
 def _wrap_unary(behavior, method):
+    """Unary or client-streaming: one response (request may be an iterator)."""
     async def wrapped(request, context):
         try:
             return await behavior(request, context)

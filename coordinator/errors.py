@@ -22,3 +22,27 @@ class InvalidArgument(ServiceError):
 class NotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 
+
+class FailedPrecondition(ServiceError):
+    """The request is well formed but the server's state refuses it (an
+    adapter made for another base model, one that is corrupt on disk)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServiceError):
+    """A quota or capacity limit was reached; the message says which."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class AlreadyExists(ServiceError):
+    """The thing the request would create is already there."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unauthenticated(ServiceError):
+    """No API key, or one the server does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED

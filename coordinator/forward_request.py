@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.errors import InvalidArgument, NotFound
+from coordinator.errors import InvalidArgument
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
@@ -63,9 +63,11 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
                           timeout_s: float | None) -> ForwardWork:
     """Validates `message` and turns it into the work a worker runs.
 
+    `message.adapter_id` is left to the caller, which resolves it for the
+    caller's tenant and sets `adapter` on the result.
+
     Raises:
         InvalidArgument: naming the field at fault.
-        NotFound: for an adapter the caller does not have.
     """
     texts, sequences = list(message.texts), list(message.sequences)
     if texts and sequences:
@@ -83,9 +85,6 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
     pooling = _enum(message.pooling, POOLING_NAMES, "pooling", pb.Pooling)
     dtype = _enum(message.dtype, DTYPE_NAMES, "dtype", pb.DType)
     layers = _layers(message.layers, limits)
-    if message.adapter_id:
-        # Adapters arrive with the multi-tenant LoRA service; none exist yet.
-        raise NotFound(f"adapter_id: no adapter {message.adapter_id!r} for this tenant.")
     if texts:
         if tokenizer is None:
             raise InvalidArgument("texts", "this model has no tokenizer; send token "

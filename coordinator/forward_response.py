@@ -21,13 +21,13 @@ def little_endian_bytes(array: np.ndarray) -> bytes:
 
 
 def response_stream(work: ForwardWork, result: ForwardResult, model: str, hidden_dim: int,
-                    chunk_bytes: int) -> Iterator[pb.ForwardResponse]:
+                    chunk_bytes: int, adapter_id: str = "") -> Iterator[pb.ForwardResponse]:
     dtype = _DTYPE_ENUM[work.dtype]
     header = pb.ForwardHeader(
         request_id=work.request_id, model=model, layers=work.layers,
         pooling=_POOLING_ENUM[work.pooling], dtype=dtype, hidden_dim=hidden_dim,
         total_bytes=sum(t.nbytes for per_layer in result.tensors for t in per_layer),
-        worker_id=result.worker_id)
+        worker_id=result.worker_id, adapter_id=adapter_id)
     for ids, per_layer in zip(work.sequences, result.tensors):
         header.sequences.add(token_ids=ids.tolist(), shape=per_layer[0].shape)
     yield pb.ForwardResponse(header=header)

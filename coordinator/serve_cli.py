@@ -43,18 +43,33 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. 10.0.0.1:6379); default: start a local one")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of a local Ray")
+    p.add_argument("--max-adapters", type=int, default=WorkerSpec.max_adapters,
+                   help="LoRA adapter slots per worker (least recently used are evicted)")
+    p.add_argument("--max-adapter-rank", type=int, default=WorkerSpec.max_adapter_rank,
+                   help="largest LoRA rank served (smaller ranks are zero-padded)")
+    p.add_argument("--data-dir", default=ServiceConfig.__dataclass_fields__["data_dir"]
+                   .default_factory(),
+                   help="where adapters and datasets are stored (env GEMMA_SERVE_DATA)")
+    p.add_argument("--api-keys-file", default=None,
+                   help='JSON {"<key>": "<tenant>"}; default: env GEMMA_SERVE_API_KEYS '
+                        "(tenant=key,...), else auth off with one tenant 'default'")
+    p.add_argument("--max-upload-mib", type=float, default=64,
+                   help="size cap of an adapter or dataset upload")
     args = p.parse_args(argv)
     batching = BatchingConfig(
         length_buckets=args.length_buckets, batch_buckets=args.batch_buckets,
         max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
         layer_slots=args.max_layers_per_request)
     spec = WorkerSpec(preset=args.preset, mesh_shape=tuple(args.mesh), dtype=args.dtype,
-                      use_gpus=args.gpus, batching=batching)
+                      use_gpus=args.gpus, batching=batching, max_adapters=args.max_adapters,
+                      max_adapter_rank=args.max_adapter_rank)
     return ServiceConfig(worker=spec, num_workers=args.workers, host=args.host,
                          port=args.port, ray_address=args.ray_address,
                          ray_num_cpus=args.ray_num_cpus,
                          max_sequences_per_request=args.max_sequences_per_request,
-                         max_text_bytes=args.max_text_bytes)
+                         max_text_bytes=args.max_text_bytes, data_dir=args.data_dir,
+                         api_keys_file=args.api_keys_file,
+                         max_upload_bytes=int(args.max_upload_mib * (1 << 20)))
 
 
 def ready_line(server: GemmaServer) -> str:
@@ -62,9 +77,14 @@ def ready_line(server: GemmaServer) -> str:
     weights = (" (RANDOM WEIGHTS: the built-in default model; outputs are meaningless. "
                "Use --preset for real weights)" if config.worker.preset == DEFAULT_PRESET else "")
     mesh = "x".join(map(str, config.worker.mesh_shape))
+    tenants = server.auth.tenants()
+    auth = (f"auth=on ({len(tenants)} tenants)" if server.auth.enabled else
+            f"auth=OFF (single tenant '{tenants[0]}'; set GEMMA_SERVE_API_KEYS or "
+            "--api-keys-file to require keys)")
     return (f"gemma-serve ready on {config.host}:{server.port} preset={config.worker.preset}"
             f"{weights} workers={config.num_workers} mesh={mesh} "
-            f"ray={'local' if not config.ray_address else config.ray_address}")
+            f"ray={'local' if not config.ray_address else config.ray_address} {auth} "
+            f"adapters={config.data_dir}")
 
 
 async def serve(config: ServiceConfig) -> None:

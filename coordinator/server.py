@@ -9,17 +9,32 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.adapter_manager import AdapterManager
+from coordinator.adapter_registry import AdapterRegistry
+from coordinator.adapter_servicer import AdapterServicer
+from coordinator.dataset_store import DatasetStore
 from coordinator.error_interceptor import ErrorInterceptor
+from coordinator.fine_tune_jobs import FineTuneJobs
+from coordinator.fine_tune_servicer import FineTuneServicer
+from coordinator.generated.gemma.v1 import adapter_service_pb2 as adapter_pb
+from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as adapter_grpc
+from coordinator.generated.gemma.v1 import finetune_service_pb2 as finetune_pb
+from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as finetune_grpc
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceConfig, ServiceLimits
 from coordinator.servicer import GemmaServicer
+from coordinator.tenant_auth import TenantAuth
+from worker.errors import WorkerUnavailable
 from gemma_core import DEFAULT_PRESET, GemmaConfig, GemmaTokenizer, PresetError
 from gemma_core import read_preset_config
 
 log = logging.getLogger("gemma_serve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GemmaService"].full_name
+SERVICE_NAMES = (SERVICE_NAME,
+                 adapter_pb.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+                 finetune_pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name)
 # Requests are small; responses stream in chunks. Both limits stay explicit.
 MAX_RECEIVE_BYTES = 4 << 20
 MAX_SEND_BYTES = 4 << 20
@@ -49,6 +64,7 @@ class GemmaServer:
         self._server: grpc.aio.Server | None = None
         self._pool = None
         self._health = health.aio.HealthServicer()
+        self.auth = TenantAuth.from_sources(config.api_keys_file)
 
     async def start(self) -> None:
         from worker.worker_pool import WorkerPool
@@ -76,20 +92,37 @@ class GemmaServer:
 
         connect_ray(config)
         self._pool = WorkerPool(config.worker, config.num_workers)
-        await self._pool.wait_ready()
+        infos = await self._pool.wait_ready()
+        fingerprints = {info["base_fingerprint"] for info in infos}
+        if len(fingerprints) != 1:
+            raise WorkerUnavailable(f"the workers loaded different weights ({fingerprints}); "
+                                    "every node must see the same preset files.")
+        registry = AdapterRegistry(os.path.join(config.data_dir, "adapters"), architecture,
+                                   fingerprints.pop())
+        adapters = AdapterManager(registry, self._pool, config.worker.max_adapter_rank,
+                                  config.max_upload_bytes)
+        datasets = DatasetStore(os.path.join(config.data_dir, "datasets"))
+        jobs = FineTuneJobs(self._pool, adapters)
 
         servicer = GemmaServicer(
             config, self._pool, limits, tokenizer, model_config,
             parameter_count=architecture.num_parameters(),
-            random_weights=config.worker.preset == DEFAULT_PRESET)
+            random_weights=config.worker.preset == DEFAULT_PRESET, auth=self.auth,
+            adapters=adapters)
         self._server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                      ("grpc.max_send_message_length", MAX_SEND_BYTES)])
         pb_grpc.add_GemmaServiceServicer_to_server(servicer, self._server)
+        adapter_grpc.add_AdapterServiceServicer_to_server(
+            AdapterServicer(self.auth, adapters), self._server)
+        finetune_grpc.add_FineTuneServiceServicer_to_server(
+            FineTuneServicer(self.auth, jobs, adapters, datasets, limits, tokenizer,
+                             config.max_upload_bytes, config.worker.batching.max_batch_tokens),
+            self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
         await self._server.start()

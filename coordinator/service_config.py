@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from worker.worker_config import WorkerSpec
 
@@ -34,6 +35,11 @@ class ServiceConfig:
         max_sequences_per_request, max_text_bytes: request limits.
         chunk_bytes: payload bytes per streamed chunk (gRPC's default
             message limit is 4 MiB).
+        data_dir: where adapters (`adapters/`) and datasets (`datasets/`)
+            are stored; survives restarts.
+        api_keys_file: JSON {"<key>": "<tenant>"}; None reads
+            GEMMA_SERVE_API_KEYS, and with neither, auth is off (one tenant).
+        max_upload_bytes: size cap of an adapter or dataset upload.
     """
 
     worker: WorkerSpec
@@ -45,6 +51,10 @@ class ServiceConfig:
     max_sequences_per_request: int = 64
     max_text_bytes: int = 16384
     chunk_bytes: int = 1 << 20
+    data_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
+        "GEMMA_SERVE_DATA", os.path.expanduser("~/.local/share/gemma-serve")))
+    api_keys_file: str | None = None
+    max_upload_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= 3 << 20:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 
+from coordinator.adapter_manager import AdapterManager
 from coordinator.forward_request import parse_forward_request
 from coordinator.forward_response import response_stream
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceConfig, ServiceLimits
+from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from worker.worker_pool import WorkerPool
 
@@ -22,9 +25,12 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
 
     def __init__(self, config: ServiceConfig, pool: WorkerPool, limits: ServiceLimits,
                  tokenizer: GemmaTokenizer | None, model_config: dict,
-                 parameter_count: int, random_weights: bool):
+                 parameter_count: int, random_weights: bool, auth: TenantAuth,
+                 adapters: AdapterManager):
         self._config = config
         self._pool = pool
+        self._auth = auth
+        self._adapters = adapters
         self._limits = limits
         self._tokenizer = tokenizer
         self._model_config = model_config
@@ -32,16 +38,24 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
         self._random_weights = random_weights
 
     async def Forward(self, request, context):
+        tenant = self._auth.tenant_for_metadata(context.invocation_metadata())
         work = parse_forward_request(request, self._limits, self._tokenizer,
                                      request_id=uuid.uuid4().hex[:16],
                                      timeout_s=context.time_remaining())
+        adapter_id = ""
+        if request.adapter_id:
+            record, ref = await self._adapters.ref_for(tenant, request.adapter_id)
+            work = dataclasses.replace(work, adapter=ref)
+            adapter_id = record.adapter_id
         result = await asyncio.wait_for(self._pool.forward(work),
                                         timeout=context.time_remaining())
         for response in response_stream(work, result, self._config.worker.preset,
-                                        self._limits.hidden_dim, self._config.chunk_bytes):
+                                        self._limits.hidden_dim, self._config.chunk_bytes,
+                                        adapter_id):
             yield response
 
     async def GetModelInfo(self, request, context):
+        tenant = self._auth.tenant_for_metadata(context.invocation_metadata())
         batching = self._config.worker.batching
         limits = self._limits
         info = pb.ModelInfo(
@@ -49,6 +63,8 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
             config_json=json.dumps(self._model_config, sort_keys=True),
             dtype=self._model_config.get("dtype") or "float32",
             random_weights=self._random_weights, parameter_count=self._parameter_count,
+            base_fingerprint=self._adapters.registry.base_fingerprint,
+            auth_enabled=self._auth.enabled, tenant=tenant,
             limits=pb.Limits(
                 vocabulary_size=limits.vocabulary_size, num_layers=limits.num_layers,
                 hidden_dim=limits.hidden_dim, max_sequence_length=limits.max_sequence_length,
@@ -58,11 +74,16 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 max_batch_tokens=batching.max_batch_tokens,
                 length_buckets=batching.length_buckets, batch_buckets=batching.batch_buckets,
                 bucket_count=batching.bucket_count,
-                max_response_chunk_bytes=self._config.chunk_bytes))
+                max_response_chunk_bytes=self._config.chunk_bytes,
+                max_adapter_rank=self._config.worker.max_adapter_rank,
+                max_upload_bytes=self._config.max_upload_bytes))
         for worker in await self._pool.infos():
             counters = {key: worker.get(key, 0) for key in (
                 "in_flight_sequences", "batches_run", "sequences_run",
-                "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled")}
+                "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled",
+                "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions",
+                "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen",
+                "compiled_slot_writers")}
             info.workers.add(
                 worker_id=worker["worker_id"], node_id=worker.get("node_id", ""),
                 mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],

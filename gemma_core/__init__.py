@@ -22,13 +22,17 @@ if "keras" in _sys.modules:
 from gemma_core.backbone import Backbone, read_preset_config
 from gemma_core.default_preset import DEFAULT_PRESET
 from gemma_core.errors import AdapterMismatch, PresetError, TokenIdError
+from gemma_core.fine_tune_config import FineTuneConfig
 from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
 from gemma_core.gemma_tokenizer import GemmaTokenizer
 from gemma_core.lora_adapter import LoraAdapter
 from gemma_core.lora_slot_table import LoraSlotTable
+from gemma_core.lora_trainer import (LoraTrainer, causal_lm_loss, iterate_batches,
+                                     make_batches, total_steps)
 
-__all__ = ["AdapterMismatch", "Backbone", "DEFAULT_PRESET", "GEMMA_PRESETS", "GemmaBackbone",
-           "GemmaConfig", "GemmaTokenizer", "LoraAdapter", "LoraSlotTable", "PresetError",
-           "TokenIdError", "read_preset_config"]
+__all__ = ["AdapterMismatch", "Backbone", "DEFAULT_PRESET", "FineTuneConfig", "GEMMA_PRESETS",
+           "GemmaBackbone", "GemmaConfig", "GemmaTokenizer", "LoraAdapter", "LoraSlotTable",
+           "LoraTrainer", "PresetError", "TokenIdError", "causal_lm_loss", "iterate_batches",
+           "make_batches", "read_preset_config", "total_steps"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import contextvars
 import os
 import pathlib
 from typing import Any, ClassVar
 
 import keras
+import ml_dtypes
 import numpy as np
 
 from gemma_core import hf_format, keras_hub_format
@@ -85,6 +88,30 @@ class Backbone(keras.Model):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
         return cls(**config)
+
+    def fingerprint(self) -> str:
+        """A short hash naming these weights: adapters record the base model
+        they were made for, and a server refuses one made for another.
+
+        Hashes the architecture and, per weight (LoRA excluded), its path,
+        shape and 64 values spread over it: cheap for any size, different
+        for any other checkpoint, equal across dtypes of the same weights
+        within float32 rounding of bfloat16 values (they are cast to
+        bfloat16 before hashing).
+        """
+        digest = hashlib.sha256()
+        architecture = {k: v for k, v in self.get_config().items()
+                        if k not in ("name", "trainable", "dtype")}
+        digest.update(json.dumps(architecture, sort_keys=True).encode())
+        for variable in self.variables:
+            if "lora_kernel" in variable.path:
+                continue
+            flat = keras.ops.reshape(variable.value, (-1,))
+            positions = np.linspace(0, flat.shape[0] - 1, 64).astype("int64")
+            sample = np.asarray(keras.ops.take(flat, positions), "float32")
+            digest.update(f"{variable.path}{tuple(variable.shape)}".encode())
+            digest.update(sample.astype(ml_dtypes.bfloat16).tobytes())
+        return digest.hexdigest()[:16]
 
     # ---- presets --------------------------------------------------------------
 

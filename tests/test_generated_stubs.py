@@ -6,14 +6,15 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GENERATED = pathlib.Path("coordinator/generated/gemma/v1")
-FILES = ["gemma_service_pb2.py", "gemma_service_pb2.pyi", "gemma_service_pb2_grpc.py"]
+PROTOS = sorted(p.stem for p in (ROOT / "protos/gemma/v1").glob("*.proto"))
+FILES = [f"{stem}{suffix}" for stem in PROTOS for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")]
 
 
 def test_stubs_match_the_proto(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-Icoordinator/generated=protos",
          f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-         str(GENERATED.parent.parent / "gemma/v1/gemma_service.proto")],
+         *(str(GENERATED.parent.parent / f"gemma/v1/{stem}.proto") for stem in PROTOS)],
         cwd=ROOT, check=True)
     for name in FILES:
         fresh = (tmp_path / GENERATED / name).read_text()
@@ -25,4 +26,4 @@ def test_only_the_coordinator_imports_the_stubs():
     for folder in ("gemma_core", "worker"):
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text()
-            assert "gemma_service_pb2" not in text and "import grpc" not in text, path
+            assert "_pb2" not in text and "import grpc" not in text, path

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import time
 
 import ml_dtypes
 import numpy as np
+import ray
 
+from gemma_core.errors import AdapterMismatch
+from worker.adapter_slots import AdapterSlots
 from worker.dynamic_batcher import DynamicBatcher
-from worker.errors import DeadlineExpired
-from worker.forward_work import ForwardResult, ForwardWork
+from worker.errors import AdapterRejected, DeadlineExpired
+from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
+from worker.fine_tune_runner import FineTuneRunner, FineTuneWork
 from worker.worker_config import WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker")
+
+
+async def _fetch(adapter: AdapterRef):
+    """The adapter's tensors: a Ray ObjectRef is awaited, a plain value used
+    as is."""
+    payload = adapter.payload
+    return await payload if isinstance(payload, ray.ObjectRef) else payload
+
 
 _OUTPUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
                   "float16": np.float16}
@@ -57,7 +71,13 @@ class BackboneWorker:
         self.model = ShardedBackbone(spec)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{worker_id}-device")
+        # Slot writes run on their own thread, one at a time, so batches keep
+        # running while an adapter loads.
+        self._load_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{worker_id}-adapter-load")
         self._batcher = DynamicBatcher(spec.batching, self.model.run, self._executor)
+        self._slots = AdapterSlots(spec.max_adapters, self._write_slot)
+        self._fine_tunes = FineTuneRunner(self.model, self._executor)
         log.info("%s loaded %s on %s in %.1fs", worker_id, spec.preset,
                  self.model.devices, time.time() - started)
 
@@ -67,18 +87,58 @@ class BackboneWorker:
             self._batcher.stats.sequences_cancelled += len(work.sequences)
             raise DeadlineExpired("the deadline passed before the worker received the request")
         deadline = None if work.timeout_s is None else started + work.timeout_s
-        per_sequence = await self._batcher.submit(work.sequences, work.layers, deadline)
+        slot = 0
+        if work.adapter is not None:
+            slot = await self._slots.acquire(work.adapter.key,
+                                             functools.partial(_fetch, work.adapter), deadline)
+        try:
+            per_sequence = await self._batcher.submit(work.sequences, work.layers, deadline,
+                                                      slot)
+        finally:
+            if work.adapter is not None:
+                self._slots.release(work.adapter.key)
         dtype = _OUTPUT_DTYPES[work.dtype]
         tensors = [[_pool(hidden[layer], work.pooling).astype(dtype) for layer in work.layers]
                    for hidden in per_sequence]
-        log.info("request %s: %d sequences in %.1f ms on %s", work.request_id,
-                 len(work.sequences), 1e3 * (time.time() - started), self.worker_id)
+        log.debug("request %s: %d sequences in %.1f ms on %s", work.request_id,
+                  len(work.sequences), 1e3 * (time.time() - started), self.worker_id)
         return ForwardResult(self.worker_id, tensors)
+
+    async def _write_slot(self, slot: int, adapter) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._load_executor, self.model.write_slot, slot, adapter)
+        except (ValueError, AdapterMismatch) as error:
+            raise AdapterRejected(str(error)) from None
+
+    async def load_adapter(self, adapter: AdapterRef) -> float:
+        """Makes `adapter` resident; returns how long that took (ms, 0 if it
+        already was)."""
+        started = time.perf_counter()
+        loads = self._slots.stats.loads
+        await self._slots.acquire(adapter.key, functools.partial(_fetch, adapter))
+        self._slots.release(adapter.key)
+        return 1e3 * (time.perf_counter() - started) if self._slots.stats.loads > loads else 0.0
+
+    async def unload_adapters(self, keys: list[str]) -> list[str]:
+        """Releases the slots of `keys` not in use right now; returns those."""
+        return [key for key in keys if self._slots.unload(key)]
+
+    async def resident_adapters(self) -> list[str]:
+        return self._slots.resident()
+
+    async def fine_tune(self, job: FineTuneWork):
+        """Runs a fine-tune job between this worker's forward batches; yields
+        progress dicts, the last one with the trained adapter (see
+        FineTuneRunner). Call with `num_returns="streaming"`."""
+        async for progress in self._fine_tunes.run(job):
+            yield progress
+
+    async def cancel_fine_tune(self, job_id: str) -> None:
+        self._fine_tunes.cancel(job_id)
 
     async def info(self) -> dict:
         """Identity, mesh, devices and counters, as plain data."""
-        import ray
-
         stats = self._batcher.stats
         return {
             "worker_id": self.worker_id,
@@ -91,6 +151,15 @@ class BackboneWorker:
             "sequences_run": stats.sequences_run,
             "max_sequences_in_a_batch": stats.max_sequences_in_a_batch,
             "compiled_functions": self.model.compiled_functions(),
+            "compiled_slot_writers": self.model.compiled_slot_writers(),
             "sequences_cancelled": stats.sequences_cancelled,
+            "base_fingerprint": self.model.fingerprint,
+            "adapter_slots": self._slots.num_slots,
+            "adapters_resident": len(self._slots.resident()),
+            "adapter_loads": self._slots.stats.loads,
+            "adapter_evictions": self._slots.stats.evictions,
+            "fine_tune_steps": self._fine_tunes.steps_run,
+            "max_adapters_in_a_batch": stats.max_adapters_in_a_batch,
+            "batch_shapes_seen": len(stats.batch_shapes),
         }
 

@@ -23,8 +23,8 @@ from worker.worker_config import BatchingConfig
 # this for stragglers, whatever the last batch took.
 _MAX_STRAGGLER_WAIT_S = 0.1
 
-# run(token_ids (B, T), padding_mask (B, T), layer_ids (K,)) -> (K, B, T, d)
-RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# run(token_ids (B, T), padding_mask (B, T), layer_ids (K,), slot_ids (B,)) -> (K, B, T, d)
+RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class _Row:
     layers: tuple[int, ...]
     deadline: float | None
     future: asyncio.Future
+    slot: int = 0  # adapter slot; 0 is the base model
 
 
 @dataclasses.dataclass
@@ -42,6 +43,8 @@ class BatcherStats:
     max_sequences_in_a_batch: int = 0
     sequences_cancelled: int = 0
     running: int = 0
+    max_adapters_in_a_batch: int = 0
+    batch_shapes: set = dataclasses.field(default_factory=set)
 
 
 class DynamicBatcher:
@@ -70,10 +73,11 @@ class DynamicBatcher:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_forever())
 
     async def submit(self, sequences: Sequence[np.ndarray], layers: tuple[int, ...],
-                     deadline: float | None) -> list[dict[int, np.ndarray]]:
+                     deadline: float | None, slot: int = 0) -> list[dict[int, np.ndarray]]:
         """Queues the sequences; returns, per sequence, {layer: (tokens, d)}.
 
-        Cancelling the caller drops its rows that have not run yet.
+        Rows of any adapter slots share batches. Cancelling the caller drops
+        its rows that have not run yet.
         """
         self.start()
         if not 1 <= len(set(layers)) <= self._config.layer_slots:
@@ -84,7 +88,7 @@ class DynamicBatcher:
                 raise ValueError(f"a sequence of {len(sequence)} tokens; this worker takes 1 "
                                  f"to {self._config.max_sequence_length}.")
         loop = asyncio.get_running_loop()
-        rows = [_Row(np.asarray(s, "int32"), layers, deadline, loop.create_future())
+        rows = [_Row(np.asarray(s, "int32"), layers, deadline, loop.create_future(), slot)
                 for s in sequences]
         self._pending.extend(rows)
         self._wake.set()
@@ -169,22 +173,24 @@ class DynamicBatcher:
             max(len(r.token_ids) for r in batch))
         token_ids = np.zeros((rows, length), "int32")
         padding_mask = np.zeros((rows, length), "int32")
+        slot_ids = np.zeros((rows,), "int32")
         for i, row in enumerate(batch):
             token_ids[i, : len(row.token_ids)] = row.token_ids
             padding_mask[i, : len(row.token_ids)] = 1
+            slot_ids[i] = row.slot
         layers = sorted({layer for row in batch for layer in row.layers})
         slot_of = {layer: k for k, layer in enumerate(layers)}
         # Unused slots repeat a layer: the shape stays fixed, the work is tiny.
         layer_ids = np.array(layers + [layers[0]] * (cfg.layer_slots - len(layers)), "int32")
-        return token_ids, padding_mask, layer_ids, slot_of
+        return token_ids, padding_mask, layer_ids, slot_ids, slot_of
 
     async def _run(self, batch: list[_Row]) -> None:
         self.stats.running = len(batch)
         started = time.monotonic()
         try:
-            token_ids, padding_mask, layer_ids, slot_of = self._pack(batch)
+            token_ids, padding_mask, layer_ids, slot_ids, slot_of = self._pack(batch)
             hidden = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, token_ids, padding_mask, layer_ids)
+                self._executor, self._run_batch, token_ids, padding_mask, layer_ids, slot_ids)
             results = [{layer: hidden[slot_of[layer], i, : len(row.token_ids)]
                         for layer in row.layers} for i, row in enumerate(batch)]
         except Exception as error:  # This batch failed: its rows learn why, the loop goes on.
@@ -199,6 +205,9 @@ class DynamicBatcher:
         self.stats.sequences_run += len(batch)
         self.stats.max_sequences_in_a_batch = max(self.stats.max_sequences_in_a_batch,
                                                   len(batch))
+        self.stats.max_adapters_in_a_batch = max(self.stats.max_adapters_in_a_batch,
+                                                 len({row.slot for row in batch}))
+        self.stats.batch_shapes.add(token_ids.shape)
         for row, result in zip(batch, results):
             if not row.future.done():
                 row.future.set_result(result)

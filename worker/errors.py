@@ -11,3 +11,16 @@ class DeadlineExpired(WorkerError):
 
 class WorkerUnavailable(WorkerError):
     """No worker could take the request (dead, restarting, or none ready)."""
+
+
+class AdapterSlotsBusy(WorkerError):
+    """Every adapter slot is pinned by running requests with other adapters."""
+
+
+class AdapterRejected(WorkerError):
+    """An adapter cannot be loaded into this worker's slots (e.g. its rank is
+    above the slots' maximum)."""
+
+
+class FineTuneFailed(WorkerError):
+    """A fine-tune job stopped with an error (the message says which)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,8 @@ class ForwardWork:
         timeout_s: seconds the caller still waits, counted from when the work
             was sent, or None. Relative, because the coordinator's and the
             worker's clocks may disagree across nodes.
+        adapter: the LoRA adapter every sequence runs with; None for the
+            base model.
     """
 
     request_id: str
@@ -31,6 +34,22 @@ class ForwardWork:
     pooling: str = "none"
     dtype: str = "float32"
     timeout_s: float | None = None
+    adapter: "AdapterRef | None" = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterRef:
+    """Which adapter a request runs with, and where a worker gets it.
+
+    Attributes:
+        key: unique per adapter version across tenants (the coordinator's
+            "tenant/name@version"); what slots are keyed by.
+        payload: a Ray ObjectRef to the `LoraAdapter`, fetched only by a
+            worker that does not hold `key` yet.
+    """
+
+    key: str
+    payload: Any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ import jax
 import keras
 import numpy as np
 
-from gemma_core import Backbone, GemmaBackbone, read_preset_config
+from gemma_core import (Backbone, GemmaBackbone, LoraAdapter, LoraSlotTable,
+                        read_preset_config)
 from worker.worker_config import WorkerSpec
 
 MESH_AXES = ("batch", "model")
@@ -36,17 +37,43 @@ class ShardedBackbone:
         overrides = {"dtype": spec.dtype} if spec.dtype else {}
         with distribution.scope():
             self.backbone = Backbone.from_preset(spec.preset, **overrides)
+        self.mesh = mesh
+        # Adapter slots: small next to the weights, so replicated on the mesh.
+        self.slot_table = LoraSlotTable(self.backbone.config, spec.max_adapters + 1,
+                                        spec.max_adapter_rank)
+        replicated = jax.sharding.NamedSharding(mesh.backend_mesh,
+                                                jax.sharding.PartitionSpec())
+        self.lora_tables = jax.device_put(self.slot_table.zeros(), replicated)
+        self._write = jax.jit(LoraSlotTable.write)
         self._jitted = jax.jit(self._forward)
+        self.fingerprint = self.backbone.fingerprint()
 
-    def _forward(self, values, token_ids, padding_mask, layer_ids):
+    def _forward(self, values, tables, token_ids, padding_mask, layer_ids, slot_ids):
         with self.backbone.bound_to(values):
-            return self.backbone.selected_hidden_states(token_ids, padding_mask, layer_ids)
+            return self.backbone.selected_hidden_states(token_ids, padding_mask, layer_ids,
+                                                        lora=(tables, slot_ids))
 
-    def run(self, token_ids: np.ndarray, padding_mask: np.ndarray,
-            layer_ids: np.ndarray) -> np.ndarray:
-        """(K, B, T, d) hidden states on the host, in the compute dtype."""
+    def run(self, token_ids: np.ndarray, padding_mask: np.ndarray, layer_ids: np.ndarray,
+            slot_ids: np.ndarray) -> np.ndarray:
+        """(K, B, T, d) hidden states on the host, in the compute dtype; row
+        b runs with the adapter in slot `slot_ids[b]` (0: none)."""
         values = [v.value for v in self.backbone.variables]
-        return np.asarray(self._jitted(values, token_ids, padding_mask, layer_ids))
+        return np.asarray(self._jitted(values, self.lora_tables, token_ids, padding_mask,
+                                       layer_ids, slot_ids))
+
+    def write_slot(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """Puts `adapter` (None: zeros) in `slot`. Call from one thread at a
+        time: each write starts from the tables the previous one left."""
+        values = (self.slot_table.slot_values(adapter) if adapter is not None else
+                  {k: np.zeros(v.shape[:1] + v.shape[2:], "float32")
+                   for k, v in self.lora_tables.items()})
+        # Not donated: a batch may have just read the old tables and not yet
+        # dispatched; it keeps using them, and the new ones serve the next.
+        self.lora_tables = self._write(self.lora_tables, np.int32(slot), values)
+        jax.block_until_ready(self.lora_tables)
 
     def compiled_functions(self) -> int:
         return self._jitted._cache_size()
+
+    def compiled_slot_writers(self) -> int:
+        return self._write._cache_size()

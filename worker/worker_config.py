@@ -77,6 +77,10 @@ class WorkerSpec:
         dtype: dtype policy override, or None for the preset's.
         use_gpus: ask Ray for GPUs instead of faking CPU devices.
         batching: the batcher's limits.
+        max_adapters: LoRA adapter slots per worker (besides the base model).
+        max_adapter_rank: the largest LoRA rank a slot holds; smaller ranks
+            are zero-padded. Slots cost max_adapters x max_adapter_rank x
+            (query + value heads) x hidden_dim floats per block.
     """
 
     preset: str
@@ -84,11 +88,16 @@ class WorkerSpec:
     dtype: str | None = None
     use_gpus: bool = False
     batching: BatchingConfig = BatchingConfig()
+    max_adapters: int = 8
+    max_adapter_rank: int = 16
 
     def __post_init__(self) -> None:
         if len(self.mesh_shape) != 2 or min(self.mesh_shape) < 1:
             raise ValueError(f"mesh_shape must be (data, model) with sizes >= 1, "
                              f"got {self.mesh_shape}.")
+        if self.max_adapters < 1 or self.max_adapter_rank < 1:
+            raise ValueError(f"max_adapters and max_adapter_rank must be >= 1, got "
+                             f"{self.max_adapters} and {self.max_adapter_rank}.")
 
     @property
     def num_devices(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -12,7 +13,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from worker.backbone_worker import BackboneWorker
 from worker.errors import WorkerError, WorkerUnavailable
-from worker.forward_work import ForwardResult, ForwardWork
+from worker.fine_tune_runner import FineTuneWork
+from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
 from worker.worker_config import WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker_pool")
@@ -42,8 +44,12 @@ class WorkerPool:
     """N actors of one spec, spread over the cluster's nodes.
 
     Requests go to the worker with the fewest sequences in flight, as counted
-    here (the coordinator is the only sender), ties taken in turn.
+    here (the coordinator is the only sender), ties taken in turn; a worker
+    that already holds the request's adapter counts as less loaded by
+    `RESIDENT_BONUS` sequences, so adapters are not loaded everywhere.
     """
+
+    RESIDENT_BONUS = 2
 
     def __init__(self, spec: WorkerSpec, num_workers: int):
         if num_workers < 1:
@@ -63,6 +69,9 @@ class WorkerPool:
                 scheduling_strategy=strategy, max_concurrency=1000,
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
+        # A routing hint only: workers evict on their own, so this may hold
+        # keys a worker has dropped (it then reloads on demand).
+        self._resident: dict[str, set[str]] = {worker_id: set() for worker_id in self._actors}
         self._turn = 0
         self._dead: set[str] = set()  # restarts come with the reliability work
 
@@ -88,24 +97,31 @@ class WorkerPool:
                 {"worker_id": worker_id, "ready": False, "error": str(answer)}
                 for worker_id, answer in zip(self._actors, answers)]
 
-    def _least_loaded(self) -> str:
-        # Ties go round-robin, so an idle pool still uses every worker.
-        self._turn += 1
-        ids = [i for i in self._in_flight if i not in self._dead]
+    def _alive(self) -> list[str]:
+        ids = [i for i in self._actors if i not in self._dead]
         if not ids:
             raise WorkerUnavailable("no worker is alive")
-        order = ids[self._turn % len(ids):] + ids[: self._turn % len(ids)]
-        return min(order, key=self._in_flight.get)
+        return ids
 
-    async def forward(self, work: ForwardWork) -> ForwardResult:
-        worker_id = self._least_loaded()
-        weight = len(work.sequences)
-        self._in_flight[worker_id] += weight
-        ref = self._actors[worker_id].forward.remote(work)
+    def _least_loaded(self, adapter_key: str | None = None) -> str:
+        # Ties go round-robin, so an idle pool still uses every worker.
+        self._turn += 1
+        ids = self._alive()
+        order = ids[self._turn % len(ids):] + ids[: self._turn % len(ids)]
+
+        def load(worker_id):
+            bonus = self.RESIDENT_BONUS if adapter_key in self._resident[worker_id] else 0
+            return self._in_flight[worker_id] - bonus
+        return min(order, key=load)
+
+    async def _call(self, worker_id: str, ref):
+        """Awaits an actor call (or a step of a streaming one), turning Ray's
+        wrappers into our errors."""
         try:
             return await ref
         except asyncio.CancelledError:
-            ray.cancel(ref)  # the actor drops the rows that have not run
+            if isinstance(ref, ray.ObjectRef):
+                ray.cancel(ref)  # the actor drops the rows that have not run
             raise
         except RayTaskError as error:
             cause = error.cause
@@ -116,8 +132,66 @@ class WorkerPool:
             self._dead.add(worker_id)  # never route to it again
             raise WorkerUnavailable(f"{worker_id} died while serving the request: "
                                     f"{error}") from error
+
+    async def forward(self, work: ForwardWork) -> ForwardResult:
+        key = work.adapter.key if work.adapter is not None else None
+        worker_id = self._least_loaded(key)
+        weight = len(work.sequences)
+        self._in_flight[worker_id] += weight
+        try:
+            result = await self._call(worker_id, self._actors[worker_id].forward.remote(work))
         finally:
             self._in_flight[worker_id] -= weight
+        if key is not None:
+            self._resident[worker_id].add(key)
+        return result
+
+    async def load_adapter(self, adapter: AdapterRef) -> tuple[list[str], float]:
+        """Makes `adapter` resident on every live worker; returns the workers
+        and the slowest load time (ms)."""
+        ids = self._alive()
+        times = await asyncio.gather(*(self._call(i, self._actors[i].load_adapter.remote(adapter))
+                                       for i in ids))
+        for worker_id in ids:
+            self._resident[worker_id].add(adapter.key)
+        return ids, max(times)
+
+    async def unload_adapters(self, keys: list[str]) -> list[str]:
+        """Releases `keys` on every live worker; returns the workers that held
+        one and let it go (a slot in use is released when its requests end)."""
+        ids = self._alive()
+        freed = await asyncio.gather(*(
+            self._call(i, self._actors[i].unload_adapters.remote(keys)) for i in ids))
+        for worker_id in ids:
+            self._resident[worker_id].difference_update(keys)
+        return [worker_id for worker_id, keys_freed in zip(ids, freed) if keys_freed]
+
+    async def resident_adapters(self) -> dict[str, list[str]]:
+        """worker id -> adapter keys resident now (asks the workers)."""
+        ids = self._alive()
+        answers = await asyncio.gather(*(
+            self._call(i, self._actors[i].resident_adapters.remote()) for i in ids))
+        for worker_id, keys in zip(ids, answers):
+            self._resident[worker_id] = set(keys)
+        return dict(zip(ids, answers))
+
+    def fine_tune(self, job: FineTuneWork) -> tuple[str, Any]:
+        """Starts `job` on the least-loaded worker; returns (worker id, a Ray
+        streaming generator of progress dicts)."""
+        worker_id = self._least_loaded()
+        stream = self._actors[worker_id].fine_tune.options(num_returns="streaming").remote(job)
+        return worker_id, stream
+
+    async def next_progress(self, worker_id: str, stream) -> dict | None:
+        """The next progress dict of a fine-tune stream, None at its end."""
+        try:
+            ref = await self._call(worker_id, stream.__anext__())
+        except StopAsyncIteration:
+            return None
+        return await self._call(worker_id, ref)
+
+    async def cancel_fine_tune(self, worker_id: str, job_id: str) -> None:
+        await self._call(worker_id, self._actors[worker_id].cancel_fine_tune.remote(job_id))
 
     def shutdown(self) -> None:
         for actor in self._actors.values():

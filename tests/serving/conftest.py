@@ -2,9 +2,11 @@
 
 Two workers, each a (1, 2) mesh over fake CPU devices in its own process,
 serve the built-in default model; tests compare against the same model
-loaded in-process.
+loaded in-process. Auth is on with two tenants; the shared channel, stub
+and client call as tenant ACME.
 """
 
+import json
 import os
 
 import grpc
@@ -17,6 +19,35 @@ from worker.worker_config import BatchingConfig, WorkerSpec
 
 BATCHING = BatchingConfig(length_buckets=(16, 64, 256, 1024), batch_buckets=(1, 4, 16),
                           max_batch_tokens=16384, max_wait_ms=2.0, layer_slots=5)
+ACME_KEY, GLOBEX_KEY = "acme-key-0123456789", "globex-key-0123456789"
+API_KEYS = {ACME_KEY: "acme", GLOBEX_KEY: "globex"}
+MAX_ADAPTERS, MAX_ADAPTER_RANK = 4, 8
+
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call of a channel."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def _with_key(self, details):
+        metadata = list(details.metadata or []) + [("authorization", f"Bearer {self.key}")]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+def keyed_channel(address, key=ACME_KEY):
+    return grpc.intercept_channel(grpc.insecure_channel(address), BearerKey(key))
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +63,15 @@ def ray_session(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service(ray_session):
+def service(ray_session, tmp_path_factory):
+    keys_file = tmp_path_factory.mktemp("auth") / "keys.json"
+    keys_file.write_text(json.dumps(API_KEYS))
     config = ServiceConfig(
-        worker=WorkerSpec(preset="default", mesh_shape=(1, 2), batching=BATCHING),
-        num_workers=2, host="127.0.0.1", port=0, max_sequences_per_request=32)
+        worker=WorkerSpec(preset="default", mesh_shape=(1, 2), batching=BATCHING,
+                          max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK),
+        num_workers=2, host="127.0.0.1", port=0, max_sequences_per_request=32,
+        data_dir=str(tmp_path_factory.mktemp("data")), api_keys_file=str(keys_file),
+        max_upload_bytes=1 << 20)
     running = ServerThread(config)
     yield running
     running.stop()
@@ -43,7 +79,7 @@ def service(ray_session):
 
 @pytest.fixture(scope="session")
 def channel(service):
-    with grpc.insecure_channel(service.address) as channel:  # default limits
+    with keyed_channel(service.address) as channel:  # default limits
         yield channel
 
 
@@ -56,7 +92,7 @@ def stub(channel):
 def client(service):
     from coordinator.client import GemmaClient
 
-    with GemmaClient(service.address) as client:
+    with GemmaClient(service.address, api_key=ACME_KEY) as client:
         yield client
 
 

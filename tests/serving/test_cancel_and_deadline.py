@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import keyed_channel
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 
 
@@ -27,7 +28,7 @@ def heavy_request():
 def keep_workers_busy(address, count=4):
     """Heavy requests on threads so both workers have a queue."""
     def run():
-        with grpc.insecure_channel(address) as channel:
+        with keyed_channel(address) as channel:
             from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
             list(pb_grpc.GemmaServiceStub(channel).Forward(heavy_request(), timeout=300))
     threads = [threading.Thread(target=run) for _ in range(count)]

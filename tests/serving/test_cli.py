@@ -6,11 +6,14 @@ import sys
 
 import numpy as np
 
+from conftest import ACME_KEY
+
 BIN = pathlib.Path(sys.executable).parent
 
 
 def gemma_client(service, *args):
-    return subprocess.run([BIN / "gemma-client", "--target", service.address, *args],
+    return subprocess.run([BIN / "gemma-client", "--target", service.address,
+                           "--api-key", ACME_KEY, *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import ACME_KEY
 from coordinator.client import GemmaClient
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.",
@@ -101,7 +102,7 @@ def test_sixteen_concurrent_clients_get_their_own_rows(service, client, local_mo
     requests = [[rng.integers(0, model.vocabulary_size, rng.integers(1, 60)).tolist()]
                 for _ in range(16)]
 
-    clients = [GemmaClient(service.address) for _ in requests]
+    clients = [GemmaClient(service.address, api_key=ACME_KEY) for _ in requests]
     for own_client in clients:
         own_client.model_info()  # connected before the race starts
     start = threading.Barrier(len(clients))

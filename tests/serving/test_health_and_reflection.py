@@ -21,6 +21,12 @@ def test_reflection_lists_and_describes_the_service(channel):
     pool = descriptor_pool.DescriptorPool(database)
     service = pool.FindServiceByName("gemma.v1.GemmaService")
     assert {m.name for m in service.methods} == {"Forward", "GetModelInfo"}
+    for name, methods in (("AdapterService", {"UploadAdapter", "LoadAdapter", "UnloadAdapter",
+                                              "ListAdapters", "DeleteAdapter", "ExportAdapter"}),
+                          ("FineTuneService", {"UploadDataset", "StartFineTune", "WatchFineTune",
+                                               "CancelFineTune", "ListFineTunes"})):
+        assert f"gemma.v1.{name}" in services
+        assert {m.name for m in pool.FindServiceByName(f"gemma.v1.{name}").methods} == methods
     assert pool.FindMessageTypeByName("gemma.v1.TensorChunk").fields_by_name["data"]
 
 

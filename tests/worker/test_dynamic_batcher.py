@@ -16,16 +16,19 @@ CONFIG = BatchingConfig(length_buckets=(4, 8, 16), batch_buckets=(1, 2, 4),
 
 
 class EncodingModel:
-    """hidden[k, b, t, 0] = 1000 * layer + token id; records batch shapes."""
+    """hidden[k, b, t, 0] = 10000 * slot + 1000 * layer + token id; records
+    batch shapes and the slots of each batch."""
 
     def __init__(self, delay=0.0):
-        self.shapes, self.delay = [], delay
+        self.shapes, self.slots, self.delay = [], [], delay
 
-    def __call__(self, token_ids, padding_mask, layer_ids):
+    def __call__(self, token_ids, padding_mask, layer_ids, slot_ids):
         time.sleep(self.delay)
         self.shapes.append((token_ids.shape, len(set(layer_ids.tolist()))))
+        self.slots.append(set(slot_ids[padding_mask.any(axis=1)].tolist()))
         assert ((token_ids != 0) <= (padding_mask == 1)).all()
-        return (1000 * layer_ids[:, None, None, None] + token_ids[None, :, :, None]).astype("f4")
+        return (10000 * slot_ids[None, :, None, None] + 1000 * layer_ids[:, None, None, None]
+                + token_ids[None, :, :, None]).astype("f4")
 
 
 def run(coroutine_fn, model):
@@ -36,11 +39,25 @@ def run(coroutine_fn, model):
     return asyncio.run(main())
 
 
-def check(result, sequences, layers):
+def check(result, sequences, layers, slot=0):
     for ids, per_layer in zip(sequences, result):
         assert sorted(per_layer) == sorted(layers)
         for layer in layers:
-            np.testing.assert_array_equal(per_layer[layer][:, 0], 1000 * layer + np.asarray(ids))
+            np.testing.assert_array_equal(per_layer[layer][:, 0],
+                                          10000 * slot + 1000 * layer + np.asarray(ids))
+
+
+def test_rows_of_different_adapter_slots_share_a_batch_and_keep_their_slot():
+    model = EncodingModel(delay=0.02)
+
+    async def go(batcher):
+        requests = [([[1, 2, 3]], slot) for slot in (0, 3, 1, 3, 2)]
+        results = await asyncio.gather(*(batcher.submit(seqs, (0,), None, slot=slot)
+                                         for seqs, slot in requests))
+        for (seqs, slot), result in zip(requests, results):
+            check(result, seqs, (0,), slot)
+    run(go, model)
+    assert max(len(slots) for slots in model.slots) > 1  # mixed in one batch
 
 
 def test_concurrent_requests_share_batches_and_get_their_rows():
@@ -119,11 +136,11 @@ def test_rows_that_could_never_run_are_refused_not_queued():
 def test_a_failing_batch_fails_its_rows_and_the_loop_goes_on():
     calls = []
 
-    def flaky(token_ids, padding_mask, layer_ids):
+    def flaky(token_ids, padding_mask, layer_ids, slot_ids):
         calls.append(token_ids.shape)
         if len(calls) == 1:
             raise RuntimeError("device fell over")
-        return EncodingModel()(token_ids, padding_mask, layer_ids)
+        return EncodingModel()(token_ids, padding_mask, layer_ids, slot_ids)
 
     async def go(batcher):
         with pytest.raises(RuntimeError, match="device fell over"):

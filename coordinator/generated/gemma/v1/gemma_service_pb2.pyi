@@ -114,7 +114,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("preset", "model_class", "config_json", "dtype", "random_weights", "parameter_count", "workers", "limits")
+    __slots__ = ("preset", "model_class", "config_json", "dtype", "random_weights", "parameter_count", "workers", "limits", "base_fingerprint", "auth_enabled", "tenant")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,9 @@ class ModelInfo(_message.Message):
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     preset: str
     model_class: str
     config_json: str
@@ -131,10 +134,13 @@ class ModelInfo(_message.Message):
     parameter_count: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     limits: Limits
-    def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    base_fingerprint: str
+    auth_enabled: bool
+    tenant: str
+    def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., base_fingerprint: _Optional[str] = ..., auth_enabled: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled")
+    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled", "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen", "compiled_slot_writers")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MESH_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +153,14 @@ class WorkerInfo(_message.Message):
     MAX_SEQUENCES_IN_A_BATCH_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_LOADS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTERS_IN_A_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SHAPES_SEEN_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_SLOT_WRITERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     node_id: str
     mesh_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -159,10 +173,18 @@ class WorkerInfo(_message.Message):
     max_sequences_in_a_batch: int
     compiled_functions: int
     sequences_cancelled: int
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ...) -> None: ...
+    adapter_slots: int
+    adapters_resident: int
+    adapter_loads: int
+    adapter_evictions: int
+    fine_tune_steps: int
+    max_adapters_in_a_batch: int
+    batch_shapes_seen: int
+    compiled_slot_writers: int
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes")
+    __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes")
     VOCABULARY_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +197,8 @@ class Limits(_message.Message):
     BATCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     BUCKET_COUNT_FIELD_NUMBER: _ClassVar[int]
     MAX_RESPONSE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_ADAPTER_RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     vocabulary_size: int
     num_layers: int
     hidden_dim: int
@@ -187,4 +211,6 @@ class Limits(_message.Message):
     batch_buckets: _containers.RepeatedScalarFieldContainer[int]
     bucket_count: int
     max_response_chunk_bytes: int
-    def __init__(self, vocabulary_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_sequences_per_request: _Optional[int] = ..., max_layers_per_request: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., length_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., bucket_count: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ...) -> None: ...
+    max_adapter_rank: int
+    max_upload_bytes: int
+    def __init__(self, vocabulary_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_sequences_per_request: _Optional[int] = ..., max_layers_per_request: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., length_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., bucket_count: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...

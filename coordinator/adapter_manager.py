@@ -1,0 +1,139 @@
+"""Adapters between the registry on disk and the workers' slots.
+
+The registry answers what a tenant has; this module turns that into what
+workers need: an `AdapterRef` (a key unique across tenants and versions,
+and the tensors put once into Ray's object store), and the calls that
+make adapters resident or release them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+from typing import AsyncIterator
+
+import ray
+
+from coordinator.adapter_record import AdapterRecord, check_name
+from coordinator.adapter_registry import AdapterRegistry
+from coordinator.errors import InvalidArgument, ResourceExhausted
+from worker.forward_work import AdapterRef
+from worker.worker_pool import WorkerPool
+
+# Ray object refs kept for recently used adapters; older ones are put again
+# when next used.
+_REF_CACHE_SIZE = 256
+
+
+def adapter_key(record: AdapterRecord) -> str:
+    """The workers' slot key: unique per tenant, name and version."""
+    return f"{record.tenant}/{record.name}@{record.version}"
+
+
+class AdapterManager:
+    """Upload, resolve, load, unload, delete and export, for one tenant at
+    a time. Every lookup goes through the registry with the caller's tenant,
+    so another tenant's adapters are never reachable.
+
+    Args:
+        registry: the adapters on disk.
+        pool: the workers.
+        max_rank: the workers' slot rank; larger adapters are refused.
+        max_upload_bytes: upload size cap.
+    """
+
+    def __init__(self, registry: AdapterRegistry, pool: WorkerPool, max_rank: int,
+                 max_upload_bytes: int):
+        self.registry = registry
+        self._pool = pool
+        self.max_rank = max_rank
+        self.max_upload_bytes = max_upload_bytes
+        self._refs: collections.OrderedDict[str, ray.ObjectRef] = collections.OrderedDict()
+
+    async def ref_for(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, AdapterRef]:
+        """The record and worker reference of the caller's adapter.
+
+        Raises:
+            NotFound: no such adapter for this tenant.
+            FailedPrecondition: corrupt on disk, or made for another base.
+        """
+        record = self.registry.resolve(tenant, adapter_id)
+        key = adapter_key(record)
+        ref = self._refs.get(key)
+        if ref is None:
+            adapter = await asyncio.to_thread(self.registry.load, record)
+            ref = ray.put(adapter)
+            self._refs[key] = ref
+            while len(self._refs) > _REF_CACHE_SIZE:
+                self._refs.popitem(last=False)
+        self._refs.move_to_end(key)
+        return record, AdapterRef(key=key, payload=ref)
+
+    async def upload(self, tenant: str, name: str, fmt: str,
+                     chunks: AsyncIterator[bytes]) -> AdapterRecord:
+        """Streams `chunks` to a scratch file, then validates and publishes.
+
+        Raises:
+            ResourceExhausted: more than `max_upload_bytes`.
+            InvalidArgument, FailedPrecondition: from the registry.
+        """
+        check_name("name", name)
+        path = self.registry.new_upload_path()
+        try:
+            size = 0
+            with open(path, "wb") as handle:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_upload_bytes:
+                        raise ResourceExhausted(
+                            f"the upload is larger than the {self.max_upload_bytes} byte limit "
+                            "(--max-upload-mib); LoRA adapters are usually far smaller.")
+                    handle.write(chunk)
+            if size == 0:
+                raise InvalidArgument("data", "the upload holds no bytes after the header.")
+            adapter = await asyncio.to_thread(self.registry.read_file, path, fmt)
+            if adapter.rank > self.max_rank:
+                raise InvalidArgument(
+                    "adapter", f"rank {adapter.rank} is above this server's maximum adapter "
+                               f"rank {self.max_rank}; retrain at a lower rank or start the "
+                               "server with a larger --max-adapter-rank.")
+            return await asyncio.to_thread(self.registry.publish, tenant, name, adapter,
+                                           f"upload:{fmt}")
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def load(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, list[str], float]:
+        record, ref = await self.ref_for(tenant, adapter_id)
+        workers, load_ms = await self._pool.load_adapter(ref)
+        return record, workers, load_ms
+
+    async def unload(self, tenant: str, adapter_id: str) -> list[str]:
+        record = self.registry.resolve(tenant, adapter_id)
+        return await self._pool.unload_adapters([adapter_key(record)])
+
+    async def delete(self, tenant: str, adapter_id: str) -> list[AdapterRecord]:
+        records = await asyncio.to_thread(self.registry.delete, tenant, adapter_id)
+        keys = [adapter_key(record) for record in records]
+        for key in keys:
+            self._refs.pop(key, None)
+        await self._pool.unload_adapters(keys)
+        return records
+
+    async def resident_on(self) -> dict[str, list[str]]:
+        """adapter key -> workers holding it now."""
+        where: dict[str, list[str]] = {}
+        for worker_id, keys in (await self._pool.resident_adapters()).items():
+            for key in keys:
+                where.setdefault(key, []).append(worker_id)
+        return where
+
+    async def export_lora_h5(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, bytes]:
+        record = self.registry.resolve(tenant, adapter_id)
+        path = self.registry.new_upload_path(".lora.h5")
+        try:
+            await asyncio.to_thread(self.registry.export_lora_h5, record, path)
+            return record, path.read_bytes()
+        finally:
+            if os.path.exists(path):
+                path.unlink()

@@ -1,0 +1,83 @@
+"""AdapterService over gRPC: translate, delegate to AdapterManager, translate back."""
+
+from __future__ import annotations
+
+from coordinator.adapter_manager import AdapterManager, adapter_key
+from coordinator.adapter_record import AdapterRecord
+from coordinator.errors import InvalidArgument
+from coordinator.generated.gemma.v1 import adapter_service_pb2 as pb
+from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as pb_grpc
+from coordinator.tenant_auth import TenantAuth
+
+FORMATS = {pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5: "lora.h5",
+           pb.ADAPTER_FORMAT_SAFETENSORS: "safetensors"}
+EXPORT_CHUNK_BYTES = 1 << 20
+
+
+def adapter_message(record: AdapterRecord, resident_on=()) -> pb.Adapter:
+    return pb.Adapter(
+        adapter_id=record.adapter_id, name=record.name, version=record.version,
+        rank=record.rank, alpha=record.alpha, targets=record.targets, layers=record.layers,
+        base_fingerprint=record.base_fingerprint, sha256=record.sha256,
+        size_bytes=record.size_bytes, created=record.created, source=record.source,
+        num_parameters=record.num_parameters, resident_on=resident_on)
+
+
+class AdapterServicer(pb_grpc.AdapterServiceServicer):
+    def __init__(self, auth: TenantAuth, adapters: AdapterManager):
+        self._auth = auth
+        self._adapters = adapters
+
+    def _tenant(self, context) -> str:
+        return self._auth.tenant_for_metadata(context.invocation_metadata())
+
+    async def UploadAdapter(self, request_iterator, context):
+        tenant = self._tenant(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidArgument("header", "the first message must carry the header (name "
+                                            "and format), the rest the file's bytes.")
+        header = first.header
+        if header.format not in FORMATS:
+            raise InvalidArgument("header.format", "say which format the file is in: "
+                                                   "KERAS_HUB_LORA_H5 or SAFETENSORS.")
+
+        async def chunks():
+            async for message in request_iterator:
+                if message.WhichOneof("kind") != "data":
+                    raise InvalidArgument("header", "send the header once, first.")
+                yield message.data
+
+        record = await self._adapters.upload(tenant, header.name, FORMATS[header.format],
+                                             chunks())
+        return adapter_message(record)
+
+    async def LoadAdapter(self, request, context):
+        record, workers, load_ms = await self._adapters.load(self._tenant(context),
+                                                             request.adapter_id)
+        return pb.LoadAdapterResponse(adapter=adapter_message(record, workers),
+                                      workers=workers, load_ms=load_ms)
+
+    async def UnloadAdapter(self, request, context):
+        workers = await self._adapters.unload(self._tenant(context), request.adapter_id)
+        return pb.UnloadAdapterResponse(workers=workers)
+
+    async def ListAdapters(self, request, context):
+        tenant = self._tenant(context)
+        where = await self._adapters.resident_on()
+        return pb.ListAdaptersResponse(adapters=[
+            adapter_message(record, where.get(adapter_key(record), []))
+            for record in self._adapters.registry.list(tenant)])
+
+    async def DeleteAdapter(self, request, context):
+        records = await self._adapters.delete(self._tenant(context), request.adapter_id)
+        return pb.DeleteAdapterResponse(deleted=[adapter_message(r) for r in records])
+
+    async def ExportAdapter(self, request, context):
+        record, data = await self._adapters.export_lora_h5(self._tenant(context),
+                                                           request.adapter_id)
+        file_name = f"{record.name}-v{record.version}.lora.h5"
+        for start in range(0, len(data), EXPORT_CHUNK_BYTES):
+            yield pb.FileChunk(file_name=file_name if start == 0 else "",
+                               total_bytes=len(data) if start == 0 else 0,
+                               data=data[start:start + EXPORT_CHUNK_BYTES])

@@ -1,0 +1,65 @@
+"""Uploaded training datasets, per tenant, as token ids on disk.
+
+`<root>/<tenant>/<name>.npz` holds the sequences concatenated (`ids`) and
+where each starts (`offsets`). Written to a temporary file, fsynced and
+renamed, so a dataset is there whole or not at all; uploading a name again
+replaces it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.adapter_record import check_name
+from coordinator.errors import NotFound
+
+
+class DatasetStore:
+    """Datasets of every tenant under `root`; a tenant reaches only its own."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, tenant: str, name: str) -> Path:
+        return self.root / check_name("tenant", tenant) / f"{check_name('name', name)}.npz"
+
+    def save(self, tenant: str, name: str, sequences: list[np.ndarray]) -> tuple[int, int]:
+        """Stores `sequences` as dataset `name`; returns (examples, tokens)."""
+        path = self._path(tenant, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lengths = np.array([len(s) for s in sequences], "int64")
+        buffer = io.BytesIO()
+        np.savez(buffer, ids=np.concatenate(sequences).astype("int32"),
+                 offsets=np.concatenate([[0], np.cumsum(lengths)]))
+        handle, temporary = tempfile.mkstemp(prefix=".upload-", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(buffer.getvalue())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return len(sequences), int(lengths.sum())
+
+    def load(self, tenant: str, dataset_id: str) -> tuple[np.ndarray, ...]:
+        """The sequences of the caller's dataset `dataset_id`.
+
+        Raises:
+            NotFound: no such dataset for this tenant (same answer whoever
+                else may have one by that name).
+        """
+        try:
+            path = self._path(tenant, dataset_id)
+            with np.load(path) as data:
+                ids, offsets = data["ids"], data["offsets"]
+        except Exception:  # noqa: BLE001 - malformed, missing, unreadable: all unknown
+            raise NotFound(f"dataset_id: no dataset {dataset_id!r} for this tenant.") from None
+        return tuple(ids[start:end] for start, end in zip(offsets[:-1], offsets[1:]))

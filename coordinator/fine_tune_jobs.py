@@ -1,0 +1,137 @@
+"""Fine-tune jobs: start on a worker, follow its progress, publish or not.
+
+Jobs live in the coordinator's memory (a restart forgets them; what they
+published stays in the registry). Each job is one asyncio task that reads
+the worker's progress stream; watchers wait on a per-job condition and see
+every state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import uuid
+from typing import AsyncIterator
+
+from coordinator.adapter_manager import AdapterManager
+from coordinator.errors import NotFound
+from worker.fine_tune_runner import FineTuneWork
+from worker.worker_pool import WorkerPool
+
+log = logging.getLogger("gemma_serve.fine_tune")
+
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+@dataclasses.dataclass
+class FineTuneJob:
+    """A job's state as watchers see it (a copy is taken per update)."""
+
+    job_id: str
+    tenant: str
+    adapter_name: str
+    state: str = "queued"  # queued, running, then one of ENDED
+    step: int = 0
+    total_steps: int = 0
+    loss: float = 0.0
+    first_loss: float = 0.0
+    tokens_per_second: float = 0.0
+    eta_seconds: float = 0.0
+    error: str = ""
+    worker_id: str = ""
+    adapter_id: str = ""
+    created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+class FineTuneJobs:
+    """Every tenant's jobs; a tenant sees only its own (another tenant's job
+    id answers as an unknown one)."""
+
+    def __init__(self, pool: WorkerPool, adapters: AdapterManager):
+        self._pool = pool
+        self._adapters = adapters
+        self._jobs: dict[str, FineTuneJob] = {}
+        self._changed: dict[str, asyncio.Condition] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    def start(self, tenant: str, adapter_name: str, work_for_job) -> FineTuneJob:
+        """Queues a job; `work_for_job(job_id)` builds its FineTuneWork."""
+        job_id = f"ft-{uuid.uuid4().hex[:12]}"
+        job = FineTuneJob(job_id=job_id, tenant=tenant, adapter_name=adapter_name)
+        self._jobs[job_id] = job
+        self._changed[job_id] = asyncio.Condition()
+        self._tasks[job_id] = asyncio.get_running_loop().create_task(
+            self._run(job, work_for_job(job_id)))
+        return dataclasses.replace(job)
+
+    def get(self, tenant: str, job_id: str) -> FineTuneJob:
+        job = self._jobs.get(job_id)
+        if job is None or job.tenant != tenant:
+            raise NotFound(f"job_id: no fine-tune job {job_id!r} for this tenant.")
+        return dataclasses.replace(job)
+
+    def list(self, tenant: str) -> list[FineTuneJob]:
+        jobs = [dataclasses.replace(j) for j in self._jobs.values() if j.tenant == tenant]
+        return sorted(jobs, key=lambda j: j.created, reverse=True)
+
+    async def watch(self, tenant: str, job_id: str) -> AsyncIterator[FineTuneJob]:
+        """The job now, then after every change, until it has ended."""
+        job = self.get(tenant, job_id)
+        yield job
+        changed = self._changed[job_id]
+        while job.state not in ENDED:
+            async with changed:
+                await changed.wait()
+            job = self.get(tenant, job_id)
+            yield job
+
+    async def cancel(self, tenant: str, job_id: str) -> FineTuneJob:
+        job = self.get(tenant, job_id)
+        if job.state in ENDED:
+            return job
+        if job.worker_id:
+            await self._pool.cancel_fine_tune(job.worker_id, job_id)
+        else:  # not handed to a worker yet
+            self._tasks[job_id].cancel()
+        async with self._changed[job_id]:
+            await self._changed[job_id].wait_for(
+                lambda: self._jobs[job_id].state in ENDED)
+        return self.get(tenant, job_id)
+
+    async def _update(self, job: FineTuneJob, **fields) -> None:
+        for key, value in fields.items():
+            setattr(job, key, value)
+        async with self._changed[job.job_id]:
+            self._changed[job.job_id].notify_all()
+
+    async def _run(self, job: FineTuneJob, work: FineTuneWork) -> None:
+        try:
+            worker_id, stream = self._pool.fine_tune(work)
+            await self._update(job, state="running", worker_id=worker_id)
+            while (progress := await self._pool.next_progress(worker_id, stream)) is not None:
+                state = progress.pop("state")
+                adapter = progress.pop("adapter", None)
+                if state == "succeeded":
+                    record = await asyncio.to_thread(
+                        self._adapters.registry.publish, job.tenant, job.adapter_name,
+                        adapter, f"finetune:{job.job_id}")
+                    await self._update(job, state="succeeded", adapter_id=record.adapter_id,
+                                       **progress)
+                    log.info("job %s published %s for %s", job.job_id, record.adapter_id,
+                             job.tenant)
+                    return
+                await self._update(job, state=state, **progress)
+                if state == "cancelled":
+                    return
+            await self._update(job, state="failed",
+                               error="the worker ended the job without a result")
+        except asyncio.CancelledError:
+            await self._update(job, state="cancelled", eta_seconds=0.0)
+            raise
+        except Exception as error:  # noqa: BLE001 - the job fails, the server goes on
+            log.warning("fine-tune job %s failed: %s", job.job_id, error)
+            await self._update(job, state="failed", eta_seconds=0.0,
+                               error=str(error) or type(error).__name__)

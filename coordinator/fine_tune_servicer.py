@@ -1,0 +1,95 @@
+"""FineTuneService over gRPC: translate, delegate to FineTuneJobs, translate back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from coordinator.adapter_manager import AdapterManager
+from coordinator.dataset_store import DatasetStore
+from coordinator.errors import InvalidArgument, ResourceExhausted
+from coordinator.fine_tune_jobs import FineTuneJob, FineTuneJobs
+from coordinator.fine_tune_request import parse_dataset_lines, parse_fine_tune_request
+from coordinator.generated.gemma.v1 import finetune_service_pb2 as pb
+from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as pb_grpc
+from coordinator.service_config import ServiceLimits
+from coordinator.tenant_auth import TenantAuth
+from gemma_core import GemmaTokenizer
+from worker.fine_tune_runner import FineTuneWork
+
+STATES = {"queued": pb.FINE_TUNE_STATE_QUEUED, "running": pb.FINE_TUNE_STATE_RUNNING,
+          "succeeded": pb.FINE_TUNE_STATE_SUCCEEDED, "failed": pb.FINE_TUNE_STATE_FAILED,
+          "cancelled": pb.FINE_TUNE_STATE_CANCELLED}
+
+
+def job_message(job: FineTuneJob) -> pb.FineTuneJob:
+    return pb.FineTuneJob(
+        job_id=job.job_id, state=STATES[job.state], adapter_name=job.adapter_name,
+        adapter_id=job.adapter_id, step=job.step, total_steps=job.total_steps, loss=job.loss,
+        first_loss=job.first_loss, tokens_per_second=job.tokens_per_second,
+        eta_seconds=job.eta_seconds, error=job.error, worker_id=job.worker_id,
+        created=job.created)
+
+
+class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
+    def __init__(self, auth: TenantAuth, jobs: FineTuneJobs, adapters: AdapterManager,
+                 datasets: DatasetStore, limits: ServiceLimits,
+                 tokenizer: GemmaTokenizer | None, max_upload_bytes: int,
+                 max_batch_tokens: int):
+        self._auth = auth
+        self._jobs = jobs
+        self._adapters = adapters
+        self._datasets = datasets
+        self._limits = limits
+        self._tokenizer = tokenizer
+        self._max_upload_bytes = max_upload_bytes
+        self._max_batch_tokens = max_batch_tokens
+
+    def _tenant(self, context) -> str:
+        return self._auth.tenant_for_metadata(context.invocation_metadata())
+
+    async def UploadDataset(self, request_iterator, context):
+        tenant = self._tenant(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "name":
+            raise InvalidArgument("name", "the first message must carry the dataset name, "
+                                          "the rest its JSON Lines bytes.")
+        data = bytearray()
+        async for message in request_iterator:
+            if message.WhichOneof("kind") != "data":
+                raise InvalidArgument("name", "send the name once, first.")
+            data += message.data
+            if len(data) > self._max_upload_bytes:
+                raise ResourceExhausted(f"the dataset is larger than the "
+                                        f"{self._max_upload_bytes} byte upload limit.")
+        sequences = await asyncio.to_thread(parse_dataset_lines, bytes(data), self._limits,
+                                            self._tokenizer)
+        examples, tokens = await asyncio.to_thread(self._datasets.save, tenant, first.name,
+                                                   sequences)
+        return pb.Dataset(dataset_id=first.name, num_examples=examples, num_tokens=tokens)
+
+    async def StartFineTune(self, request, context):
+        tenant = self._tenant(context)
+        parsed = parse_fine_tune_request(request, self._limits, self._tokenizer,
+                                         self._adapters.max_rank, self._max_batch_tokens)
+        sequences = parsed.sequences
+        if sequences is None:
+            sequences = await asyncio.to_thread(self._datasets.load, tenant, parsed.dataset_id)
+        config, initial = parsed.config, None
+        if parsed.initial_adapter_id:
+            record, ref = await self._adapters.ref_for(tenant, parsed.initial_adapter_id)
+            config, initial = dataclasses.replace(config, rank=record.rank), ref.payload
+        job = self._jobs.start(tenant, parsed.adapter_name, lambda job_id: FineTuneWork(
+            job_id=job_id, sequences=tuple(sequences), config=config, initial=initial))
+        return job_message(job)
+
+    async def WatchFineTune(self, request, context):
+        async for job in self._jobs.watch(self._tenant(context), request.job_id):
+            yield job_message(job)
+
+    async def CancelFineTune(self, request, context):
+        return job_message(await self._jobs.cancel(self._tenant(context), request.job_id))
+
+    async def ListFineTunes(self, request, context):
+        return pb.ListFineTunesResponse(
+            jobs=[job_message(job) for job in self._jobs.list(self._tenant(context))])

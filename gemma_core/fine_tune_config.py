@@ -1,0 +1,93 @@
+"""The hyper-parameters of one LoRA fine-tuning run, as one frozen value."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+def _is_int(value) -> bool:
+    # bool is an int subclass; `steps=True` is a mistake, not one step.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneConfig:
+    """How to train a LoRA adapter (query and value of every block) with the
+    causal-LM loss; see `LoraTrainer`.
+
+    Attributes:
+        rank: r, the inner size of every LoRA pair.
+        alpha: the update is scaled by `alpha / rank`; None means `rank`
+            (keras_hub's convention: the update is `a @ b` unscaled).
+        learning_rate: AdamW's step size.
+        steps: train for this many steps, cycling through the data as often
+            as needed; exactly one of `steps` and `epochs` is set.
+        epochs: train for this many passes over the data.
+        batch_size: sequences per step (the last batch of an epoch is padded).
+        sequence_length: every sequence is truncated (and padded) to this.
+        seed: seeds the LoRA initialisation and the per-epoch shuffles.
+        weight_decay: AdamW's decoupled weight decay on the LoRA factors.
+
+    Example:
+    >>> config = FineTuneConfig(rank=8, epochs=3, learning_rate=2e-4)
+    >>> config.lora_alpha, config.scale
+    (8.0, 1.0)
+    """
+
+    rank: int
+    alpha: float | None = None
+    learning_rate: float = 1e-3
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 8
+    sequence_length: int = 128
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ValueError(f"FineTuneConfig.rank must be a positive integer, got "
+                             f"{self.rank!r}.")
+        if self.alpha is not None and (
+                isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))
+                or not math.isfinite(self.alpha) or self.alpha <= 0):
+            raise ValueError(f"FineTuneConfig.alpha must be a positive number or None (to "
+                             f"use the rank), got {self.alpha!r}.")
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(
+                "FineTuneConfig needs exactly one of steps and epochs (train for a number "
+                f"of steps or of passes over the data); got steps={self.steps!r}, "
+                f"epochs={self.epochs!r}.")
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"FineTuneConfig.{name} must be a positive integer, got "
+                                 f"{value!r}.")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"FineTuneConfig.batch_size must be a positive integer, got "
+                             f"{self.batch_size!r}.")
+        # A target is the token after a position: one token alone teaches nothing.
+        if not _is_int(self.sequence_length) or self.sequence_length < 2:
+            raise ValueError(f"FineTuneConfig.sequence_length must be an integer >= 2, got "
+                             f"{self.sequence_length!r}.")
+        if not _is_int(self.seed):
+            raise ValueError(f"FineTuneConfig.seed must be an integer, got {self.seed!r}.")
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0 \
+                    or (name == "learning_rate" and value == 0):
+                kind = "a positive" if name == "learning_rate" else "a non-negative"
+                raise ValueError(f"FineTuneConfig.{name} must be {kind} number, got "
+                                 f"{value!r}.")
+
+    @property
+    def lora_alpha(self) -> float:
+        """`alpha`, or the rank when it is None."""
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def scale(self) -> float:
+        """`alpha / rank`, the factor on every LoRA update (as LoraAdapter.scale)."""
+        return self.lora_alpha / self.rank

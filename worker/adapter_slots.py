@@ -1,0 +1,145 @@
+"""Which adapter sits in which slot of a worker's LoRA table.
+
+Pure asyncio bookkeeping: the slot write itself is a callable (the sharded
+backbone's jitted table update, run off the event loop), so serving goes on
+while an adapter loads. A request pins its adapter's slot from before its
+rows are queued until its result is back, so a slot is never rewritten
+under a batch that reads it. When every slot is taken, the least recently
+used unpinned one is reused; when all are pinned, a load waits for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from typing import Any, Awaitable, Callable
+
+from worker.errors import AdapterSlotsBusy, DeadlineExpired
+
+# write(slot, adapter) -> None; blocking, called on the load thread.
+WriteSlot = Callable[[int, Any], Awaitable[None]]
+Fetch = Callable[[], Awaitable[Any]]
+
+
+@dataclasses.dataclass
+class SlotStats:
+    loads: int = 0
+    evictions: int = 0
+    last_load_ms: float = 0.0
+
+
+@dataclasses.dataclass
+class _Entry:
+    slot: int
+    pins: int = 0
+    ready: asyncio.Future | None = None  # set while the slot is being written
+
+
+class AdapterSlots:
+    """Slots 1..num_slots for adapters (slot 0 is the base model).
+
+    Args:
+        num_slots: how many adapters can be resident at once.
+        write_slot: coroutine writing an adapter into a slot.
+    """
+
+    def __init__(self, num_slots: int, write_slot: WriteSlot):
+        if num_slots < 1:
+            raise ValueError(f"a worker needs at least one adapter slot, got {num_slots}.")
+        self.num_slots = num_slots
+        self._write_slot = write_slot
+        # key -> entry, least recently used first.
+        self._resident: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._free = list(range(num_slots, 0, -1))  # pop() gives slot 1 first
+        self._released = asyncio.Condition()
+        self.stats = SlotStats()
+
+    def resident(self) -> list[str]:
+        return [key for key, entry in self._resident.items() if entry.ready is None]
+
+    async def acquire(self, key: str, fetch: Fetch, deadline: float | None = None) -> int:
+        """The slot holding adapter `key`, pinned; loads it (via `fetch`) if
+        it is not resident. Pair every acquire with `release(key)`."""
+        while True:
+            entry = self._resident.get(key)
+            if entry is not None:
+                entry.pins += 1
+                self._resident.move_to_end(key)
+                if entry.ready is not None:  # someone else is loading it: share that load
+                    try:
+                        await asyncio.shield(entry.ready)
+                    except BaseException:
+                        entry.pins -= 1
+                        raise
+                return entry.slot
+            slot = self._take_slot()
+            if slot is not None:
+                return await self._load(key, slot, fetch)
+            await self._wait_for_release(deadline)
+
+    def release(self, key: str) -> None:
+        entry = self._resident.get(key)
+        if entry is None:
+            return
+        entry.pins -= 1
+        if entry.pins == 0:
+            asyncio.get_running_loop().create_task(self._notify())
+
+    def unload(self, key: str) -> bool:
+        """Frees `key`'s slot unless a request is using it (then False)."""
+        entry = self._resident.get(key)
+        if entry is None or entry.pins or entry.ready is not None:
+            return False
+        del self._resident[key]
+        self._free.append(entry.slot)
+        return True
+
+    async def _notify(self) -> None:
+        async with self._released:
+            self._released.notify_all()
+
+    async def _wait_for_release(self, deadline: float | None) -> None:
+        timeout = None if deadline is None else deadline - time.time()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExpired("the deadline passed while waiting for an adapter slot")
+        try:
+            async with self._released:
+                await asyncio.wait_for(self._released.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise AdapterSlotsBusy(
+                f"all {self.num_slots} adapter slots are in use by running requests with "
+                "other adapters until the deadline; retry, or start workers with more "
+                "--max-adapters.") from None
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for key, entry in self._resident.items():  # least recently used first
+            if entry.pins == 0 and entry.ready is None:
+                del self._resident[key]
+                self.stats.evictions += 1
+                return entry.slot
+        return None
+
+    async def _load(self, key: str, slot: int, fetch: Fetch) -> int:
+        entry = _Entry(slot=slot, pins=1, ready=asyncio.get_running_loop().create_future())
+        self._resident[key] = entry
+        started = time.perf_counter()
+        try:
+            adapter = await fetch()
+            await self._write_slot(slot, adapter)
+        except BaseException as error:
+            del self._resident[key]
+            self._free.append(slot)
+            entry.ready.set_exception(error if isinstance(error, Exception)
+                                      else asyncio.CancelledError())
+            entry.ready.exception()  # sharers see it; mark retrieved for the rest
+            asyncio.get_running_loop().create_task(self._notify())
+            raise
+        entry.ready.set_result(None)
+        entry.ready = None
+        self.stats.loads += 1
+        self.stats.last_load_ms = 1e3 * (time.perf_counter() - started)
+        return slot
