@@ -121,7 +121,7 @@ class _Progress:
                 self._bar = self._tqdm(total=total, desc=f"job {self._job_id}", unit="step",
                                        file=sys.stderr, dynamic_ncols=True,
                                        bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                                                  "{n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
+                                                  "{n_fmt}/{total_fmt} [{elapsed}{postfix}]")
             if total and self._bar.total != total:
                 self._bar.total = total
             self._bar.n = job["step"]

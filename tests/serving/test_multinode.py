@@ -54,7 +54,8 @@ def test_two_node_cluster(tmp_path):
                                env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(5)
         serve = start([BIN / "gemma-serve", "--ray-address", f"127.0.0.1:{port}",
-                       "--workers", "2", "--mesh", "1x1", "--port", "0"], env,
+                       "--workers", "2", "--mesh", "1x1", "--port", "0",
+                       "--data-dir", str(tmp_path / "data")], env,
                       stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"))
         processes.append(serve)
         ready = serve.stdout.readline()  # blocks until the ready line (or exit)
