@@ -252,7 +252,7 @@ def _forward(client: GemmaClient, args) -> int:
                             pooling=args.pooling, dtype=args.dtype, adapter_id=args.adapter,
                             timeout=args.timeout)
     print(f"request {result.request_id} on {result.worker_id} ({result.model}"
-          + (f", adapter {args.adapter}" if args.adapter else "") + ")")
+          + (f", adapter {result.adapter_id or args.adapter}" if args.adapter else "") + ")")
     arrays = {}
     for i, per_layer in enumerate(result.hidden_states):
         for layer, tensor in zip(result.layers, per_layer):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
 from coordinator.errors import ServiceError
+from coordinator.service_metrics import ServiceMetrics
 from worker.errors import (AdapterRejected, AdapterSlotsBusy, DeadlineExpired,
                            WorkerUnavailable)
 
@@ -31,8 +33,13 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps unary and server-streaming handlers so any exception ends the
-    call with the mapped status instead of a bare INTERNAL."""
+    """Wraps unary, server-streaming and client-streaming handlers so any
+    exception ends the call with the mapped status instead of a bare
+    INTERNAL; with `metrics`, records every call's status code and latency.
+    """
+
+    def __init__(self, metrics: ServiceMetrics | None = None):
+        self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -41,48 +48,68 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                self._wrap_unary(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
+                self._wrap_stream(handler.unary_stream, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
+                self._wrap_unary(handler.stream_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler  # bidi-streaming handlers (reflection) pass through
 
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if self._metrics is not None:
+            self._metrics.record_call(method, getattr(code, "name", str(code)),
+                                      time.perf_counter() - started)
+
+    def _wrap_unary(self, behavior, method):
+        """Unary or client-streaming: one response (request may be an iterator)."""
+        async def wrapped(request, context):
+            started, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:  # a handler aborted by itself
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
+                code = status_of(error)[0]
+                await _abort(context, error, method)
+            finally:
+                self._record(method, code, started)
+        return wrapped
+
+    def _wrap_stream(self, behavior, method):
+        async def wrapped(request, context):
+            started, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:  # a handler aborted by itself
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
+                code = status_of(error)[0]
+                await _abort(context, error, method)
+            finally:
+                self._record(method, code, started)
+        return wrapped
+
 
 async def _abort(context, error: BaseException, method: str):
+    """Ends the call with the error's status (context.abort raises AbortError)."""
     code, message = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unhandled error in %s", method, exc_info=error)
     await context.abort(code, message)
-
-
-def _wrap_unary(behavior, method):
-    """Unary or client-streaming: one response (request may be an iterator)."""
-    async def wrapped(request, context):
-        try:
-            return await behavior(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
-            await _abort(context, error, method)
-    return wrapped
-
-
-def _wrap_stream(behavior, method):
-    async def wrapped(request, context):
-        try:
-            async for response in behavior(request, context):
-                yield response
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
-            await _abort(context, error, method)
-    return wrapped

@@ -67,6 +67,12 @@ class FineTuneJobs:
             self._run(job, work_for_job(job_id)))
         return dataclasses.replace(job)
 
+    def counts_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(("queued", "running", *ENDED), 0)
+        for job in self._jobs.values():
+            counts[job.state] += 1
+        return counts
+
     def get(self, tenant: str, job_id: str) -> FineTuneJob:
         job = self._jobs.get(job_id)
         if job is None or job.tenant != tenant:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import signal
 import sys
 
@@ -12,6 +12,7 @@ from coordinator.server import GemmaServer
 from coordinator.service_config import ServiceConfig
 from gemma_core import DEFAULT_PRESET
 from worker.errors import WorkerError
+from worker.log_format import LOG_FORMAT_ENV, configure_logging
 from worker.worker_config import BatchingConfig, WorkerSpec
 
 
@@ -55,7 +56,16 @@ def parse_args(argv=None) -> ServiceConfig:
                         "(tenant=key,...), else auth off with one tenant 'default'")
     p.add_argument("--max-upload-mib", type=float, default=64,
                    help="size cap of an adapter or dataset upload")
+    p.add_argument("--metrics-port", type=int, default=9090,
+                   help="Prometheus /metrics port; -1 turns it off, 0 picks a free one")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="interface of the metrics port (0.0.0.0 to expose it)")
+    p.add_argument("--log-format", choices=["plain", "json"], default=None,
+                   help="log lines as text or JSON objects (env GEMMA_SERVE_LOG_FORMAT); "
+                        "workers follow")
     args = p.parse_args(argv)
+    if args.log_format:  # through the environment, so the worker actors follow
+        os.environ[LOG_FORMAT_ENV] = args.log_format
     batching = BatchingConfig(
         length_buckets=args.length_buckets, batch_buckets=args.batch_buckets,
         max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
@@ -69,7 +79,9 @@ def parse_args(argv=None) -> ServiceConfig:
                          max_sequences_per_request=args.max_sequences_per_request,
                          max_text_bytes=args.max_text_bytes, data_dir=args.data_dir,
                          api_keys_file=args.api_keys_file,
-                         max_upload_bytes=int(args.max_upload_mib * (1 << 20)))
+                         max_upload_bytes=int(args.max_upload_mib * (1 << 20)),
+                         metrics_host=args.metrics_host,
+                         metrics_port=None if args.metrics_port < 0 else args.metrics_port)
 
 
 def ready_line(server: GemmaServer) -> str:
@@ -84,7 +96,9 @@ def ready_line(server: GemmaServer) -> str:
     return (f"gemma-serve ready on {config.host}:{server.port} preset={config.worker.preset}"
             f"{weights} workers={config.num_workers} mesh={mesh} "
             f"ray={'local' if not config.ray_address else config.ray_address} {auth} "
-            f"adapters={config.data_dir}")
+            f"adapters={config.data_dir}" + (
+                f" metrics=http://{config.metrics_host}:{server.metrics_port}/metrics"
+                if server.metrics_port is not None else ""))
 
 
 async def serve(config: ServiceConfig) -> None:
@@ -100,10 +114,9 @@ async def serve(config: ServiceConfig) -> None:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(argv)
+        configure_logging()
         asyncio.run(serve(config))
     except (ValueError, RuntimeError, WorkerError) as error:  # PresetError is a ValueError;
         # grpc raises RuntimeError for a port it cannot bind.

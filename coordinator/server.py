@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -23,6 +24,7 @@ from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as finetune
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceConfig, ServiceLimits
+from coordinator.service_metrics import ServiceMetrics
 from coordinator.servicer import GemmaServicer
 from coordinator.tenant_auth import TenantAuth
 from worker.errors import WorkerUnavailable
@@ -65,6 +67,8 @@ class GemmaServer:
         self._pool = None
         self._health = health.aio.HealthServicer()
         self.auth = TenantAuth.from_sources(config.api_keys_file)
+        self.metrics = ServiceMetrics()
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         from worker.worker_pool import WorkerPool
@@ -108,9 +112,9 @@ class GemmaServer:
             config, self._pool, limits, tokenizer, model_config,
             parameter_count=architecture.num_parameters(),
             random_weights=config.worker.preset == DEFAULT_PRESET, auth=self.auth,
-            adapters=adapters)
+            adapters=adapters, metrics=self.metrics)
         self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[ErrorInterceptor(self.metrics)],
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                      ("grpc.max_send_message_length", MAX_SEND_BYTES)])
         pb_grpc.add_GemmaServiceServicer_to_server(servicer, self._server)
@@ -126,6 +130,10 @@ class GemmaServer:
              reflection.SERVICE_NAME), self._server)
         self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
         await self._server.start()
+        if config.metrics_port is not None:
+            self.metrics.watch_workers(asyncio.get_running_loop(), self._pool.infos,
+                                       jobs.counts_by_state)
+            self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -139,3 +147,4 @@ class GemmaServer:
             await self._server.stop(grace)
         if self._pool is not None:
             self._pool.shutdown()
+        self.metrics.stop()

@@ -40,6 +40,8 @@ class ServiceConfig:
         api_keys_file: JSON {"<key>": "<tenant>"}; None reads
             GEMMA_SERVE_API_KEYS, and with neither, auth is off (one tenant).
         max_upload_bytes: size cap of an adapter or dataset upload.
+        metrics_host, metrics_port: the Prometheus endpoint (`/metrics`);
+            port None turns it off, 0 picks a free one. Loopback unless set.
     """
 
     worker: WorkerSpec
@@ -55,6 +57,8 @@ class ServiceConfig:
         "GEMMA_SERVE_DATA", os.path.expanduser("~/.local/share/gemma-serve")))
     api_keys_file: str | None = None
     max_upload_bytes: int = 64 << 20
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= 3 << 20:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import time
 import uuid
 
 from coordinator.adapter_manager import AdapterManager
@@ -13,9 +15,13 @@ from coordinator.forward_response import response_stream
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceConfig, ServiceLimits
+from coordinator.service_metrics import ServiceMetrics
 from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from worker.worker_pool import WorkerPool
+
+
+log = logging.getLogger("gemma_serve.requests")
 
 
 class GemmaServicer(pb_grpc.GemmaServiceServicer):
@@ -26,11 +32,12 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
     def __init__(self, config: ServiceConfig, pool: WorkerPool, limits: ServiceLimits,
                  tokenizer: GemmaTokenizer | None, model_config: dict,
                  parameter_count: int, random_weights: bool, auth: TenantAuth,
-                 adapters: AdapterManager):
+                 adapters: AdapterManager, metrics: ServiceMetrics):
         self._config = config
         self._pool = pool
         self._auth = auth
         self._adapters = adapters
+        self._metrics = metrics
         self._limits = limits
         self._tokenizer = tokenizer
         self._model_config = model_config
@@ -47,8 +54,15 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
             record, ref = await self._adapters.ref_for(tenant, request.adapter_id)
             work = dataclasses.replace(work, adapter=ref)
             adapter_id = record.adapter_id
+        started = time.perf_counter()
         result = await asyncio.wait_for(self._pool.forward(work),
                                         timeout=context.time_remaining())
+        tokens = sum(len(s) for s in work.sequences)
+        self._metrics.record_forward(len(work.sequences), tokens)
+        log.info("forward %s", work.request_id, extra={
+            "request_id": work.request_id, "tenant": tenant, "worker_id": result.worker_id,
+            "adapter_id": adapter_id, "sequences": len(work.sequences), "tokens": tokens,
+            "ms": round(1e3 * (time.perf_counter() - started), 2)})
         for response in response_stream(work, result, self._config.worker.preset,
                                         self._limits.hidden_dim, self._config.chunk_bytes,
                                         adapter_id):

@@ -18,6 +18,7 @@ from worker.adapter_slots import AdapterSlots
 from worker.dynamic_batcher import DynamicBatcher
 from worker.errors import AdapterRejected, DeadlineExpired
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
+from worker.log_format import configure_logging
 from worker.fine_tune_runner import FineTuneRunner, FineTuneWork
 from worker.worker_config import WorkerSpec
 
@@ -65,6 +66,7 @@ class BackboneWorker:
         from worker.sharded_backbone import ShardedBackbone  # JAX starts here
 
         started = time.time()
+        configure_logging()
         _undo_ray_niceness()
         self.worker_id = worker_id
         self.spec = spec
@@ -100,8 +102,10 @@ class BackboneWorker:
         dtype = _OUTPUT_DTYPES[work.dtype]
         tensors = [[_pool(hidden[layer], work.pooling).astype(dtype) for layer in work.layers]
                    for hidden in per_sequence]
-        log.debug("request %s: %d sequences in %.1f ms on %s", work.request_id,
-                  len(work.sequences), 1e3 * (time.time() - started), self.worker_id)
+        log.info("forward %s", work.request_id, extra={
+            "request_id": work.request_id, "worker_id": self.worker_id,
+            "sequences": len(work.sequences), "ms": round(1e3 * (time.time() - started), 2),
+            "adapter_id": work.adapter.key if work.adapter is not None else ""})
         return ForwardResult(self.worker_id, tensors)
 
     async def _write_slot(self, slot: int, adapter) -> None:
@@ -161,5 +165,6 @@ class BackboneWorker:
             "fine_tune_steps": self._fine_tunes.steps_run,
             "max_adapters_in_a_batch": stats.max_adapters_in_a_batch,
             "batch_shapes_seen": len(stats.batch_shapes),
+            "batch_size_counts": {str(k): v for k, v in stats.batch_size_counts.items()},
         }
 

@@ -45,6 +45,8 @@ class BatcherStats:
     running: int = 0
     max_adapters_in_a_batch: int = 0
     batch_shapes: set = dataclasses.field(default_factory=set)
+    batch_size_counts: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)  # rows in a batch -> batches
 
 
 class DynamicBatcher:
@@ -208,6 +210,7 @@ class DynamicBatcher:
         self.stats.max_adapters_in_a_batch = max(self.stats.max_adapters_in_a_batch,
                                                  len({row.slot for row in batch}))
         self.stats.batch_shapes.add(token_ids.shape)
+        self.stats.batch_size_counts[len(batch)] += 1
         for row, result in zip(batch, results):
             if not row.future.done():
                 row.future.set_result(result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import ray
@@ -15,6 +16,7 @@ from worker.backbone_worker import BackboneWorker
 from worker.errors import WorkerError, WorkerUnavailable
 from worker.fine_tune_runner import FineTuneWork
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
+from worker.log_format import LOG_FORMAT_ENV
 from worker.worker_config import WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker_pool")
@@ -28,6 +30,8 @@ def worker_resources(spec: WorkerSpec) -> dict:
 def actor_options(spec: WorkerSpec) -> dict:
     """Ray options giving an actor its devices before JAX starts in it."""
     env = {"KERAS_BACKEND": "jax"}
+    if os.environ.get(LOG_FORMAT_ENV):  # workers log as the coordinator does
+        env[LOG_FORMAT_ENV] = os.environ[LOG_FORMAT_ENV]
     if spec.use_gpus:
         return {"num_gpus": spec.num_devices, "num_cpus": 1,
                 "runtime_env": {"env_vars": env}}

@@ -71,7 +71,7 @@ def service(ray_session, tmp_path_factory):
                           max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK),
         num_workers=2, host="127.0.0.1", port=0, max_sequences_per_request=32,
         data_dir=str(tmp_path_factory.mktemp("data")), api_keys_file=str(keys_file),
-        max_upload_bytes=1 << 20)
+        max_upload_bytes=1 << 20, metrics_port=0)
     running = ServerThread(config)
     yield running
     running.stop()

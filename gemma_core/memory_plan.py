@@ -1,0 +1,307 @@
+"""How many bytes a worker needs on each device, before it allocates any.
+
+Three parts, per device of one worker's (data, model) mesh:
+
+- **weights**: exact. The backbone is built shape-only (no memory behind its
+  variables) in the requested dtype policy, and every variable is placed by
+  `GemmaBackbone.get_layout_map` looked up by its path, exactly as
+  `keras.distribution.ModelParallel` places it in the worker. A variable's
+  shard on a device has each split axis divided by its mesh axis; the map
+  only splits axes the mesh divides, so every device holds the same bytes.
+- **adapter slots**: exact per copy. The worker's `LoraSlotTable` for
+  `max_adapters + 1` slots of rank `max_adapter_rank`, float32, replicated on
+  every device. Counted twice: a slot write builds new tables while a running
+  batch may still read the old ones (they are not donated).
+- **activations**: an estimate of the jitted forward's peak working memory at
+  `rows x length`, see `activation_terms` for the formula. XLA fuses and
+  reuses buffers, so the real peak is usually lower; the estimate is meant to
+  err on the side of refusing.
+
+Example:
+>>> plan = plan_memory("gemma2_9b_en", mesh_shape=(1, 4), dtype="bfloat16",
+...                    rows=16, length=1024)
+>>> plan.weight_bytes            # per device: 4 devices share the weights
+>>> plan.total_bytes <= 80 * 2**30
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from gemma_core.gemma_backbone import GemmaBackbone
+from gemma_core.gemma_config import GemmaConfig
+from gemma_core.gemma_presets import GEMMA_PRESETS
+from gemma_core.lora_slot_table import LoraSlotTable
+
+MESH_AXES = ("batch", "model")  # the worker's mesh names (worker/sharded_backbone.py)
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightShard:
+    """One variable and the piece of it each device holds.
+
+    Attributes:
+        path: the Keras variable path (what the layout map is matched against).
+        shape: the whole variable's shape.
+        dtype: its storage dtype (float32 under mixed_bfloat16).
+        axes: per dimension, the mesh axis it is split over, or None.
+        shard_shape: the block of it on one device.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    axes: tuple[str | None, ...]
+    shard_shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return jnp.dtype(self.dtype).itemsize
+
+    @property
+    def bytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+    @property
+    def bytes_per_device(self) -> int:
+        return math.prod(self.shard_shape) * self.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Per-device bytes of one worker; see the module docstring.
+
+    Attributes:
+        config: the architecture.
+        mesh_shape: (data, model).
+        dtype: the dtype policy name.
+        rows, length: the batch the activations are estimated for.
+        weights: every variable with its per-device shard.
+        adapter_table_bytes: one copy of the adapter slot tables (replicated,
+            so the same on every device).
+        activations: the estimate's terms, name -> bytes per device (see
+            `activation_terms`).
+    """
+
+    config: GemmaConfig
+    mesh_shape: tuple[int, int]
+    dtype: str
+    rows: int
+    length: int
+    weights: tuple[WeightShard, ...]
+    adapter_table_bytes: int
+    activations: Mapping[str, int]
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh_shape)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Weights on each device (the same on all of them)."""
+        return sum(w.bytes_per_device for w in self.weights)
+
+    @property
+    def weight_bytes_unsharded(self) -> int:
+        """All weights once: num_parameters x bytes per element."""
+        return sum(w.bytes for w in self.weights)
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Adapter slot tables on each device: two copies (see module doc)."""
+        return 2 * self.adapter_table_bytes
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.activations["total"]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.adapter_bytes + self.activation_bytes
+
+    def fits(self, budget_bytes: int) -> bool:
+        return self.total_bytes <= budget_bytes
+
+
+def resolve_config(config: GemmaConfig | str | Mapping[str, Any]) -> GemmaConfig:
+    """A GemmaConfig from a config, a built-in preset name or constructor
+    kwargs (Keras' own keys such as `dtype` are ignored)."""
+    if isinstance(config, GemmaConfig):
+        return config
+    if isinstance(config, str):
+        if config not in GEMMA_PRESETS:
+            raise ValueError(f"Unknown built-in preset {config!r}; built-in presets: "
+                             f"{', '.join(sorted(GEMMA_PRESETS))}.")
+        return GEMMA_PRESETS[config]["config"]
+    return GemmaConfig.from_kwargs(config)
+
+
+@functools.lru_cache(maxsize=32)
+def _variables(config: GemmaConfig, dtype: str) -> tuple[tuple[str, tuple, str], ...]:
+    """(path, shape, dtype) of every variable the backbone allocates, from a
+    build with no memory behind the variables (milliseconds, any size)."""
+    with keras.StatelessScope(initialize_variables=False):
+        backbone = GemmaBackbone(**config.to_kwargs(), dtype=dtype)
+    return tuple((v.path, tuple(v.shape), str(v.dtype)) for v in backbone.variables)
+
+
+def placeholder_mesh(mesh_shape: tuple[int, int]) -> keras.distribution.DeviceMesh:
+    """A mesh of the worker's shape and axis names over placeholder devices:
+    a layout map needs only the shape and names, so no device is touched and
+    meshes larger than this machine can be planned."""
+    shape = tuple(mesh_shape)
+    return keras.distribution.DeviceMesh(
+        shape, list(MESH_AXES), devices=np.arange(math.prod(shape)).reshape(shape))
+
+
+def weight_shards(config: GemmaConfig, mesh_shape: tuple[int, int],
+                  dtype: str) -> tuple[WeightShard, ...]:
+    """Every variable of `config` in `dtype`, placed on a `mesh_shape` mesh by
+    the backbone's own layout map, as ModelParallel places it."""
+    mesh = placeholder_mesh(mesh_shape)
+    layout_map = GemmaBackbone.get_layout_map(mesh, config=config)
+    axis_size = dict(zip(MESH_AXES, mesh_shape))
+    shards = []
+    for path, shape, var_dtype in _variables(config, dtype):
+        layout = layout_map[path]  # the lookup ModelParallel.get_variable_layout does
+        axes = tuple(layout.axes) if layout is not None else (None,) * len(shape)
+        # The map splits only axes the mesh divides; ceil() is what JAX would
+        # pad to if one ever did not, so the figure stays an upper bound.
+        shard_shape = tuple(dim if axis is None else -(-dim // axis_size[axis])
+                            for dim, axis in zip(shape, axes))
+        shards.append(WeightShard(path, shape, var_dtype, axes, shard_shape))
+    return tuple(shards)
+
+
+def _split(layout_map, path: str, axis: int, mesh_shape: tuple[int, int]) -> int:
+    """How many ways the layout map splits axis `axis` of the weight at `path`."""
+    layout = layout_map[path]
+    name = None if layout is None else layout.axes[axis]
+    return dict(zip(MESH_AXES, mesh_shape)).get(name, 1)
+
+
+def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length: int,
+                     mesh_shape: tuple[int, int] = (1, 1), layer_slots: int = 4,
+                     max_adapter_rank: int = 16) -> dict[str, int]:
+    """Estimated peak bytes per device of the worker's jitted forward
+    (`selected_hidden_states` with per-row adapters), term by term.
+
+    With B = rows, T = length, d = hidden_dim, H query and K key/value heads
+    of size h, f = intermediate_dim / 2, c = bytes of the compute dtype, S =
+    layer_slots, R = the adapter rank:
+
+    - selected: 2 x S*B*T*d*c. The (S, B, T, d) result lives through the
+      whole forward, and each layer's write makes a new one from the old.
+    - residual: 4 x B*T*d*4. The residual stream, its float32 norm, the
+      sub-block output and their sum.
+    - attention (one block at a time): the scores are the big term,
+      B*H*T*T x (4 + 4 + c, + c more below float32) for the logits, their
+      float32 copy and exponentials and the probabilities; plus q, k, v and
+      their rotated float32 copies 2 x B*T*(H+2K)*h*4 and the head outputs
+      B*T*H*h*c; the (B, T, T) mask; each row's gathered adapter factors
+      B*(H+K)*(d*R + R*h)*4. A sliding window does not shrink the scores:
+      it is a mask.
+    - feed_forward (one block at a time): 3 x B*T*f*c, both gates and their
+      product.
+    - logits are never computed (the service returns hidden states).
+
+    total = selected + residual + max(attention, feed_forward).
+
+    What divides over the mesh follows the weights, not the rows: the worker
+    passes whole batches in, and XLA splits intermediates the way their
+    weights are split. So selected and residual are divided by the data axis
+    where the layout splits the hidden axis there (it does: fully sharded
+    data parallel), attention by the model axis where query heads are split
+    there (not under the head_dim fallback), feed_forward by the model axis
+    where its width is. The rows are never divided: a larger data axis holds
+    less of the weights but the same attention scores. Checked against XLA's
+    own `memory_analysis()` (temporaries plus output) on 8 CPU devices: this
+    estimate was 1.0-1.5x XLA's on meshes 1x1, 1x8, 2x4 and 8x1 (hidden 512,
+    8 heads, 16 rows x 1024 tokens), and tests/core/test_memory_plan.py keeps
+    it at or above XLA's figure.
+
+    Example:
+    >>> terms = activation_terms(GEMMA_PRESETS["gemma2_2b_en"]["config"],
+    ...                          "bfloat16", rows=16, length=1024, mesh_shape=(1, 4))
+    >>> terms["total"] == (terms["selected"] + terms["residual"]
+    ...                    + max(terms["attention"], terms["feed_forward"]))
+    True
+    """
+    if rows < 1 or length < 1 or layer_slots < 1 or max_adapter_rank < 1:
+        raise ValueError(f"rows, length, layer_slots and max_adapter_rank must be >= 1, got "
+                         f"{rows}, {length}, {layer_slots}, {max_adapter_rank}.")
+    c = jnp.dtype(compute_dtype).itemsize
+    cfg, B, T, S, R = config, rows, length, layer_slots, max_adapter_rank
+    d, h, H, K = cfg.hidden_dim, cfg.head_dim, cfg.num_query_heads, cfg.num_key_value_heads
+    f = cfg.intermediate_dim // 2
+    layout_map = GemmaBackbone.get_layout_map(placeholder_mesh(mesh_shape), config=cfg)
+    hidden_split = _split(layout_map, "token_embedding/embeddings", 1, mesh_shape)
+    heads_split = _split(layout_map, "decoder_block_0/attention/query/kernel", 0, mesh_shape)
+    ffw_split = _split(layout_map, "decoder_block_0/ffw_gating/kernel", 1, mesh_shape)
+    score_bytes = 4 + 4 + c + (c if c < 4 else 0)
+
+    def per_device(nbytes: int, split: int) -> int:
+        return -(-nbytes // split)
+
+    terms = {
+        "selected": per_device(2 * S * B * T * d * c, hidden_split),
+        "residual": per_device(4 * B * T * d * 4, hidden_split),
+        "attention": (per_device(B * H * T * T * score_bytes
+                                 + 2 * B * T * (H + 2 * K) * h * 4
+                                 + B * T * H * h * c, heads_split)
+                      + B * T * T
+                      + B * (H + K) * (d * R + R * h) * 4),
+        "feed_forward": per_device(3 * B * T * f * c, ffw_split),
+    }
+    terms["total"] = (terms["selected"] + terms["residual"]
+                      + max(terms["attention"], terms["feed_forward"]))
+    return terms
+
+
+def plan_memory(config: GemmaConfig | str | Mapping[str, Any],
+                mesh_shape: tuple[int, int] = (1, 1), dtype: str = "float32", *,
+                rows: int = 1, length: int = 1, layer_slots: int = 4,
+                max_adapters: int = 8, max_adapter_rank: int = 16) -> MemoryPlan:
+    """Per-device bytes of a worker serving `config` on a `mesh_shape` mesh.
+
+    Pure: builds nothing with memory and touches no device.
+
+    Args:
+        config: a GemmaConfig, a built-in preset name, or constructor kwargs.
+        mesh_shape: the worker's (data, model) mesh.
+        dtype: the dtype policy ("float32", "bfloat16", "mixed_bfloat16").
+        rows, length: the largest padded batch the worker will run.
+        layer_slots: layers one batch may return (`--max-layers-per-request`).
+        max_adapters, max_adapter_rank: the worker's adapter slots.
+
+    Example:
+    >>> plan = plan_memory("gemma_2b_en", (1, 1), "bfloat16", rows=16, length=1024)
+    >>> plan.weight_bytes == GEMMA_PRESETS["gemma_2b_en"]["params"] * 2
+    True
+    """
+    config = resolve_config(config)
+    mesh_shape = tuple(int(n) for n in mesh_shape)
+    if len(mesh_shape) != 2 or min(mesh_shape) < 1:
+        raise ValueError(f"mesh_shape must be (data, model) with sizes >= 1, got "
+                         f"{mesh_shape}.")
+    if max_adapters < 1 or max_adapter_rank < 1:
+        raise ValueError(f"max_adapters and max_adapter_rank must be >= 1, got "
+                         f"{max_adapters} and {max_adapter_rank}.")
+    policy = keras.dtype_policies.get(dtype)
+    table = LoraSlotTable(config, max_adapters + 1, max_adapter_rank)
+    # Float32, as LoraSlotTable.zeros() makes them, whatever the model dtype.
+    table_bytes = sum(math.prod(shape) * 4 for shape in table.shapes().values())
+    return MemoryPlan(
+        config=config, mesh_shape=mesh_shape, dtype=policy.name, rows=rows, length=length,
+        weights=weight_shards(config, mesh_shape, policy.name),
+        adapter_table_bytes=table_bytes,
+        activations=activation_terms(config, policy.compute_dtype, rows, length,
+                                     mesh_shape, layer_slots, max_adapter_rank))
