@@ -469,6 +469,9 @@ def main():
           f"round of {R} {1e3 * secs['swap_round']:.1f} ms (merge alone "
           f"{1e3 * secs['merge']:.1f} ms, plain 1x{args.seq} forward "
           f"{1e3 * secs['plain_1row']:.1f} ms)")
+    ceiling = R * (secs["plain_1row"] + secs["merge"]) / secs["plain"]
+    print(f"batching gain of the base model itself: {R} x (plain 1x{args.seq} + merge) / "
+          f"plain {R}x{args.seq} = {ceiling:.2f}, the most mixed vs swapping can reach here")
     print(f"in-process load: write_slot p50 {percentile_ms(loads['writes'], 50):.1f} ms, p99 "
           f"{percentile_ms(loads['writes'], 99):.1f} ms; warm 1x{args.seq} run p50 "
           f"{warm50:.1f} ms; {len(loads['first'])} loads into "

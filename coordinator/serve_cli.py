@@ -12,7 +12,7 @@ from coordinator.server import GemmaServer
 from coordinator.service_config import ServiceConfig
 from gemma_core import DEFAULT_PRESET
 from worker.errors import WorkerError
-from worker.log_format import LOG_FORMAT_ENV, configure_logging
+from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
 from worker.worker_config import BatchingConfig, WorkerSpec
 
 
@@ -63,9 +63,15 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--log-format", choices=["plain", "json"], default=None,
                    help="log lines as text or JSON objects (env GEMMA_SERVE_LOG_FORMAT); "
                         "workers follow")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None,
+                   help="INFO (default) logs one line per request in the coordinator and the "
+                        "worker, with its request id (env GEMMA_SERVE_LOG_LEVEL)")
     args = p.parse_args(argv)
-    if args.log_format:  # through the environment, so the worker actors follow
+    # Through the environment, so the worker actors follow.
+    if args.log_format:
         os.environ[LOG_FORMAT_ENV] = args.log_format
+    if args.log_level:
+        os.environ[LOG_LEVEL_ENV] = args.log_level
     batching = BatchingConfig(
         length_buckets=args.length_buckets, batch_buckets=args.batch_buckets,
         max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,

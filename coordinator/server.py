@@ -134,15 +134,23 @@ class GemmaServer:
             self.metrics.watch_workers(asyncio.get_running_loop(), self._pool.infos,
                                        jobs.counts_by_state)
             self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
+        loop = asyncio.get_running_loop()
+        self._pool.on_serving_change = lambda serving: loop.create_task(
+            self._set_health(serving))
+
+    async def _set_health(self, serving: bool) -> None:
+        """SERVING while some worker can serve; NOT_SERVING otherwise."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", *SERVICE_NAMES):
+            await self._health.set(service, status)
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
-        for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(False)
         if self._server is not None:
             await self._server.stop(grace)
         if self._pool is not None:

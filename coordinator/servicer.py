@@ -97,10 +97,11 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled",
                 "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions",
                 "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen",
-                "compiled_slot_writers")}
+                "compiled_slot_writers", "pid")}
             info.workers.add(
                 worker_id=worker["worker_id"], node_id=worker.get("node_id", ""),
                 mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],
                 devices=worker.get("devices", []), ready=worker.get("ready", True),
+                state=worker.get("error", ""),
                 **counters)
         return info

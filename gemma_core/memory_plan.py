@@ -213,7 +213,9 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
       product.
     - logits are never computed (the service returns hidden states).
 
-    total = selected + residual + max(attention, feed_forward).
+    total = selected + residual + max(attention, feed_forward). (`plan_memory`
+    adds `weight_casts`: under mixed_bfloat16, the bfloat16 copies of the
+    float32 weights.)
 
     What divides over the mesh follows the weights, not the rows: the worker
     passes whole batches in, and XLA splits intermediates the way their
@@ -296,12 +298,19 @@ def plan_memory(config: GemmaConfig | str | Mapping[str, Any],
         raise ValueError(f"max_adapters and max_adapter_rank must be >= 1, got "
                          f"{max_adapters} and {max_adapter_rank}.")
     policy = keras.dtype_policies.get(dtype)
+    weights = weight_shards(config, mesh_shape, policy.name)
     table = LoraSlotTable(config, max_adapters + 1, max_adapter_rank)
     # Float32, as LoraSlotTable.zeros() makes them, whatever the model dtype.
     table_bytes = sum(math.prod(shape) * 4 for shape in table.shapes().values())
+    activations = activation_terms(config, policy.compute_dtype, rows, length, mesh_shape,
+                                   layer_slots, max_adapter_rank)
+    # mixed_bfloat16 stores float32 and computes in bfloat16: XLA materializes
+    # the cast copies (measured: without them the estimate fell below XLA's).
+    compute_itemsize = jnp.dtype(policy.compute_dtype).itemsize
+    casts = sum(math.prod(w.shard_shape) * compute_itemsize for w in weights
+                if w.dtype != policy.compute_dtype)
+    activations = {**activations, "weight_casts": casts,
+                   "total": activations["total"] + casts}
     return MemoryPlan(
         config=config, mesh_shape=mesh_shape, dtype=policy.name, rows=rows, length=length,
-        weights=weight_shards(config, mesh_shape, policy.name),
-        adapter_table_bytes=table_bytes,
-        activations=activation_terms(config, policy.compute_dtype, rows, length,
-                                     mesh_shape, layer_slots, max_adapter_rank))
+        weights=weights, adapter_table_bytes=table_bytes, activations=activations)

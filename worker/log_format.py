@@ -14,6 +14,7 @@ import sys
 import time
 
 LOG_FORMAT_ENV = "GEMMA_SERVE_LOG_FORMAT"
+LOG_LEVEL_ENV = "GEMMA_SERVE_LOG_LEVEL"
 # Fields a record may carry through `extra=` that belong in the output.
 CONTEXT_FIELDS = ("request_id", "tenant", "rpc", "code", "ms", "worker_id", "job_id",
                   "adapter_id", "sequences", "tokens")
@@ -48,10 +49,12 @@ class PlainFormatter(logging.Formatter):
         return f"{line} [{context}]" if context else line
 
 
-def configure_logging(log_format: str | None = None, level: int = logging.INFO) -> None:
-    """Sets the root handler's format: "json" or "plain" (default: the
-    GEMMA_SERVE_LOG_FORMAT environment variable, else plain)."""
+def configure_logging(log_format: str | None = None, level: str | None = None) -> None:
+    """Sets the root handler's format, "json" or "plain", and level (default:
+    the GEMMA_SERVE_LOG_FORMAT / GEMMA_SERVE_LOG_LEVEL environment variables,
+    else plain and INFO; INFO logs one line per request)."""
     log_format = (log_format or os.environ.get(LOG_FORMAT_ENV) or "plain").lower()
+    level = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
     if log_format not in ("json", "plain"):
         raise ValueError(f"log format must be 'json' or 'plain', got {log_format!r}.")
     handler = logging.StreamHandler(sys.stderr)

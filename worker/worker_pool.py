@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -16,7 +17,7 @@ from worker.backbone_worker import BackboneWorker
 from worker.errors import WorkerError, WorkerUnavailable
 from worker.fine_tune_runner import FineTuneWork
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
-from worker.log_format import LOG_FORMAT_ENV
+from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV
 from worker.worker_config import WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker_pool")
@@ -30,8 +31,9 @@ def worker_resources(spec: WorkerSpec) -> dict:
 def actor_options(spec: WorkerSpec) -> dict:
     """Ray options giving an actor its devices before JAX starts in it."""
     env = {"KERAS_BACKEND": "jax"}
-    if os.environ.get(LOG_FORMAT_ENV):  # workers log as the coordinator does
-        env[LOG_FORMAT_ENV] = os.environ[LOG_FORMAT_ENV]
+    for name in (LOG_FORMAT_ENV, LOG_LEVEL_ENV):  # workers log as the coordinator does
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     if spec.use_gpus:
         return {"num_gpus": spec.num_devices, "num_cpus": 1,
                 "runtime_env": {"env_vars": env}}
@@ -42,6 +44,10 @@ def actor_options(spec: WorkerSpec) -> dict:
 
 
 PLACEMENT_TIMEOUT_S = 120
+# A restarted worker reloads its model; give up on it after this long.
+RESTART_TIMEOUT_S = 600
+# GetModelInfo must answer even when a worker is wedged.
+INFO_TIMEOUT_S = 10
 
 
 class WorkerPool:
@@ -51,6 +57,12 @@ class WorkerPool:
     here (the coordinator is the only sender), ties taken in turn; a worker
     that already holds the request's adapter counts as less loaded by
     `RESIDENT_BONUS` sequences, so adapters are not loaded everywhere.
+
+    A worker whose process dies is restarted by Ray (it reloads its model);
+    meanwhile it gets no requests, the requests it held are retried on the
+    others, and once it answers again the adapters it held are loaded back.
+    `on_serving_change(bool)` is told when the pool goes from no worker able
+    to serve to some, and back.
     """
 
     RESIDENT_BONUS = 2
@@ -70,14 +82,18 @@ class WorkerPool:
             strategy = PlacementGroupSchedulingStrategy(self._placement,
                                                         placement_group_bundle_index=i)
             self._actors[worker_id] = remote_class.options(
-                scheduling_strategy=strategy, max_concurrency=1000,
+                scheduling_strategy=strategy, max_concurrency=1000, max_restarts=-1,
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
         # A routing hint only: workers evict on their own, so this may hold
-        # keys a worker has dropped (it then reloads on demand).
-        self._resident: dict[str, set[str]] = {worker_id: set() for worker_id in self._actors}
+        # keys a worker has dropped (it then reloads on demand). The refs let
+        # a restarted worker get its adapters back.
+        self._resident: dict[str, dict[str, AdapterRef]] = {i: {} for i in self._actors}
         self._turn = 0
-        self._dead: set[str] = set()  # restarts come with the reliability work
+        self._down: set[str] = set()    # restarting: no requests until it answers
+        self._dead: set[str] = set()    # did not come back within RESTART_TIMEOUT_S
+        self.restarts = 0
+        self.on_serving_change: Callable[[bool], None] | None = None
 
     async def wait_ready(self) -> list[dict]:
         """Waits for every actor to have loaded its model; returns their info."""
@@ -94,23 +110,76 @@ class WorkerPool:
             raise WorkerUnavailable(f"a worker failed to start: {error}") from error
 
     async def infos(self) -> list[dict]:
-        """Every worker's info; a worker that does not answer is `ready: False`."""
-        answers = await asyncio.gather(*(a.info.remote() for a in self._actors.values()),
-                                       return_exceptions=True)
-        return [answer if isinstance(answer, dict) else
-                {"worker_id": worker_id, "ready": False, "error": str(answer)}
-                for worker_id, answer in zip(self._actors, answers)]
+        """Every worker's info; one restarting or not answering is `ready: False`."""
+        async def ask(worker_id):
+            if worker_id in self._down or worker_id in self._dead:
+                state = "restarting" if worker_id not in self._dead else "dead"
+                return {"worker_id": worker_id, "ready": False, "error": state}
+            try:
+                return await asyncio.wait_for(self._actors[worker_id].info.remote(),
+                                              INFO_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - reported, not raised
+                return {"worker_id": worker_id, "ready": False, "error": str(error)}
+        return list(await asyncio.gather(*(ask(i) for i in self._actors)))
 
-    def _alive(self) -> list[str]:
-        ids = [i for i in self._actors if i not in self._dead]
+    def serving(self) -> bool:
+        return any(i not in self._down and i not in self._dead for i in self._actors)
+
+    def _alive(self, exclude=()) -> list[str]:
+        ids = [i for i in self._actors
+               if i not in self._dead and i not in self._down and i not in exclude]
         if not ids:
-            raise WorkerUnavailable("no worker is alive")
+            restarting = len(self._down)
+            raise WorkerUnavailable(
+                f"no worker can take the request ({restarting} restarting)"
+                if restarting else "no worker is alive")
         return ids
 
-    def _least_loaded(self, adapter_key: str | None = None) -> str:
+    def _worker_died(self, worker_id: str) -> None:
+        """Takes a worker out of routing until Ray has restarted it."""
+        if worker_id in self._down or worker_id in self._dead:
+            return
+        was_serving = self.serving()
+        self._down.add(worker_id)
+        log.warning("%s died; Ray is restarting it", worker_id)
+        asyncio.get_running_loop().create_task(self._await_restart(worker_id))
+        if was_serving and not self.serving() and self.on_serving_change:
+            self.on_serving_change(False)
+
+    async def _await_restart(self, worker_id: str) -> None:
+        actor, give_up = self._actors[worker_id], time.monotonic() + RESTART_TIMEOUT_S
+        while True:
+            try:
+                # Calls to a restarting actor wait for its new process.
+                await asyncio.wait_for(actor.info.remote(), 60)
+                break
+            except Exception:  # noqa: BLE001 - still restarting
+                if time.monotonic() > give_up:
+                    log.error("%s did not come back within %ds", worker_id, RESTART_TIMEOUT_S)
+                    self._down.discard(worker_id)
+                    self._dead.add(worker_id)
+                    return
+                await asyncio.sleep(0.5)
+        adapters = list(self._resident[worker_id].values())
+        self._resident[worker_id] = {}
+        for adapter in adapters:  # what it held before, so its traffic finds them
+            try:
+                await actor.load_adapter.remote(adapter)
+                self._resident[worker_id][adapter.key] = adapter
+            except Exception as error:  # noqa: BLE001 - loads on demand later
+                log.warning("%s could not reload adapter %s: %s", worker_id, adapter.key,
+                            error)
+        was_serving = self.serving()
+        self._down.discard(worker_id)
+        self.restarts += 1
+        log.warning("%s is back with %d adapters", worker_id, len(self._resident[worker_id]))
+        if not was_serving and self.on_serving_change:
+            self.on_serving_change(True)
+
+    def _least_loaded(self, adapter_key: str | None = None, exclude=()) -> str:
         # Ties go round-robin, so an idle pool still uses every worker.
         self._turn += 1
-        ids = self._alive()
+        ids = self._alive(exclude)
         order = ids[self._turn % len(ids):] + ids[: self._turn % len(ids)]
 
         def load(worker_id):
@@ -133,22 +202,36 @@ class WorkerPool:
                 raise cause from None
             raise
         except RayActorError as error:
-            self._dead.add(worker_id)  # never route to it again
+            self._worker_died(worker_id)
             raise WorkerUnavailable(f"{worker_id} died while serving the request: "
                                     f"{error}") from error
 
     async def forward(self, work: ForwardWork) -> ForwardResult:
+        """Runs `work` on one worker; if that worker dies first, on another
+        (nothing has been streamed yet: results arrive whole)."""
         key = work.adapter.key if work.adapter is not None else None
-        worker_id = self._least_loaded(key)
-        weight = len(work.sequences)
-        self._in_flight[worker_id] += weight
-        try:
-            result = await self._call(worker_id, self._actors[worker_id].forward.remote(work))
-        finally:
-            self._in_flight[worker_id] -= weight
-        if key is not None:
-            self._resident[worker_id].add(key)
-        return result
+        tried = []
+        while True:
+            try:
+                worker_id = self._least_loaded(key, exclude=tried)
+            except WorkerUnavailable:
+                if tried:
+                    raise WorkerUnavailable(f"{', '.join(tried)} died while serving the "
+                                            "request and no other worker can take it") from None
+                raise
+            weight = len(work.sequences)
+            self._in_flight[worker_id] += weight
+            try:
+                result = await self._call(worker_id,
+                                          self._actors[worker_id].forward.remote(work))
+            except WorkerUnavailable:
+                tried.append(worker_id)
+                continue
+            finally:
+                self._in_flight[worker_id] -= weight
+            if key is not None:
+                self._resident[worker_id][key] = work.adapter
+            return result
 
     async def load_adapter(self, adapter: AdapterRef) -> tuple[list[str], float]:
         """Makes `adapter` resident on every live worker; returns the workers
@@ -157,7 +240,7 @@ class WorkerPool:
         times = await asyncio.gather(*(self._call(i, self._actors[i].load_adapter.remote(adapter))
                                        for i in ids))
         for worker_id in ids:
-            self._resident[worker_id].add(adapter.key)
+            self._resident[worker_id][adapter.key] = adapter
         return ids, max(times)
 
     async def unload_adapters(self, keys: list[str]) -> list[str]:
@@ -167,7 +250,8 @@ class WorkerPool:
         freed = await asyncio.gather(*(
             self._call(i, self._actors[i].unload_adapters.remote(keys)) for i in ids))
         for worker_id in ids:
-            self._resident[worker_id].difference_update(keys)
+            for key in keys:
+                self._resident[worker_id].pop(key, None)
         return [worker_id for worker_id, keys_freed in zip(ids, freed) if keys_freed]
 
     async def resident_adapters(self) -> dict[str, list[str]]:
@@ -176,7 +260,8 @@ class WorkerPool:
         answers = await asyncio.gather(*(
             self._call(i, self._actors[i].resident_adapters.remote()) for i in ids))
         for worker_id, keys in zip(ids, answers):
-            self._resident[worker_id] = set(keys)
+            known = self._resident[worker_id]
+            self._resident[worker_id] = {k: known[k] for k in keys if k in known}
         return dict(zip(ids, answers))
 
     def fine_tune(self, job: FineTuneWork) -> tuple[str, Any]:
