@@ -51,7 +51,7 @@ ADAPTER_FORMATS = {".lora.h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
 _FORMAT_NAMES = {"lora.h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
                  "keras_hub_lora_h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
                  "safetensors": adapter_pb.ADAPTER_FORMAT_SAFETENSORS}
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
 _STATE_PREFIX = "FINE_TUNE_STATE_"
 
 
@@ -173,6 +173,20 @@ def assemble(responses) -> ForwardResult:
         request_id=header.request_id, model=header.model, worker_id=header.worker_id,
         layers=layers, token_ids=[np.asarray(s.token_ids, "int32") for s in header.sequences],
         hidden_states=tensors, adapter_id=header.adapter_id)
+
+
+def tls_credentials(ca: str | None = None, cert: str | None = None,
+                    key: str | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials from PEM files: `ca` to trust the server (None:
+    the system roots), `cert` and `key` to present for mutual TLS."""
+    def read(path):
+        if path is None:
+            return None
+        with open(path, "rb") as handle:
+            return handle.read()
+    if bool(cert) != bool(key):
+        raise ValueError("mutual TLS needs both a client certificate and its key.")
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
 
 
 class GemmaClient:

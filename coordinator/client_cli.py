@@ -21,7 +21,7 @@ import sys
 import grpc
 import numpy as np
 
-from coordinator.client import TERMINAL_STATES, GemmaClient
+from coordinator.client import TERMINAL_STATES, GemmaClient, tls_credentials
 
 API_KEY_ENV = "GEMMA_SERVE_API_KEY"
 
@@ -175,6 +175,12 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--api-key", default=None, help=f"default: ${API_KEY_ENV}")
+    p.add_argument("--tls-ca", default=None,
+                   help="connect with TLS, trusting this CA (PEM); see --tls")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS, trusting the system's CAs")
+    p.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", default=None, help="client key for mutual TLS")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds per call (watching a job has no limit)")
     commands = p.add_subparsers(dest="command", required=True)
@@ -325,7 +331,9 @@ def _finetune(client: GemmaClient, args) -> int:
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    with GemmaClient(args.target, api_key=api_key) as client:
+    credentials = (tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+                   if args.tls or args.tls_ca or args.tls_cert else None)
+    with GemmaClient(args.target, api_key=api_key, credentials=credentials) as client:
         try:
             if args.command == "info":
                 print(json.dumps(client.model_info(timeout=args.timeout), indent=2))

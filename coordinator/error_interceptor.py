@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import grpc
 
-from coordinator.errors import ServiceError
+from coordinator.errors import ServiceError, Unavailable
 from coordinator.service_metrics import ServiceMetrics
 from worker.errors import (AdapterRejected, AdapterSlotsBusy, DeadlineExpired,
-                           WorkerUnavailable)
+                           PoolSaturated, WorkerUnavailable)
 
 log = logging.getLogger("gemma_serve.errors")
 
@@ -25,7 +26,7 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
             f"deadline exceeded: {error}" if str(error) else "deadline exceeded")
     if isinstance(error, WorkerUnavailable):
         return grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly."
-    if isinstance(error, AdapterSlotsBusy):
+    if isinstance(error, (AdapterSlotsBusy, PoolSaturated)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, AdapterRejected):
         return grpc.StatusCode.FAILED_PRECONDITION, f"the adapter cannot be loaded: {error}"
@@ -38,14 +39,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     INTERNAL; with `metrics`, records every call's status code and latency.
     """
 
-    def __init__(self, metrics: ServiceMetrics | None = None):
+    def __init__(self, metrics: ServiceMetrics | None = None,
+                 draining: Callable[[], bool] = lambda: False):
         self._metrics = metrics
+        self._draining = draining
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        if self._draining() and not method.startswith("/grpc."):
+            handler = _refusing(handler)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method),
@@ -108,8 +113,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context, error: BaseException, method: str):
-    """Ends the call with the error's status (context.abort raises AbortError)."""
+    """Ends the call with the error's status (context.abort raises AbortError);
+    a retry hint travels as gRPC's standard `grpc-retry-pushback-ms`."""
     code, message = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unhandled error in %s", method, exc_info=error)
+    retry_after_ms = getattr(error, "retry_after_ms", None)
+    if retry_after_ms is not None:
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", str(retry_after_ms)),))
     await context.abort(code, message)
+
+
+def _refusing(handler):
+    """The same kind of handler, answering UNAVAILABLE: the server is
+    draining for shutdown (health and reflection still answer)."""
+    async def refuse(request, context):
+        raise Unavailable("the server is shutting down; retry on another replica.")
+
+    async def refuse_stream(request, context):
+        raise Unavailable("the server is shutting down; retry on another replica.")
+        yield  # an async generator, like the handler it replaces
+
+    kinds = {"unary_unary": refuse, "unary_stream": refuse_stream, "stream_unary": refuse,
+             "stream_stream": refuse_stream}
+    return handler._replace(**{kind: kinds[kind] for kind in kinds
+                               if getattr(handler, kind) is not None})

@@ -31,9 +31,20 @@ class FailedPrecondition(ServiceError):
 
 
 class ResourceExhausted(ServiceError):
-    """A quota or capacity limit was reached; the message says which."""
+    """A quota or capacity limit was reached; the message says which.
+    `retry_after_ms`, when set, is sent as `grpc-retry-pushback-ms`."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class Unavailable(ServiceError):
+    """The server cannot take calls now (shutting down); retry elsewhere."""
+
+    code = grpc.StatusCode.UNAVAILABLE
 
 
 class AlreadyExists(ServiceError):

@@ -16,13 +16,13 @@ import uuid
 from typing import AsyncIterator
 
 from coordinator.adapter_manager import AdapterManager
-from coordinator.errors import NotFound
+from coordinator.errors import NotFound, ResourceExhausted
 from worker.fine_tune_runner import FineTuneWork
 from worker.worker_pool import WorkerPool
 
 log = logging.getLogger("gemma_serve.fine_tune")
 
-ENDED = ("succeeded", "failed", "cancelled")
+ENDED = ("succeeded", "failed", "cancelled", "interrupted")
 
 
 @dataclasses.dataclass
@@ -50,15 +50,28 @@ class FineTuneJobs:
     """Every tenant's jobs; a tenant sees only its own (another tenant's job
     id answers as an unknown one)."""
 
-    def __init__(self, pool: WorkerPool, adapters: AdapterManager):
+    def __init__(self, pool: WorkerPool, adapters: AdapterManager, max_per_tenant: int = 2):
         self._pool = pool
         self._adapters = adapters
+        self._max_per_tenant = max_per_tenant
         self._jobs: dict[str, FineTuneJob] = {}
         self._changed: dict[str, asyncio.Condition] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._interrupted: set[str] = set()
 
     def start(self, tenant: str, adapter_name: str, work_for_job) -> FineTuneJob:
-        """Queues a job; `work_for_job(job_id)` builds its FineTuneWork."""
+        """Queues a job; `work_for_job(job_id)` builds its FineTuneWork.
+
+        Raises:
+            ResourceExhausted: the tenant already has its limit of jobs
+                queued or running.
+        """
+        active = sum(1 for j in self._jobs.values()
+                     if j.tenant == tenant and j.state not in ENDED)
+        if active >= self._max_per_tenant:
+            raise ResourceExhausted(
+                f"this tenant already has {active} fine-tune jobs queued or running (the "
+                "limit); wait for one to end or cancel one.")
         job_id = f"ft-{uuid.uuid4().hex[:12]}"
         job = FineTuneJob(job_id=job_id, tenant=tenant, adapter_name=adapter_name)
         self._jobs[job_id] = job
@@ -107,7 +120,32 @@ class FineTuneJobs:
                 lambda: self._jobs[job_id].state in ENDED)
         return self.get(tenant, job_id)
 
+    async def interrupt_all(self, timeout_s: float) -> None:
+        """For shutdown: stops every unfinished job; each ends "interrupted"
+        (its adapter is not published; a publish in progress completes or
+        not at all, being one rename)."""
+        pending = [j for j in self._jobs.values() if j.state not in ENDED]
+        for job in pending:
+            self._interrupted.add(job.job_id)
+            if job.worker_id:
+                try:
+                    await asyncio.wait_for(
+                        self._pool.cancel_fine_tune(job.worker_id, job.job_id), timeout_s)
+                except Exception:  # noqa: BLE001 - the task below ends it regardless
+                    pass
+        tasks = [self._tasks[j.job_id] for j in pending]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        for job in pending:
+            self._tasks[job.job_id].cancel()
+            if job.state not in ENDED:
+                await self._update(job, state="interrupted", eta_seconds=0.0,
+                                   error="interrupted: the server shut down")
+
     async def _update(self, job: FineTuneJob, **fields) -> None:
+        if job.job_id in self._interrupted and fields.get("state") == "cancelled":
+            fields["state"] = "interrupted"
+            fields.setdefault("error", "interrupted: the server shut down")
         for key, value in fields.items():
             setattr(job, key, value)
         async with self._changed[job.job_id]:

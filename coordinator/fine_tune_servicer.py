@@ -19,7 +19,8 @@ from worker.fine_tune_runner import FineTuneWork
 
 STATES = {"queued": pb.FINE_TUNE_STATE_QUEUED, "running": pb.FINE_TUNE_STATE_RUNNING,
           "succeeded": pb.FINE_TUNE_STATE_SUCCEEDED, "failed": pb.FINE_TUNE_STATE_FAILED,
-          "cancelled": pb.FINE_TUNE_STATE_CANCELLED}
+          "cancelled": pb.FINE_TUNE_STATE_CANCELLED,
+          "interrupted": pb.FINE_TUNE_STATE_INTERRUPTED}
 
 
 def job_message(job: FineTuneJob) -> pb.FineTuneJob:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
 
+from coordinator.admission_control import AdmissionLimits
 from coordinator.server import GemmaServer
 from coordinator.service_config import ServiceConfig
 from gemma_core import DEFAULT_PRESET
@@ -56,6 +58,22 @@ def parse_args(argv=None) -> ServiceConfig:
                         "(tenant=key,...), else auth off with one tenant 'default'")
     p.add_argument("--max-upload-mib", type=float, default=64,
                    help="size cap of an adapter or dataset upload")
+    p.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="require client certificates signed by this CA (mutual TLS)")
+    limits = AdmissionLimits()
+    p.add_argument("--tenant-max-requests", type=int, default=limits.max_requests,
+                   help="concurrent Forward calls per tenant (beyond: RESOURCE_EXHAUSTED)")
+    p.add_argument("--tenant-max-tokens", type=int, default=limits.max_tokens,
+                   help="tokens in flight per tenant")
+    p.add_argument("--tenant-max-fine-tunes", type=int, default=limits.max_fine_tunes,
+                   help="queued or running fine-tune jobs per tenant")
+    p.add_argument("--max-queued-sequences", type=int,
+                   default=limits.max_queued_sequences_per_worker,
+                   help="sequences a worker may hold before new requests are refused")
+    p.add_argument("--shutdown-grace-s", type=float, default=10.0,
+                   help="on SIGTERM, how long in-flight calls may take to finish")
     p.add_argument("--metrics-port", type=int, default=9090,
                    help="Prometheus /metrics port; -1 turns it off, 0 picks a free one")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -87,7 +105,15 @@ def parse_args(argv=None) -> ServiceConfig:
                          api_keys_file=args.api_keys_file,
                          max_upload_bytes=int(args.max_upload_mib * (1 << 20)),
                          metrics_host=args.metrics_host,
-                         metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+                         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key,
+                         tls_client_ca=args.tls_client_ca,
+                         shutdown_grace_s=args.shutdown_grace_s,
+                         admission=AdmissionLimits(
+                             max_requests=args.tenant_max_requests,
+                             max_tokens=args.tenant_max_tokens,
+                             max_fine_tunes=args.tenant_max_fine_tunes,
+                             max_queued_sequences_per_worker=args.max_queued_sequences))
 
 
 def ready_line(server: GemmaServer) -> str:
@@ -99,7 +125,9 @@ def ready_line(server: GemmaServer) -> str:
     auth = (f"auth=on ({len(tenants)} tenants)" if server.auth.enabled else
             f"auth=OFF (single tenant '{tenants[0]}'; set GEMMA_SERVE_API_KEYS or "
             "--api-keys-file to require keys)")
-    return (f"gemma-serve ready on {config.host}:{server.port} preset={config.worker.preset}"
+    tls = ("mtls" if config.tls_client_ca else "tls") if config.tls_cert else "plaintext"
+    return (f"gemma-serve ready on {config.host}:{server.port} ({tls}) "
+            f"preset={config.worker.preset}"
             f"{weights} workers={config.num_workers} mesh={mesh} "
             f"ray={'local' if not config.ray_address else config.ray_address} {auth} "
             f"adapters={config.data_dir}" + (
@@ -116,7 +144,10 @@ async def serve(config: ServiceConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.stop()
+    logging.getLogger("gemma_serve").warning(
+        "shutting down: draining for up to %.0fs", config.shutdown_grace_s)
+    await server.stop(grace=config.shutdown_grace_s)
+    print("gemma-serve stopped", flush=True)
 
 
 def main(argv=None) -> None:

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coordinator.adapter_manager import AdapterManager
+from coordinator.admission_control import TenantAdmission
 from coordinator.adapter_registry import AdapterRegistry
 from coordinator.adapter_servicer import AdapterServicer
 from coordinator.dataset_store import DatasetStore
@@ -57,6 +58,22 @@ def connect_ray(config: ServiceConfig) -> None:
                  logging_level=logging.WARNING)
 
 
+def server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
+    """TLS from the certificate and key files, mutual TLS when a client CA is
+    given (clients without a certificate it signed are refused); None for
+    plaintext."""
+    if not config.tls_cert:
+        return None
+    with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if config.tls_client_ca:
+        with open(config.tls_client_ca, "rb") as handle:
+            client_ca = handle.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
 class GemmaServer:
     """The running service. `await start()`, then `port`; `await stop()`."""
 
@@ -69,6 +86,8 @@ class GemmaServer:
         self.auth = TenantAuth.from_sources(config.api_keys_file)
         self.metrics = ServiceMetrics()
         self.metrics_port: int | None = None
+        self.draining = False
+        self._jobs: FineTuneJobs | None = None
 
     async def start(self) -> None:
         from worker.worker_pool import WorkerPool
@@ -95,7 +114,8 @@ class GemmaServer:
             max_text_bytes=config.max_text_bytes)
 
         connect_ray(config)
-        self._pool = WorkerPool(config.worker, config.num_workers)
+        self._pool = WorkerPool(config.worker, config.num_workers,
+                                config.admission.max_queued_sequences_per_worker)
         infos = await self._pool.wait_ready()
         fingerprints = {info["base_fingerprint"] for info in infos}
         if len(fingerprints) != 1:
@@ -106,15 +126,17 @@ class GemmaServer:
         adapters = AdapterManager(registry, self._pool, config.worker.max_adapter_rank,
                                   config.max_upload_bytes)
         datasets = DatasetStore(os.path.join(config.data_dir, "datasets"))
-        jobs = FineTuneJobs(self._pool, adapters)
+        jobs = FineTuneJobs(self._pool, adapters, config.admission.max_fine_tunes)
+        self._jobs = jobs
 
         servicer = GemmaServicer(
             config, self._pool, limits, tokenizer, model_config,
             parameter_count=architecture.num_parameters(),
             random_weights=config.worker.preset == DEFAULT_PRESET, auth=self.auth,
-            adapters=adapters, metrics=self.metrics)
+            adapters=adapters, metrics=self.metrics,
+            admission=TenantAdmission(config.admission))
         self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.metrics)],
+            interceptors=[ErrorInterceptor(self.metrics, draining=lambda: self.draining)],
             options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                      ("grpc.max_send_message_length", MAX_SEND_BYTES)])
         pb_grpc.add_GemmaServiceServicer_to_server(servicer, self._server)
@@ -128,7 +150,10 @@ class GemmaServer:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self._server)
-        self.port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        credentials = server_credentials(config)
+        self.port = (self._server.add_secure_port(address, credentials) if credentials
+                     else self._server.add_insecure_port(address))
         await self._server.start()
         if config.metrics_port is not None:
             self.metrics.watch_workers(asyncio.get_running_loop(), self._pool.infos,
@@ -150,7 +175,14 @@ class GemmaServer:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
+        """Drains: health NOT_SERVING and new calls UNAVAILABLE at once,
+        fine-tune jobs stopped (marked interrupted; nothing half-published:
+        publishing is one atomic rename), in-flight calls given `grace`
+        seconds to finish, then the workers are released."""
+        self.draining = True
         await self._set_health(False)
+        if self._jobs is not None:
+            await self._jobs.interrupt_all(timeout_s=max(grace, 1.0))
         if self._server is not None:
             await self._server.stop(grace)
         if self._pool is not None:

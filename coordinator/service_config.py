@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from coordinator.admission_control import AdmissionLimits
 from worker.worker_config import WorkerSpec
 
 
@@ -42,6 +43,11 @@ class ServiceConfig:
         max_upload_bytes: size cap of an adapter or dataset upload.
         metrics_host, metrics_port: the Prometheus endpoint (`/metrics`);
             port None turns it off, 0 picks a free one. Loopback unless set.
+        admission: per-tenant and per-worker limits on work in flight.
+        tls_cert, tls_key: PEM files; set both to serve TLS only.
+        tls_client_ca: PEM CA; set it to require client certificates it
+            signed (mutual TLS).
+        shutdown_grace_s: on SIGTERM, how long in-flight calls may run on.
     """
 
     worker: WorkerSpec
@@ -59,7 +65,20 @@ class ServiceConfig:
     max_upload_bytes: int = 64 << 20
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
+    admission: AdmissionLimits = AdmissionLimits()
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    shutdown_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_bytes <= 3 << 20:
             raise ValueError("chunk_bytes must be in (0, 3 MiB] to stay under 4 MiB.")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both a certificate and a key file.")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("mutual TLS (a client CA) needs the server's own certificate "
+                             "and key too.")
+        for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"TLS file {path} does not exist.")

@@ -10,6 +10,7 @@ import time
 import uuid
 
 from coordinator.adapter_manager import AdapterManager
+from coordinator.admission_control import TenantAdmission
 from coordinator.forward_request import parse_forward_request
 from coordinator.forward_response import response_stream
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
@@ -32,12 +33,14 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
     def __init__(self, config: ServiceConfig, pool: WorkerPool, limits: ServiceLimits,
                  tokenizer: GemmaTokenizer | None, model_config: dict,
                  parameter_count: int, random_weights: bool, auth: TenantAuth,
-                 adapters: AdapterManager, metrics: ServiceMetrics):
+                 adapters: AdapterManager, metrics: ServiceMetrics,
+                 admission: TenantAdmission):
         self._config = config
         self._pool = pool
         self._auth = auth
         self._adapters = adapters
         self._metrics = metrics
+        self._admission = admission
         self._limits = limits
         self._tokenizer = tokenizer
         self._model_config = model_config
@@ -55,18 +58,20 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
             work = dataclasses.replace(work, adapter=ref)
             adapter_id = record.adapter_id
         started = time.perf_counter()
-        result = await asyncio.wait_for(self._pool.forward(work),
-                                        timeout=context.time_remaining())
         tokens = sum(len(s) for s in work.sequences)
-        self._metrics.record_forward(len(work.sequences), tokens)
-        log.info("forward %s", work.request_id, extra={
-            "request_id": work.request_id, "tenant": tenant, "worker_id": result.worker_id,
-            "adapter_id": adapter_id, "sequences": len(work.sequences), "tokens": tokens,
-            "ms": round(1e3 * (time.perf_counter() - started), 2)})
-        for response in response_stream(work, result, self._config.worker.preset,
-                                        self._limits.hidden_dim, self._config.chunk_bytes,
-                                        adapter_id):
-            yield response
+        # Held until the last chunk is sent: the results are in memory till then.
+        with self._admission.admit(tenant, tokens):
+            result = await asyncio.wait_for(self._pool.forward(work),
+                                            timeout=context.time_remaining())
+            self._metrics.record_forward(len(work.sequences), tokens)
+            log.info("forward %s", work.request_id, extra={
+                "request_id": work.request_id, "tenant": tenant, "worker_id": result.worker_id,
+                "adapter_id": adapter_id, "sequences": len(work.sequences), "tokens": tokens,
+                "ms": round(1e3 * (time.perf_counter() - started), 2)})
+            for response in response_stream(work, result, self._config.worker.preset,
+                                            self._limits.hidden_dim, self._config.chunk_bytes,
+                                            adapter_id):
+                yield response
 
     async def GetModelInfo(self, request, context):
         tenant = self._auth.tenant_for_metadata(context.invocation_metadata())

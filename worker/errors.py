@@ -24,3 +24,9 @@ class AdapterRejected(WorkerError):
 
 class FineTuneFailed(WorkerError):
     """A fine-tune job stopped with an error (the message says which)."""
+
+
+class PoolSaturated(WorkerError):
+    """Every worker's queue is at its bound; the caller should back off."""
+
+    retry_after_ms = 100

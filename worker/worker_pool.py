@@ -14,7 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from worker.backbone_worker import BackboneWorker
-from worker.errors import WorkerError, WorkerUnavailable
+from worker.errors import PoolSaturated, WorkerError, WorkerUnavailable
 from worker.fine_tune_runner import FineTuneWork
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV
@@ -67,10 +67,12 @@ class WorkerPool:
 
     RESIDENT_BONUS = 2
 
-    def __init__(self, spec: WorkerSpec, num_workers: int):
+    def __init__(self, spec: WorkerSpec, num_workers: int,
+                 max_queued_sequences: int = 512):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
         self.spec = spec
+        self.max_queued_sequences = max_queued_sequences
         # One bundle per worker, spread over distinct nodes where resources
         # allow: a node's loss then takes out as few workers as possible.
         self._placement = placement_group([worker_resources(spec)] * num_workers,
@@ -220,6 +222,10 @@ class WorkerPool:
                                             "request and no other worker can take it") from None
                 raise
             weight = len(work.sequences)
+            if self._in_flight[worker_id] + weight > self.max_queued_sequences:
+                raise PoolSaturated(
+                    f"every worker already holds {self.max_queued_sequences} sequences (the "
+                    f"queue bound); retry after {PoolSaturated.retry_after_ms} ms.")
             self._in_flight[worker_id] += weight
             try:
                 result = await self._call(worker_id,

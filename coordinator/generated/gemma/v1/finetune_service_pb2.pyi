@@ -15,12 +15,14 @@ class FineTuneState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINE_TUNE_STATE_SUCCEEDED: _ClassVar[FineTuneState]
     FINE_TUNE_STATE_FAILED: _ClassVar[FineTuneState]
     FINE_TUNE_STATE_CANCELLED: _ClassVar[FineTuneState]
+    FINE_TUNE_STATE_INTERRUPTED: _ClassVar[FineTuneState]
 FINE_TUNE_STATE_UNSPECIFIED: FineTuneState
 FINE_TUNE_STATE_QUEUED: FineTuneState
 FINE_TUNE_STATE_RUNNING: FineTuneState
 FINE_TUNE_STATE_SUCCEEDED: FineTuneState
 FINE_TUNE_STATE_FAILED: FineTuneState
 FINE_TUNE_STATE_CANCELLED: FineTuneState
+FINE_TUNE_STATE_INTERRUPTED: FineTuneState
 
 class UploadDatasetRequest(_message.Message):
     __slots__ = ("name", "data")
