@@ -73,11 +73,12 @@ def time_run(model, batch, layer_ids, seconds, min_calls):
     """Per-call seconds of `model.run` (blocking, result on the host), after
     one untimed call; at least `min_calls` calls and `seconds` seconds."""
     token_ids, padding_mask = batch
-    model.run(token_ids, padding_mask, layer_ids)
+    slot_ids = np.zeros(len(token_ids), "int32")  # base model, as the service's requests
+    model.run(token_ids, padding_mask, layer_ids, slot_ids)
     times, start = [], time.perf_counter()
     while len(times) < min_calls or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        model.run(token_ids, padding_mask, layer_ids)
+        model.run(token_ids, padding_mask, layer_ids, slot_ids)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -169,7 +170,7 @@ def bench_model(label, preset, args, batching, seed):
                for c in args.clients}
     short_batch = padded_batch(1, short_length, 1, args.short, vocab, rng)
     for batch in [*batches.values(), short_batch]:  # compile every shape once
-        model.run(*batch, layer_ids)
+        model.run(*batch, layer_ids, np.zeros(len(batch[0]), "int32"))
     print(f"[{label}] in-process model loaded and compiled in "
           f"{time.perf_counter() - started:.1f}s", flush=True)
 
@@ -305,11 +306,17 @@ def main():
 
     workdir = tempfile.mkdtemp(prefix="gemma-serve-bench-")
     os.environ["GEMMA_SERVE_CACHE"] = os.path.join(workdir, "cache")  # before ray.init
+    os.environ["GEMMA_SERVE_DATA"] = os.path.join(workdir, "data")
+    os.environ.pop("GEMMA_SERVE_API_KEYS", None)  # auth off: one tenant
+    # Per-request log lines are an operator's choice; measured without them.
+    os.environ.setdefault("GEMMA_SERVE_LOG_LEVEL", "WARNING")
     # Ray first: it forks its processes before JAX starts threads here.
     # address="local": always a private cluster, never one found on the machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              logging_level=logging.WARNING)
     logging.getLogger("gemma_serve.server").setLevel(logging.ERROR)  # "no tokenizer"
+    logging.getLogger("gemma_serve.requests").setLevel(
+        os.environ["GEMMA_SERVE_LOG_LEVEL"])
     rows, shorts, notes = [], [], []
     try:
         import jax

@@ -24,6 +24,18 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _TARGETS = ("query", "value")
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters, for echoing what a user
+    sent in a message (status messages travel in a header: keep them short).
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = (f"{len(value)} characters" if isinstance(value, str) else
+            f"{len(text)} digits" if isinstance(value, int) else f"{len(text)} in all")
+    return f"{text[:limit]}... ({size})"
+
+
 def check_name(field: str, value: object) -> str:
     """Returns `value` if it is a valid tenant or adapter name.
 
@@ -31,7 +43,7 @@ def check_name(field: str, value: object) -> str:
         InvalidArgument: naming `field` and the allowed form.
     """
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise InvalidArgument(field, f"{value!r} is not a valid {field}; use {NAME_FORM}.")
+        raise InvalidArgument(field, f"{shown(value)} is not a valid {field}; use {NAME_FORM}.")
     return value
 
 

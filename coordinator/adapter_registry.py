@@ -37,11 +37,11 @@ import safetensors
 import safetensors.numpy
 
 from coordinator.adapter_record import (FORMAT, NAME_PATTERN, AdapterRecord, check_name,
-                                        parse_adapter_id)
+                                        parse_adapter_id, shown)
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from gemma_core.errors import AdapterMismatch, PresetError
 from gemma_core.gemma_config import GemmaConfig
-from gemma_core.lora_adapter import LoraAdapter
+from gemma_core.lora_adapter import LoraAdapter, MalformedAdapter
 
 log = logging.getLogger("gemma_serve.adapters")
 
@@ -212,6 +212,8 @@ class AdapterRegistry:
     def _read_lora_h5(self, path: Path) -> LoraAdapter:
         try:
             return LoraAdapter.from_lora_file(path, self.base_config)
+        except MalformedAdapter as error:
+            raise _not_valid("lora.h5", path, error) from error
         except AdapterMismatch as error:
             raise _another_base(path, error) from error
         except (PresetError, OSError, KeyError, ValueError, TypeError) as error:
@@ -450,12 +452,13 @@ def _is_name_dir(path: Path) -> bool:
 
 
 def _not_found(adapter_id: object) -> NotFound:
-    return NotFound(f"adapter_id: no adapter {adapter_id!r} for this tenant.")
+    return NotFound(f"adapter_id: no adapter {shown(adapter_id)} for this tenant.")
 
 
 def _hide(path: Path, error: object) -> str:
     """The error's text without the server-side file path or a final period."""
-    return str(error).replace(os.fspath(path), "it").rstrip(".")
+    text = str(error).removeprefix(f"{os.fspath(path)}: ")
+    return text.replace(os.fspath(path), "it").rstrip(".")
 
 
 def _another_base(path: Path | None, error: object) -> FailedPrecondition:

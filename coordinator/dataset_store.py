@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.adapter_record import check_name
+from coordinator.adapter_record import check_name, shown
 from coordinator.errors import NotFound
 
 
@@ -61,5 +61,6 @@ class DatasetStore:
             with np.load(path) as data:
                 ids, offsets = data["ids"], data["offsets"]
         except Exception:  # noqa: BLE001 - malformed, missing, unreadable: all unknown
-            raise NotFound(f"dataset_id: no dataset {dataset_id!r} for this tenant.") from None
+            raise NotFound(f"dataset_id: no dataset {shown(dataset_id)} for this tenant.") \
+                from None
         return tuple(ids[start:end] for start, end in zip(offsets[:-1], offsets[1:]))

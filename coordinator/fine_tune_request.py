@@ -11,12 +11,13 @@ import json
 
 import numpy as np
 
-from coordinator.adapter_record import check_name
+from coordinator.adapter_record import check_name, shown
 from coordinator.errors import InvalidArgument
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as ft_pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
 from gemma_core.fine_tune_config import FineTuneConfig
+from gemma_core.lora_trainer import total_steps
 
 DEFAULT_RANK = 8
 DEFAULT_SEQUENCE_LENGTH = 128
@@ -46,16 +47,23 @@ class FineTuneRequest:
 def training_ids(ids, field: str, limits: ServiceLimits) -> np.ndarray:
     """int32 ids of one training sequence, checked: at least 2 tokens (one
     prediction), all within the vocabulary."""
-    ids = np.asarray(ids, "int64").reshape(-1)
-    if ids.size < 2:
-        raise InvalidArgument(field, f"has {ids.size} token(s); a training sequence needs at "
+    try:
+        array = np.asarray(ids, "int64").reshape(-1)
+    except OverflowError:  # a JSON integer beyond int64: outside the vocabulary anyway
+        array = None
+    size = len(ids) if array is None else array.size
+    if size < 2:
+        raise InvalidArgument(field, f"has {size} token(s); a training sequence needs at "
                                      "least 2 (a token and the next one to predict).")
-    bad = (ids < 0) | (ids >= limits.vocabulary_size)
-    if bad.any():
+    if array is None:
+        bad = [not 0 <= token < limits.vocabulary_size for token in ids]
+    else:
+        bad = (array < 0) | (array >= limits.vocabulary_size)
+    if np.any(bad):
         position = int(np.argmax(bad))
-        raise InvalidArgument(field, f"token id {int(ids[position])} at position {position} "
-                                     f"is outside [0, {limits.vocabulary_size}).")
-    return ids.astype("int32")
+        raise InvalidArgument(field, f"token id {shown(int(ids[position]))} at position "
+                                     f"{position} is outside [0, {limits.vocabulary_size}).")
+    return array.astype("int32")
 
 
 def _tokenize(text: str, field: str, limits: ServiceLimits,
@@ -64,18 +72,28 @@ def _tokenize(text: str, field: str, limits: ServiceLimits,
         raise InvalidArgument(field, "this model has no tokenizer; send token ids instead.")
     if not isinstance(text, str) or not text:
         raise InvalidArgument(field, "must be a non-empty string.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate from a JSON "\ud800" escape
+        raise InvalidArgument(field, f"holds {text[error.start]!r} at character {error.start}, "
+                                     "half of a surrogate pair, which is not text; send "
+                                     "valid Unicode.") from None
     return training_ids(tokenizer.tokenize(text, add_bos=True), f"{field} (tokenized)", limits)
 
 
 def parse_dataset_lines(data: bytes, limits: ServiceLimits,
                         tokenizer: GemmaTokenizer | None) -> list[np.ndarray]:
-    """JSON Lines, one {"text": "..."} or {"ids": [...]} per line, to token ids."""
+    """JSON Lines, one {"text": "..."} or {"ids": [...]} per line, to token ids.
+
+    Lines end at "\\n" only (as JSON Lines says), so a text may hold any other
+    line separator; a UTF-8 byte order mark at the start is skipped.
+    """
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         raise InvalidArgument("data", f"is not UTF-8 JSON Lines ({error}).") from None
     sequences = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         field = f"data line {number}"
@@ -83,6 +101,12 @@ def parse_dataset_lines(data: bytes, limits: ServiceLimits,
             item = json.loads(line)
         except json.JSONDecodeError as error:
             raise InvalidArgument(field, f"is not JSON ({error.msg}).") from None
+        except ValueError:  # an integer of thousands of digits
+            raise InvalidArgument(field, "holds a number too long to read; token ids are "
+                                         "small integers.") from None
+        except RecursionError:
+            raise InvalidArgument(field, "is nested too deeply; send one flat object per "
+                                         'line, {"text": "..."} or {"ids": [...]}.') from None
         if not isinstance(item, dict) or len(item.keys() & {"text", "ids"}) != 1:
             raise InvalidArgument(field, 'must be an object with exactly one of "text" and '
                                          '"ids".')
@@ -99,6 +123,21 @@ def parse_dataset_lines(data: bytes, limits: ServiceLimits,
     if not sequences:
         raise InvalidArgument("data", "holds no examples; send one JSON object per line.")
     return sequences
+
+
+def check_training_length(num_sequences: int, config: FineTuneConfig) -> None:
+    """Refuses a job of more than MAX_STEPS steps (epochs x batches per epoch),
+    a length no client means and progress counters cannot hold.
+
+    Raises:
+        InvalidArgument: naming epochs, the field to lower.
+    """
+    steps = total_steps(num_sequences, config)
+    if steps > MAX_STEPS:
+        raise InvalidArgument("epochs", f"{config.epochs} epochs of {num_sequences} sequences "
+                                        f"in batches of {config.batch_size} make {steps} "
+                                        f"steps; at most {MAX_STEPS} are allowed. Use fewer "
+                                        "epochs, or set steps instead.")
 
 
 def parse_fine_tune_request(message: ft_pb.StartFineTuneRequest, limits: ServiceLimits,
@@ -138,6 +177,8 @@ def parse_fine_tune_request(message: ft_pb.StartFineTuneRequest, limits: Service
         value = getattr(message, field)
         if not np.isfinite(value) or value < 0:
             raise InvalidArgument(field, f"{value} must be a positive number (0: default).")
+    if message.seed < 0:
+        raise InvalidArgument("seed", f"{message.seed} is negative; seeds are integers >= 0.")
     if message.learning_rate > 1:
         raise InvalidArgument("learning_rate", f"{message.learning_rate} is above 1; LoRA "
                                                "learning rates are around 1e-4 to 1e-2.")
@@ -153,6 +194,8 @@ def parse_fine_tune_request(message: ft_pb.StartFineTuneRequest, limits: Service
     elif message.sequences:
         sequences = tuple(training_ids(s.ids, f"sequences[{i}]", limits)
                           for i, s in enumerate(message.sequences))
+    if sequences is not None:
+        check_training_length(len(sequences), config)
     return FineTuneRequest(adapter_name=name, config=config, sequences=sequences,
                            dataset_id=message.dataset_id,
                            initial_adapter_id=message.initial_adapter_id)

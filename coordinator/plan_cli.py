@@ -52,39 +52,51 @@ def _positive(kind):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="gemma-serve plan", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="gemma-serve plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help="a built-in preset name or a local preset directory (keras_hub or "
-                        "Hugging Face); kaggle:// and hf:// are not fetched")
-    p.add_argument("--workers", type=_positive(int), default=1, help="worker actors")
+                        "Hugging Face); kaggle:// and hf:// are not fetched (default: "
+                        "%(default)s)")
+    p.add_argument("--workers", type=_positive(int), default=1,
+                   help="worker actors (default %(default)s)")
     p.add_argument("--mesh", type=_mesh, default=(1, 1),
-                   help="per-worker mesh DATAxMODEL, as for gemma-serve")
+                   help="per-worker mesh DATAxMODEL, as for gemma-serve (default 1x1)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the dtype policy you serve with; default: a directory's own, float32 "
                         "for a built-in name (its Kaggle dtype is unknown until downloaded)")
     p.add_argument("--batch", type=_positive(int),
                    default=_BATCHING.max_batch_tokens // _BATCHING.max_sequence_length,
-                   help="rows of the largest padded batch (default: what gemma-serve's default "
-                        "--max-batch-tokens allows at the longest bucket)")
+                   help="rows of the largest padded batch (default %(default)s: what "
+                        "gemma-serve's default --max-batch-tokens allows at the longest "
+                        "length bucket)")
     p.add_argument("--length", type=_positive(int), default=_BATCHING.max_sequence_length,
-                   help="tokens per row: gemma-serve's longest --length-buckets entry")
+                   help="tokens per row: gemma-serve's longest --length-buckets entry "
+                        "(default %(default)s)")
     p.add_argument("--max-layers-per-request", type=_positive(int),
-                   default=_BATCHING.layer_slots)
-    p.add_argument("--max-adapters", type=_positive(int), default=WorkerSpec.max_adapters)
+                   default=_BATCHING.layer_slots, help="as for gemma-serve (default %(default)s)")
+    p.add_argument("--max-adapters", type=_positive(int), default=WorkerSpec.max_adapters,
+                   help="as for gemma-serve (default %(default)s)")
     p.add_argument("--max-adapter-rank", type=_positive(int),
-                   default=WorkerSpec.max_adapter_rank)
+                   default=WorkerSpec.max_adapter_rank,
+                   help="as for gemma-serve (default %(default)s)")
     p.add_argument("--device-memory-gib", type=_positive(float), default=80.0,
-                   help="memory of one device (80 for an A100/H100 80GB)")
+                   help="memory of one device (default %(default)s: an A100/H100 80GB)")
     p.add_argument("--memory-fraction", type=_positive(float),
                    default=JAX_DEFAULT_MEMORY_FRACTION,
-                   help="the part of it JAX may use (XLA_PYTHON_CLIENT_MEM_FRACTION; JAX's "
-                        "default on GPUs is 0.75)")
+                   help="the part of it JAX may use: XLA_PYTHON_CLIENT_MEM_FRACTION "
+                        "(default %(default)s, JAX's own default on GPUs)")
     p.add_argument("--devices-per-node", type=_positive(int), default=None,
                    help="GPUs per node: check that workers' meshes tile the nodes")
     p.add_argument("--nodes", type=_positive(int), default=1,
-                   help="nodes with --devices-per-node devices each")
-    return p.parse_args(argv)
+                   help="nodes with --devices-per-node devices each (default %(default)s)")
+    p.add_argument("--table", nargs="+", type=_mesh, metavar="DATAxMODEL", default=None,
+                   help="instead of one plan, a sizing table: one line per preset (--preset "
+                        "may list several, comma-separated) and per mesh given here")
+    args = p.parse_args(argv)
+    if args.memory_fraction > 1:
+        p.error(f"--memory-fraction is a part of the device, at most 1, got "
+                f"{args.memory_fraction}")
+    return args
 
 
 def resolve(preset: str, dtype: str | None) -> tuple[GemmaConfig, str, str]:
@@ -170,29 +182,57 @@ def suggest(plan: MemoryPlan, args, budget: int) -> str:
             continue
         if args.devices_per_node and args.devices_per_node % devices:
             continue
-        bigger = plan_memory(plan.config, (data, model), plan.dtype, rows=plan.rows,
-                             length=plan.length, layer_slots=args.max_layers_per_request,
-                             max_adapters=args.max_adapters,
-                             max_adapter_rank=args.max_adapter_rank)
+        bigger = _plan(args, plan.config, (data, model), plan.dtype)
         if bigger.fits(budget):
             return (f"try --mesh {data}x{model} ({bigger.total_bytes / GIB:.2f} GiB per "
                     "device)")
-    return "no mesh up to 16 devices fits: lower --batch or --length, or use bfloat16"
+    return ("no mesh up to 16 devices fits: lower --batch or --length, fewer or smaller "
+            "adapter slots, or a smaller --dtype")
+
+
+def _plan(args, config: GemmaConfig, mesh: tuple[int, int], dtype: str) -> MemoryPlan:
+    return plan_memory(config, mesh, dtype, rows=args.batch, length=args.length,
+                       layer_slots=args.max_layers_per_request,
+                       max_adapters=args.max_adapters, max_adapter_rank=args.max_adapter_rank)
+
+
+def table(args, budget: int) -> int:
+    """`--table`: one line per preset and mesh; exits 0 (it only informs),
+    2 if a preset cannot be read."""
+    header = (f"{'preset':<24}{'mesh':>6}{'weights':>9}{'adapters':>9}{'activ.':>8}"
+              f"{'total':>8}  fits {budget / GIB:.0f} GiB")
+    lines = [f"GiB per device; {args.batch} rows x {args.length} tokens, "
+             f"{args.max_adapters} adapters of rank <= {args.max_adapter_rank}", header]
+    for preset in args.preset.split(","):
+        try:
+            config, dtype, _ = resolve(preset, args.dtype)
+        except (PresetError, ValueError) as error:
+            print(f"gemma-serve plan: {error}", file=sys.stderr)
+            return 2
+        for mesh in args.table:
+            plan = _plan(args, config, mesh, dtype)
+            lines.append(
+                f"{preset + ' ' + dtype:<24.24}{'x'.join(map(str, mesh)):>6}"
+                f"{plan.weight_bytes / GIB:9.2f}{plan.adapter_bytes / GIB:9.2f}"
+                f"{plan.activation_bytes / GIB:8.2f}{plan.total_bytes / GIB:8.2f}  "
+                f"{'yes' if plan.fits(budget) else 'NO'}")
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv=None) -> int:
     """Runs `gemma-serve plan`; returns the exit status (0 fits, 1 refused,
     2 a preset that cannot be read). Argument errors exit 2 via argparse."""
     args = parse_args(argv)
+    budget = int(args.device_memory_gib * args.memory_fraction * GIB)
+    if args.table:
+        return table(args, budget)
     try:
         config, dtype, dtype_source = resolve(args.preset, args.dtype)
     except (PresetError, ValueError) as error:
         print(f"gemma-serve plan: {error}", file=sys.stderr)
         return 2
-    plan = plan_memory(config, args.mesh, dtype, rows=args.batch, length=args.length,
-                       layer_slots=args.max_layers_per_request,
-                       max_adapters=args.max_adapters, max_adapter_rank=args.max_adapter_rank)
-    budget = int(args.device_memory_gib * args.memory_fraction * GIB)
+    plan = _plan(args, config, args.mesh, dtype)
     print("\n".join(report(plan, args, dtype_source, budget)))
     problem = placement_problem(args)
     if problem:

@@ -1,4 +1,8 @@
-"""`gemma-serve`: start the coordinator and its workers."""
+"""`gemma-serve`: start the coordinator and its workers.
+
+`gemma-serve plan --preset P --mesh DxM ...` prints per-device memory for a
+layout instead, loading nothing (see coordinator/plan_cli.py).
+"""
 
 from __future__ import annotations
 
@@ -151,6 +155,10 @@ async def serve(config: ServiceConfig) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # `gemma-serve plan ...`: memory per device, nothing loaded
+        from coordinator.plan_cli import main as plan_main
+        sys.exit(plan_main(argv[1:]))
     try:
         config = parse_args(argv)
         configure_logging()

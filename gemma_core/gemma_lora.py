@@ -43,24 +43,92 @@ def write_lora_file(path: str | os.PathLike, rank: int,
             vars_.create_dataset("lora_kernel_b", data=b)
 
 
+# Declared array bytes a file may hold per byte of its size (plus a little):
+# room for real compression, none for a small file that inflates to gigabytes.
+_MAX_INFLATION = 4
+_INFLATION_SLACK = 1 << 16
+
+
+def _member(group: h5py.Group, name: str, path, where: str):
+    """`group[name]` if it is stored in this file itself, else None if absent.
+
+    Soft and external links are refused: reading one would reach another
+    place in, or outside, the file system than the file handed to us."""
+    link = group.get(name, getlink=True)
+    if link is None:
+        return None
+    if not isinstance(link, h5py.HardLink):
+        raise PresetError(f"{path}: {where} is a link ({type(link).__name__}); LoRA files "
+                          "hold their arrays themselves, without links.")
+    return group[name]
+
+
+class _Reader:
+    """Reads arrays of one file, refusing any whose data lies outside it
+    (external or virtual storage) or that inflate far beyond the file's size."""
+
+    def __init__(self, path):
+        self.path = path
+        self.budget = _MAX_INFLATION * os.path.getsize(path) + _INFLATION_SLACK
+
+    def array(self, group: h5py.Group, name: str, where: str, kinds: str) -> np.ndarray:
+        dataset = _member(group, name, self.path, where)
+        if dataset is None:
+            raise PresetError(f"{self.path}: {where} is missing.")
+        if not isinstance(dataset, h5py.Dataset):
+            raise PresetError(f"{self.path}: {where} is a group, not an array.")
+        if dataset.is_virtual or dataset.external:
+            raise PresetError(f"{self.path}: {where} keeps its data outside the file; LoRA "
+                              "files hold their arrays themselves.")
+        if dataset.dtype.kind not in kinds:
+            kind = "an integer" if kinds == "iu" else "floating point"
+            raise PresetError(f"{self.path}: {where} holds {dataset.dtype} values, not "
+                              f"{kind} ones.")
+        self.budget -= dataset.nbytes
+        if self.budget < 0:
+            raise PresetError(f"{self.path}: its arrays declare far more bytes than the file "
+                              "holds (compressed or unwritten data); write them uncompressed, "
+                              "as keras_hub does.")
+        return np.asarray(dataset[()])
+
+
 def read_lora_file(path: str | os.PathLike) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """Returns (rank, keras_hub index -> (lora_kernel_a, lora_kernel_b))."""
+    """Returns (rank, keras_hub index -> (lora_kernel_a, lora_kernel_b)).
+
+    Raises:
+        PresetError: not a readable keras_hub LoRA file, or one whose arrays
+            are linked, stored outside it, of the wrong element type, or far
+            larger than the file.
+    """
     try:
         handle = h5py.File(path, "r")
     except OSError as error:
         raise PresetError(f"{path} is not a readable h5 LoRA file ({error}).") from error
+    reader = _Reader(path)
     with handle:
-        if "lora/vars/rank" not in handle:
+        lora = _member(handle, "lora", path, "lora")
+        variables = _member(lora, "vars", path, "lora/vars") \
+            if isinstance(lora, h5py.Group) else None
+        if not isinstance(variables, h5py.Group) or "rank" not in variables:
             raise PresetError(f"{path} has no 'lora/vars/rank'; it is not a keras_hub "
                               "LoRA file.")
-        rank = int(handle["lora/vars/rank"][()])
+        rank = reader.array(variables, "rank", "lora/vars/rank", "iu")
+        if rank.shape != ():
+            raise PresetError(f"{path}: lora/vars/rank is an array of shape {rank.shape}, "
+                              "not one integer.")
         kernels = {}
-        for key, group in handle["lora"].items():
+        for key in lora:
             if key == "vars":
                 continue
-            try:
-                kernels[int(key)] = (np.asarray(group["vars/lora_kernel_a"]),
-                                     np.asarray(group["vars/lora_kernel_b"]))
-            except (KeyError, ValueError) as error:
-                raise PresetError(f"{path}: entry lora/{key} is malformed ({error}).") from error
-    return rank, kernels
+            if not (key.isascii() and key.isdigit() and (key == "0" or key[0] != "0")):
+                raise PresetError(f"{path}: entry lora/{key} is not a layer index.")
+            entry = _member(lora, key, path, f"lora/{key}")
+            entry_vars = _member(entry, "vars", path, f"lora/{key}/vars") \
+                if isinstance(entry, h5py.Group) else None
+            if not isinstance(entry_vars, h5py.Group):
+                raise PresetError(f"{path}: entry lora/{key} is malformed (it needs "
+                                  "vars/lora_kernel_a and vars/lora_kernel_b).")
+            kernels[int(key)] = tuple(
+                reader.array(entry_vars, factor, f"lora/{key}/vars/{factor}", "f")
+                for factor in ("lora_kernel_a", "lora_kernel_b"))
+    return int(rank), kernels

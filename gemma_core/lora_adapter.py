@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Mapping
 
+import ml_dtypes
 import numpy as np
 
 from gemma_core import gemma_lora
@@ -21,6 +22,18 @@ from gemma_core.gemma_config import GemmaConfig
 
 # (block index, "query" | "value") -> (a (heads, d, r), b (r, head_dim))
 Kernels = Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+
+
+class MalformedAdapter(AdapterMismatch):
+    """The adapter is wrong in itself, whatever model it is meant for: a rank
+    or alpha that is not a positive number, factors that do not pair up,
+    NaN or infinite values, tensors of the wrong names or element types."""
+
+
+def _is_index(text: str) -> bool:
+    """A block index as `tensor_name` writes it: ASCII digits, no leading zero
+    (so no two names can mean the same block)."""
+    return text.isascii() and text.isdigit() and (text == "0" or not text.startswith("0"))
 
 
 def tensor_name(block: int, target: str, factor: str) -> str:
@@ -51,24 +64,24 @@ class LoraAdapter:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) \
                 or self.rank < 1:
-            raise AdapterMismatch(f"LoRA rank must be a positive integer, got {self.rank!r}.")
+            raise MalformedAdapter(f"LoRA rank must be a positive integer, got {self.rank!r}.")
         if not np.isfinite(self.alpha) or self.alpha <= 0:
-            raise AdapterMismatch(f"LoRA alpha must be a positive number, got {self.alpha!r}.")
+            raise MalformedAdapter(f"LoRA alpha must be a positive number, got {self.alpha!r}.")
         if not self.kernels:
-            raise AdapterMismatch("the adapter has no LoRA kernels.")
+            raise MalformedAdapter("the adapter has no LoRA kernels.")
         for (block, target), (a, b) in self.kernels.items():
             if target not in gemma_lora.LORA_TARGETS:
-                raise AdapterMismatch(f"LoRA target {target!r} of block {block} is not one "
-                                      f"of {gemma_lora.LORA_TARGETS}.")
+                raise MalformedAdapter(f"LoRA target {target!r} of block {block} is not one "
+                                       f"of {gemma_lora.LORA_TARGETS}.")
             if a.ndim != 3 or b.ndim != 2 or a.shape[-1] != self.rank \
                     or b.shape[0] != self.rank:
-                raise AdapterMismatch(
+                raise MalformedAdapter(
                     f"block {block} {target}: factors of shapes {a.shape} and {b.shape} do "
                     f"not make a rank-{self.rank} pair ((heads, d, r) and (r, head_dim)).")
             for factor in (a, b):
                 if not np.all(np.isfinite(factor)):
-                    raise AdapterMismatch(f"block {block} {target}: the factors hold NaN or "
-                                          "infinite values.")
+                    raise MalformedAdapter(f"block {block} {target}: the factors hold NaN or "
+                                           "infinite values.")
 
     @property
     def scale(self) -> float:
@@ -115,24 +128,33 @@ class LoraAdapter:
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, np.ndarray], rank: int,
                      alpha: float) -> "LoraAdapter":
-        """The inverse of `tensors`; raises AdapterMismatch on unknown names or
-        unpaired factors."""
+        """The inverse of `tensors`; raises MalformedAdapter on unknown or
+        duplicate names, unpaired factors, or elements that are not floats
+        (bfloat16, float16 and float64 are cast to float32; values that
+        overflow it are refused as infinite)."""
         pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
         for name, value in tensors.items():
             parts = name.split(".")
-            if (len(parts) != 4 or parts[0] != "blocks" or not parts[1].isdigit()
+            if (len(parts) != 4 or parts[0] != "blocks" or not _is_index(parts[1])
                     or parts[2] not in gemma_lora.LORA_TARGETS
                     or parts[3] not in ("lora_a", "lora_b")):
-                raise AdapterMismatch(f"unexpected tensor {name!r}; adapter tensors are named "
-                                      "blocks.<i>.<query|value>.lora_<a|b>.")
+                raise MalformedAdapter(f"unexpected tensor {name!r}; adapter tensors are named "
+                                       "blocks.<i>.<query|value>.lora_<a|b>, <i> a block "
+                                       "index without leading zeros.")
+            dtype = np.asarray(value).dtype
+            if dtype.kind != "f" and dtype != ml_dtypes.bfloat16:
+                raise MalformedAdapter(f"tensor {name!r} holds {dtype} values; LoRA factors "
+                                       "are floating point (float32, or bfloat16, float16 "
+                                       "or float64, which are cast to float32).")
             pairs.setdefault((int(parts[1]), parts[2]), {})[parts[3]] = value
         kernels = {}
         for key, pair in pairs.items():
             if set(pair) != {"lora_a", "lora_b"}:
-                raise AdapterMismatch(f"block {key[0]} {key[1]} has only {sorted(pair)}; "
-                                      "each adapted projection needs lora_a and lora_b.")
-            kernels[key] = (np.asarray(pair["lora_a"], "float32"),
-                            np.asarray(pair["lora_b"], "float32"))
+                raise MalformedAdapter(f"block {key[0]} {key[1]} has only {sorted(pair)}; "
+                                       "each adapted projection needs lora_a and lora_b.")
+            with np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
+                kernels[key] = (np.asarray(pair["lora_a"], "float32"),
+                                np.asarray(pair["lora_b"], "float32"))
         return cls(rank=int(rank), alpha=float(alpha), kernels=kernels)
 
     @classmethod

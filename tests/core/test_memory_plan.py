@@ -12,7 +12,7 @@ import pytest
 from conftest import FIXTURES, TINY_CONFIG
 from coordinator import plan_cli
 from gemma_core import GEMMA_PRESETS, GemmaBackbone, GemmaConfig, LoraSlotTable
-from gemma_core.memory_plan import GIB, activation_terms, plan_memory
+from gemma_core.memory_plan import GIB, _variables, activation_terms, plan_memory
 
 TINY = GemmaConfig(**TINY_CONFIG)
 
@@ -216,3 +216,33 @@ def test_cli_bad_mesh_is_an_argument_error(capsys):
         plan_cli.main(["--mesh", "4"])
     assert exit_info.value.code == 2
     assert "DATAxMODEL" in capsys.readouterr().err
+
+
+def test_cli_table_prints_one_line_per_preset_and_mesh(capsys):
+    status, out, _ = run_plan(capsys, "--preset", "gemma_2b_en,gemma2_27b_en", "--dtype",
+                              "bfloat16", "--table", "1x1", "1x2")
+    assert status == 0
+    rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == {(name, "bfloat16", mesh) for name in ("gemma_2b_en", "gemma2_27b_en")
+                         for mesh in ("1x1", "1x2")}
+    plan = plan_memory("gemma2_27b_en", (1, 2), "bfloat16", rows=16, length=1024)
+    assert rows[("gemma2_27b_en", "bfloat16", "1x2")][3:] == [
+        f"{plan.weight_bytes / GIB:.2f}", f"{plan.adapter_bytes / GIB:.2f}",
+        f"{plan.activation_bytes / GIB:.2f}", f"{plan.total_bytes / GIB:.2f}", "yes"]
+    assert rows[("gemma2_27b_en", "bfloat16", "1x1")][-1] == "NO"
+
+
+def test_planning_leaves_no_variable_for_keras_to_initialize_later():
+    # Keras initializes every variable queued by a non-initializing
+    # StatelessScope when the next StatelessScope closes; a planned 27B
+    # model left on that queue would be allocated by whoever comes next.
+    from keras.src.backend.common import global_state
+
+    def queued():
+        return len(global_state.get_global_attribute("uninitialized_variables", []) or [])
+
+    _variables.cache_clear()  # build again, not from the cache
+    before = queued()
+    plan_memory("gemma2_27b_en", (1, 2), "float32")
+    plan_memory(TINY, (1, 1), "bfloat16")
+    assert queued() == before
