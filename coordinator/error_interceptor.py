@@ -8,8 +8,9 @@ import time
 from typing import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from coordinator.errors import ServiceError, Unavailable
+from coordinator.errors import InvalidArgument, ServiceError, Unavailable
 from coordinator.service_metrics import ServiceMetrics
 from worker.errors import (AdapterRejected, AdapterSlotsBusy, DeadlineExpired,
                            PoolSaturated, WorkerUnavailable)
@@ -17,8 +18,19 @@ from worker.errors import (AdapterRejected, AdapterSlotsBusy, DeadlineExpired,
 log = logging.getLogger("gemma_serve.errors")
 
 
+# Status messages travel in a header; gRPC refuses headers over 8 KiB.
+MAX_MESSAGE_CHARS = 2000
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message) for an exception raised while serving a call."""
+    code, message = _status_of(error)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
+    return code, message
+
+
+def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, ServiceError):
         return error.code, str(error)
     if isinstance(error, (DeadlineExpired, asyncio.TimeoutError)):
@@ -51,20 +63,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if self._draining() and not method.startswith("/grpc."):
             handler = _refusing(handler)
+        # Requests arrive as bytes and are parsed inside the wrappers, so a
+        # message that does not parse is INVALID_ARGUMENT, not UNKNOWN.
+        parse = handler.request_deserializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.unary_unary, method, _parse_one(parse)),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(handler.unary_stream, method, _parse_one(parse)),
                 response_serializer=handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(handler.stream_unary, method, _parse_each(parse)),
                 response_serializer=handler.response_serializer)
         return handler  # bidi-streaming handlers (reflection) pass through
 
@@ -73,12 +85,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             self._metrics.record_call(method, getattr(code, "name", str(code)),
                                       time.perf_counter() - started)
 
-    def _wrap_unary(self, behavior, method):
+    def _wrap_unary(self, behavior, method, parse):
         """Unary or client-streaming: one response (request may be an iterator)."""
         async def wrapped(request, context):
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                return await behavior(request, context)
+                return await behavior(parse(request), context)
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -92,11 +104,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 self._record(method, code, started)
         return wrapped
 
-    def _wrap_stream(self, behavior, method):
+    def _wrap_stream(self, behavior, method, parse):
         async def wrapped(request, context):
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(parse(request), context):
                     yield response
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -122,6 +134,36 @@ async def _abort(context, error: BaseException, method: str):
     if retry_after_ms is not None:
         context.set_trailing_metadata((("grpc-retry-pushback-ms", str(retry_after_ms)),))
     await context.abort(code, message)
+
+
+def _parse_one(deserializer):
+    """Parses a request's bytes; bytes that are not the method's request
+    message are INVALID_ARGUMENT naming the message type."""
+    if deserializer is None:
+        return lambda request: request
+    message_type = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = message_type.full_name if message_type is not None else "request message"
+
+    def parse(request):
+        try:
+            return deserializer(request)
+        except DecodeError as error:
+            raise InvalidArgument("request", f"the bytes sent are not a valid {name} "
+                                             f"({error}); build it from the service's "
+                                             ".proto.") from None
+    return parse
+
+
+def _parse_each(deserializer):
+    """Parses a client stream's messages one by one as the handler reads them."""
+    if deserializer is None:
+        return lambda requests: requests
+    parse = _parse_one(deserializer)
+
+    async def parsed(requests):
+        async for request in requests:
+            yield parse(request)
+    return parsed
 
 
 def _refusing(handler):

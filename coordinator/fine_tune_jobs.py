@@ -16,6 +16,7 @@ import uuid
 from typing import AsyncIterator
 
 from coordinator.adapter_manager import AdapterManager
+from coordinator.adapter_record import shown
 from coordinator.errors import NotFound, ResourceExhausted
 from worker.fine_tune_runner import FineTuneWork
 from worker.worker_pool import WorkerPool
@@ -89,7 +90,7 @@ class FineTuneJobs:
     def get(self, tenant: str, job_id: str) -> FineTuneJob:
         job = self._jobs.get(job_id)
         if job is None or job.tenant != tenant:
-            raise NotFound(f"job_id: no fine-tune job {job_id!r} for this tenant.")
+            raise NotFound(f"job_id: no fine-tune job {shown(job_id)} for this tenant.")
         return dataclasses.replace(job)
 
     def list(self, tenant: str) -> list[FineTuneJob]:

@@ -9,7 +9,8 @@ from coordinator.adapter_manager import AdapterManager
 from coordinator.dataset_store import DatasetStore
 from coordinator.errors import InvalidArgument, ResourceExhausted
 from coordinator.fine_tune_jobs import FineTuneJob, FineTuneJobs
-from coordinator.fine_tune_request import parse_dataset_lines, parse_fine_tune_request
+from coordinator.fine_tune_request import (check_training_length, parse_dataset_lines,
+                                           parse_fine_tune_request)
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as pb
 from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceLimits
@@ -80,6 +81,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         if parsed.initial_adapter_id:
             record, ref = await self._adapters.ref_for(tenant, parsed.initial_adapter_id)
             config, initial = dataclasses.replace(config, rank=record.rank), ref.payload
+        check_training_length(len(sequences), config)
         job = self._jobs.start(tenant, parsed.adapter_name, lambda job_id: FineTuneWork(
             job_id=job_id, sequences=tuple(sequences), config=config, initial=initial))
         return job_message(job)

@@ -44,6 +44,11 @@ class ShardedBackbone:
         replicated = jax.sharding.NamedSharding(mesh.backend_mesh,
                                                 jax.sharding.PartitionSpec())
         self.lora_tables = jax.device_put(self.slot_table.zeros(), replicated)
+        # A batch's rows go over the data axis (a batch bucket it does not
+        # divide runs replicated); without this every device ran every row.
+        self._data_parallel = spec.mesh_shape[0]
+        self._row_sharding = jax.sharding.NamedSharding(
+            mesh.backend_mesh, jax.sharding.PartitionSpec(MESH_AXES[0]))
         self._write = jax.jit(LoraSlotTable.write)
         self._jitted = jax.jit(self._forward)
         self.fingerprint = self.backbone.fingerprint()
@@ -58,6 +63,10 @@ class ShardedBackbone:
         """(K, B, T, d) hidden states on the host, in the compute dtype; row
         b runs with the adapter in slot `slot_ids[b]` (0: none)."""
         values = [v.value for v in self.backbone.variables]
+        rows = len(token_ids)
+        if self._data_parallel > 1 and rows % self._data_parallel == 0:
+            token_ids, padding_mask, slot_ids = jax.device_put(
+                (token_ids, padding_mask, slot_ids), self._row_sharding)
         return np.asarray(self._jitted(values, self.lora_tables, token_ids, padding_mask,
                                        layer_ids, slot_ids))
 

@@ -725,35 +725,7 @@ def test_the_corpus_is_large_and_covers_every_rpc():
             "cancel"} <= kinds
 
 
-# Cases whose fix lies in a module this test's author could not change; each
-# xfail is strict, so it fails (and must be removed) once the fix lands.
-NEEDS_FIX = {
-    **{name: "coordinator/fine_tune_jobs.py FineTuneJobs.get echoes the whole job id; a "
-             "10000-character id makes a status message over gRPC's 8 KiB metadata limit "
-             "(streams end RESOURCE_EXHAUSTED 'received metadata size exceeds soft "
-             "limit'). Use coordinator.adapter_record.shown(job_id)."
-       for name in ("watch: job id 10000 chars", "cancel: job id 10000 chars")},
-    **{name: "bytes that do not parse as the request message end UNKNOWN ('Unexpected "
-             "DecodeError'): grpc deserializes before any handler or interceptor code "
-             "runs. coordinator/error_interceptor.py should install a pass-through "
-             "request_deserializer and parse inside its wrapper, raising InvalidArgument."
-       for name in CASES if name.startswith("raw bytes:")},
-    "fine-tune: epochs x batches of a dataset above a million":
-        "coordinator/fine_tune_servicer.py StartFineTune checks a job's length only for "
-        "inline data (in parse_fine_tune_request); after loading a dataset it must call "
-        "coordinator.fine_tune_request.check_training_length(len(sequences), config). "
-        "Without it such a job starts and runs ~forever; with a 60000-example dataset its "
-        "total_steps overflows the int32 FineTuneJob fields, so Watch/Cancel/"
-        "ListFineTunes end INTERNAL ('Value out of range: 60000000000').",
-    "raw bytes: UploadAdapter corrupt message":
-        "a client-streamed message that does not parse raises DecodeError inside the "
-        "handler's request iterator, which coordinator/error_interceptor.py status_of maps "
-        "to INTERNAL; map google.protobuf.message.DecodeError to INVALID_ARGUMENT."}
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NEEDS_FIX[name]))
-    if name in NEEDS_FIX else name for name in CASES])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_refused_with_its_code_and_changes_nothing(ctx, service, name):
     bad = CASES[name]
     before = stored_state(ctx, service)
