@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
+from coordinator.admission_control import AdmissionLimits
 from coordinator.server_thread import ServerThread
 from coordinator.service_config import ServiceConfig
 from worker.worker_config import BatchingConfig, WorkerSpec
@@ -71,7 +72,10 @@ def service(ray_session, tmp_path_factory):
                           max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK),
         num_workers=2, host="127.0.0.1", port=0, max_sequences_per_request=32,
         data_dir=str(tmp_path_factory.mktemp("data")), api_keys_file=str(keys_file),
-        max_upload_bytes=1 << 20, metrics_port=0)
+        max_upload_bytes=1 << 20, metrics_port=0,
+        # Roomy: the heavy-load tests hold 64K tokens at once; the limits
+        # themselves are tested on a server of their own.
+        admission=AdmissionLimits(max_requests=256, max_tokens=1 << 20, max_fine_tunes=4))
     running = ServerThread(config)
     yield running
     running.stop()
