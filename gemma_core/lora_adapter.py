@@ -115,6 +115,28 @@ class LoraAdapter:
                     f"{b.shape} but this base model needs {want_a} and {want_b}; it was "
                     "made for another model.")
 
+    @classmethod
+    def random(cls, config: GemmaConfig, rank: int, alpha: float | None = None,
+               seed: int = 0, std: float = 0.2, targets=gemma_lora.LORA_TARGETS,
+               blocks=None) -> "LoraAdapter":
+        """An adapter with random factors (b too, so it changes outputs):
+        for tests, benchmarks and load generators, not for training (a
+        trained adapter starts with b = 0).
+
+        Example:
+        >>> adapter = LoraAdapter.random(backbone.config, rank=8, seed=1)
+        """
+        rng = np.random.default_rng(seed)
+        kernels = {}
+        for block in (range(config.num_layers) if blocks is None else blocks):
+            for target in targets:
+                heads = (config.num_query_heads if target == "query"
+                         else config.num_key_value_heads)
+                kernels[(block, target)] = (
+                    rng.normal(0, std, (heads, config.hidden_dim, rank)).astype("float32"),
+                    rng.normal(0, std, (rank, config.head_dim)).astype("float32"))
+        return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
+
     # ---- conversions ---------------------------------------------------------
 
     def tensors(self) -> dict[str, np.ndarray]:

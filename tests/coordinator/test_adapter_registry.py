@@ -31,15 +31,7 @@ FINGERPRINT = "tiny-base-1"
 
 def random_adapter(rank=4, alpha=None, seed=0, config=CONFIG):
     """Random factors of the right shapes on every block's query and value."""
-    rng = np.random.default_rng(seed)
-    kernels = {}
-    for block in range(config.num_layers):
-        for target, heads in (("query", config.num_query_heads),
-                              ("value", config.num_key_value_heads)):
-            kernels[(block, target)] = (
-                rng.normal(size=(heads, config.hidden_dim, rank)).astype("float32"),
-                rng.normal(size=(rank, config.head_dim)).astype("float32"))
-    return LoraAdapter(rank=rank, alpha=float(alpha or rank), kernels=kernels)
+    return LoraAdapter.random(config, rank, alpha, seed=seed, std=1.0)
 
 
 def assert_same(got, want):

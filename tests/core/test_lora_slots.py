@@ -12,15 +12,8 @@ CONFIG = GemmaConfig(**TINY_CONFIG)
 
 
 def random_adapter(seed, rank, alpha=None, targets=("query", "value"), blocks=None):
-    rng = np.random.default_rng(seed)
-    kernels = {}
-    for block in (range(CONFIG.num_layers) if blocks is None else blocks):
-        for target in targets:
-            heads = CONFIG.num_query_heads if target == "query" else CONFIG.num_key_value_heads
-            kernels[(block, target)] = (
-                rng.normal(0, 0.3, (heads, CONFIG.hidden_dim, rank)).astype("float32"),
-                rng.normal(0, 0.3, (rank, CONFIG.head_dim)).astype("float32"))
-    return LoraAdapter(rank=rank, alpha=float(alpha or rank), kernels=kernels)
+    return LoraAdapter.random(CONFIG, rank, alpha, seed=seed, std=0.3, targets=targets,
+                              blocks=blocks)
 
 
 def with_adapter(base, adapter):

@@ -23,15 +23,7 @@ SAFETENSORS = apb.ADAPTER_FORMAT_SAFETENSORS
 
 
 def random_adapter(config, seed, rank, alpha=None):
-    rng = np.random.default_rng(seed)
-    kernels = {}
-    for block in range(config.num_layers):
-        for target, heads in (("query", config.num_query_heads),
-                              ("value", config.num_key_value_heads)):
-            kernels[(block, target)] = (
-                rng.normal(0, 0.2, (heads, config.hidden_dim, rank)).astype("float32"),
-                rng.normal(0, 0.2, (rank, config.head_dim)).astype("float32"))
-    return LoraAdapter(rank=rank, alpha=float(alpha or rank), kernels=kernels)
+    return LoraAdapter.random(config, rank, alpha, seed=seed)
 
 
 def lora_h5_bytes(adapter, config, tmp_path):

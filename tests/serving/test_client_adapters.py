@@ -32,16 +32,7 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.",
 
 def make_adapter(seed: int, rank: int = 4) -> LoraAdapter:
     """A random adapter for the served model (query and value of every block)."""
-    config = DEFAULT_CONFIG
-    rng = np.random.default_rng(seed)
-    kernels = {}
-    for block in range(config.num_layers):
-        for target, heads in (("query", config.num_query_heads),
-                              ("value", config.num_key_value_heads)):
-            kernels[(block, target)] = (
-                rng.normal(0, 0.1, (heads, config.hidden_dim, rank)).astype("float32"),
-                rng.normal(0, 0.1, (rank, config.head_dim)).astype("float32"))
-    return LoraAdapter(rank=rank, alpha=float(rank), kernels=kernels)
+    return LoraAdapter.random(DEFAULT_CONFIG, rank, seed=seed, std=0.1)
 
 
 def write_adapter(path: pathlib.Path, seed: int) -> LoraAdapter:

@@ -178,12 +178,6 @@ def test_tenant_limits_and_sigterm_under_load(ray_session, tmp_path, local_model
 
 def _adapter_file(backbone, tmp_path):
     from gemma_core import LoraAdapter
-    config, rng = backbone.config, np.random.default_rng(0)
-    adapter = LoraAdapter(rank=2, alpha=2.0, kernels={
-        (b, t): (rng.normal(0, .1, (h, config.hidden_dim, 2)).astype("f4"),
-                 rng.normal(0, .1, (2, config.head_dim)).astype("f4"))
-        for b in range(config.num_layers)
-        for t, h in (("query", config.num_query_heads), ("value", config.num_key_value_heads))})
     path = tmp_path / "kept.lora.h5"
-    adapter.write_lora_file(path, config)
+    LoraAdapter.random(backbone.config, rank=2, std=0.1).write_lora_file(path, backbone.config)
     return path

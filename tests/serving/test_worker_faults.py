@@ -16,21 +16,11 @@ from gemma_core import LoraAdapter
 RECOVERY_BOUND_S = 180  # a restarted worker reloads the model and recompiles
 
 
-def small_adapter(config, seed=5, rank=2):
-    rng = np.random.default_rng(seed)
-    return LoraAdapter(rank=rank, alpha=float(rank), kernels={
-        (block, target): (rng.normal(0, 0.2, (heads, config.hidden_dim, rank)).astype("f4"),
-                          rng.normal(0, 0.2, (rank, config.head_dim)).astype("f4"))
-        for block in range(config.num_layers)
-        for target, heads in (("query", config.num_query_heads),
-                              ("value", config.num_key_value_heads))})
-
-
 def test_killed_worker_is_replaced_and_nothing_wrong_is_served(service, client, local_model,
                                                                tmp_path):
     base = local_model[0]
     path = tmp_path / "fault.lora.h5"
-    small_adapter(base.config).write_lora_file(path, base.config)
+    LoraAdapter.random(base.config, rank=2, seed=5).write_lora_file(path, base.config)
     client.upload_adapter("fault", path)
     client.load_adapter("fault")
     ids = [3, 1, 4, 1, 5, 9, 2, 6]

@@ -14,20 +14,11 @@ def plain():
     return GemmaBackbone.from_preset("default")
 
 
-def random_adapter(config, seed, rank):
-    rng = np.random.default_rng(seed)
-    return LoraAdapter(rank=rank, alpha=2.0 * rank, kernels={
-        (b, t): (rng.normal(0, .2, (h, config.hidden_dim, rank)).astype("f4"),
-                 rng.normal(0, .2, (rank, config.head_dim)).astype("f4"))
-        for b in range(config.num_layers)
-        for t, h in (("query", config.num_query_heads), ("value", config.num_key_value_heads))})
-
-
 @pytest.mark.parametrize("mesh", [(2, 2), (4, 1)])
 def test_rows_over_the_data_axis_and_slots_match_the_plain_model(plain, mesh):
     model = ShardedBackbone(WorkerSpec("default", mesh_shape=mesh, max_adapters=2,
                                        max_adapter_rank=4))
-    adapter = random_adapter(plain.config, 1, 3)
+    adapter = LoraAdapter.random(plain.config, rank=3, alpha=6.0, seed=1)
     model.write_slot(2, adapter)
     with_adapter = GemmaBackbone.from_config(plain.get_config())
     with_adapter.set_weights(plain.get_weights())
