@@ -10,6 +10,7 @@ per worker and nothing is sampled between scrapes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import time
 from typing import Callable
@@ -20,6 +21,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _CACHE_S = 1.0
+RATE_WINDOW_S = 10.0
 
 
 class ServiceMetrics:
@@ -42,6 +44,8 @@ class ServiceMetrics:
                               registry=self.registry)
         self.sequences = Counter("gemma_forward_sequences", "Sequences run through Forward.",
                                  registry=self.registry)
+        self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
+        self.registry.register(_TokenRate(self._recent_tokens))
         self._server = None
 
     def record_call(self, rpc: str, code: str, seconds: float) -> None:
@@ -52,6 +56,10 @@ class ServiceMetrics:
     def record_forward(self, sequences: int, tokens: int) -> None:
         self.sequences.inc(sequences)
         self.tokens.inc(tokens)
+        now = time.monotonic()
+        self._recent_tokens.append((now, tokens))
+        while self._recent_tokens and self._recent_tokens[0][0] < now - RATE_WINDOW_S:
+            self._recent_tokens.popleft()
 
     def watch_workers(self, loop: asyncio.AbstractEventLoop, infos: Callable,
                       jobs_by_state: Callable[[], dict[str, int]]) -> None:
@@ -68,6 +76,22 @@ class ServiceMetrics:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+class _TokenRate:
+    """Tokens per second over the last RATE_WINDOW_S, for dashboards without
+    PromQL's rate() (which `gemma_forward_tokens_total` also serves)."""
+
+    def __init__(self, recent):
+        self._recent = recent
+
+    def collect(self):
+        cutoff = time.monotonic() - RATE_WINDOW_S
+        tokens = sum(n for t, n in list(self._recent) if t >= cutoff)
+        family = GaugeMetricFamily("gemma_forward_tokens_per_second",
+                                   "Forward tokens per second over the last 10 s.")
+        family.add_metric([], tokens / RATE_WINDOW_S)
+        yield family
 
 
 class _WorkerCollector:

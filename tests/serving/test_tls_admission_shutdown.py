@@ -150,6 +150,11 @@ def test_tenant_limits_and_sigterm_under_load(ray_session, tmp_path, local_model
         time.sleep(4)
         sent_at = time.monotonic()
         os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        with grpc.insecure_channel(address) as late:  # draining: new calls are refused
+            with pytest.raises(grpc.RpcError) as caught:
+                forward_once(late, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         stop_sending.set()
         for thread in threads:
             thread.join(60)
