@@ -2,6 +2,7 @@
 #   make test    create .venv, install pinned dependencies, run the test suite
 #   make serve   start gemma-serve on the built-in default model (random weights)
 #   make bench   run the benchmarks (prints tables)
+#   make soak    run the 5-minute load and soak test
 #   make protos  regenerate coordinator/generated from protos/
 #   make lock    re-pin constraints.txt from the current .venv
 
@@ -14,7 +15,7 @@ BIN := $(VENV)/bin
 REFERENCE_PKGS := keras-hub absl-py regex rich tokenizers
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup test serve bench protos lock clean
+.PHONY: setup test serve bench soak protos lock clean
 
 setup: $(STAMP)
 
@@ -42,6 +43,10 @@ protos: setup
 bench: setup
 	$(BIN)/python benchmarks/forward_throughput.py
 	$(BIN)/python benchmarks/service_throughput.py
+	$(BIN)/python benchmarks/adapter_throughput.py
+
+soak: setup
+	$(BIN)/python benchmarks/soak.py
 
 lock: setup
 	{ echo "# Pinned versions for reproducible installs (pip install -c constraints.txt ...)."; \
