@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 from typing import AsyncIterator
 
@@ -20,6 +21,8 @@ from coordinator.adapter_registry import AdapterRegistry
 from coordinator.errors import InvalidArgument, ResourceExhausted
 from worker.forward_work import AdapterRef
 from worker.worker_pool import WorkerPool
+
+log = logging.getLogger("gemma_serve.adapters")
 
 # Ray object refs kept for recently used adapters; older ones are put again
 # when next used.
@@ -117,7 +120,10 @@ class AdapterManager:
         keys = [adapter_key(record) for record in records]
         for key in keys:
             self._refs.pop(key, None)
-        await self._pool.unload_adapters(keys)
+        try:  # the delete is done; freeing slots now is a courtesy (LRU frees them anyway)
+            await self._pool.unload_adapters(keys)
+        except Exception as error:  # noqa: BLE001
+            log.warning("deleted %s but could not unload it from every worker: %s", keys, error)
         return records
 
     async def resident_on(self) -> dict[str, list[str]]:

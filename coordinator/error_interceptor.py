@@ -110,7 +110,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async for response in behavior(parse(request), context):
                     yield response
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
                 code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:  # a handler aborted by itself

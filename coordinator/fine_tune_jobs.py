@@ -83,7 +83,7 @@ class FineTuneJobs:
 
     def counts_by_state(self) -> dict[str, int]:
         counts = dict.fromkeys(("queued", "running", *ENDED), 0)
-        for job in self._jobs.values():
+        for job in list(self._jobs.values()):  # a snapshot: called from the metrics thread
             counts[job.state] += 1
         return counts
 
@@ -104,7 +104,9 @@ class FineTuneJobs:
         changed = self._changed[job_id]
         while job.state not in ENDED:
             async with changed:
-                await changed.wait()
+                # A predicate, not a bare wait: a change made while the last
+                # update was being sent must not be missed.
+                await changed.wait_for(lambda: self._jobs[job_id] != job)
             job = self.get(tenant, job_id)
             yield job
 
@@ -114,8 +116,9 @@ class FineTuneJobs:
             return job
         if job.worker_id:
             await self._pool.cancel_fine_tune(job.worker_id, job_id)
-        else:  # not handed to a worker yet
-            self._tasks[job_id].cancel()
+        else:  # not handed to a worker yet; a task cancelled before it ran
+            self._tasks[job_id].cancel()  # never reaches its own handler
+            await self._update(self._jobs[job_id], state="cancelled", eta_seconds=0.0)
         async with self._changed[job_id]:
             await self._changed[job_id].wait_for(
                 lambda: self._jobs[job_id].state in ENDED)

@@ -161,8 +161,8 @@ class GemmaServer:
             self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         await self._set_health(True)
         loop = asyncio.get_running_loop()
-        self._pool.on_serving_change = lambda serving: loop.create_task(
-            self._set_health(serving))
+        self._pool.on_serving_change = lambda serving: (
+            None if self.draining else loop.create_task(self._set_health(serving)))
 
     async def _set_health(self, serving: bool) -> None:
         """SERVING while some worker can serve; NOT_SERVING otherwise."""

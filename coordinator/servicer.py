@@ -52,15 +52,16 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
         work = parse_forward_request(request, self._limits, self._tokenizer,
                                      request_id=uuid.uuid4().hex[:16],
                                      timeout_s=context.time_remaining())
-        adapter_id = ""
-        if request.adapter_id:
-            record, ref = await self._adapters.ref_for(tenant, request.adapter_id)
-            work = dataclasses.replace(work, adapter=ref)
-            adapter_id = record.adapter_id
         started = time.perf_counter()
         tokens = sum(len(s) for s in work.sequences)
-        # Held until the last chunk is sent: the results are in memory till then.
+        # Admitted before anything costs (adapter lookup, the worker), and
+        # held until the last chunk is sent: the results are in memory till then.
         with self._admission.admit(tenant, tokens):
+            adapter_id = ""
+            if request.adapter_id:
+                record, ref = await self._adapters.ref_for(tenant, request.adapter_id)
+                work = dataclasses.replace(work, adapter=ref)
+                adapter_id = record.adapter_id
             result = await asyncio.wait_for(self._pool.forward(work),
                                             timeout=context.time_remaining())
             self._metrics.record_forward(len(work.sequences), tokens)

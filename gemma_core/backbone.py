@@ -104,7 +104,8 @@ class Backbone(keras.Model):
                         if k not in ("name", "trainable", "dtype")}
         digest.update(json.dumps(architecture, sort_keys=True).encode())
         for variable in self.variables:
-            if "lora_kernel" in variable.path:
+            # LoRA is not the base; dropout's seed state is random per process.
+            if "lora_kernel" in variable.path or "seed_generator" in variable.path:
                 continue
             flat = keras.ops.reshape(variable.value, (-1,))
             positions = np.linspace(0, flat.shape[0] - 1, 64).astype("int64")

@@ -205,11 +205,20 @@ class LoraAdapter:
         self.check_fits(config)
         if not os.fspath(path).endswith(".lora.h5"):
             raise PresetError(f"LoRA files end in '.lora.h5', got {path}.")
-        gemma_lora.write_lora_file(path, self.rank, {
-            gemma_lora.keras_hub_lora_index(block, target, config.use_post_attention_norm,
-                                            config.use_post_ffw_norm):
-                (a, (b * self.scale).astype("float32"))
-            for (block, target), (a, b) in self.kernels.items()})
+        # keras_hub reads a pair for every query and value layer, so the ones
+        # this adapter leaves alone are written as zero updates.
+        kernels = {}
+        for block in range(config.num_layers):
+            for target in gemma_lora.LORA_TARGETS:
+                heads = (config.num_query_heads if target == "query"
+                         else config.num_key_value_heads)
+                a, b = self.kernels.get((block, target), (
+                    np.zeros((heads, config.hidden_dim, self.rank), "float32"),
+                    np.zeros((self.rank, config.head_dim), "float32")))
+                index = gemma_lora.keras_hub_lora_index(
+                    block, target, config.use_post_attention_norm, config.use_post_ffw_norm)
+                kernels[index] = (a, (b * self.scale).astype("float32"))
+        gemma_lora.write_lora_file(path, self.rank, kernels)
 
     @classmethod
     def from_backbone(cls, backbone, alpha: float | None = None) -> "LoraAdapter":

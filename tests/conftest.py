@@ -7,27 +7,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-
-# The one tiny architecture every test that needs "a model" shares:
-# multi-query attention so the awkward sharding case is always exercised.
-TINY_CONFIG = dict(vocabulary_size=256, num_layers=2, num_query_heads=4,
-                   num_key_value_heads=1, hidden_dim=64, intermediate_dim=128,
-                   head_dim=16)
-
-
-def reference(name):
-    return np.load(FIXTURES / name / "reference_outputs.npz")
-
-
-def reference_inputs(name):
-    ref = reference(name)
-    return {"token_ids": ref["token_ids"], "padding_mask": ref["padding_mask"]}
+from fixture_support import FIXTURES, TINY_CONFIG, reference, reference_inputs  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ class SlotStats:
 class _Entry:
     slot: int
     pins: int = 0
-    ready: asyncio.Future | None = None  # set while the slot is being written
+    loading: asyncio.Task | None = None  # set while the slot is being written
 
 
 class AdapterSlots:
@@ -57,27 +57,38 @@ class AdapterSlots:
         self.stats = SlotStats()
 
     def resident(self) -> list[str]:
-        return [key for key, entry in self._resident.items() if entry.ready is None]
+        return [key for key, entry in self._resident.items() if entry.loading is None]
 
     async def acquire(self, key: str, fetch: Fetch, deadline: float | None = None) -> int:
         """The slot holding adapter `key`, pinned; loads it (via `fetch`) if
-        it is not resident. Pair every acquire with `release(key)`."""
+        it is not resident. Pair every acquire with `release(key)`.
+
+        A load belongs to the table, not to the request that started it: a
+        requester that is cancelled (or whose deadline passes) stops waiting,
+        but the load finishes for the others and for the next request, so a
+        slow load is never thrown away and retried forever.
+        """
         while True:
             entry = self._resident.get(key)
-            if entry is not None:
-                entry.pins += 1
-                self._resident.move_to_end(key)
-                if entry.ready is not None:  # someone else is loading it: share that load
-                    try:
-                        await asyncio.shield(entry.ready)
-                    except BaseException:
-                        entry.pins -= 1
-                        raise
-                return entry.slot
-            slot = self._take_slot()
-            if slot is not None:
-                return await self._load(key, slot, fetch)
-            await self._wait_for_release(deadline)
+            if entry is None:
+                slot = self._take_slot()
+                if slot is None:
+                    await self._wait_for_release(deadline)
+                    continue
+                entry = _Entry(slot=slot)
+                entry.loading = asyncio.get_running_loop().create_task(
+                    self._load(key, entry, fetch))
+                entry.loading.add_done_callback(_retrieve)
+                self._resident[key] = entry
+            entry.pins += 1
+            self._resident.move_to_end(key)
+            if entry.loading is not None:
+                try:
+                    await asyncio.shield(entry.loading)
+                except BaseException:
+                    entry.pins -= 1
+                    raise
+            return entry.slot
 
     def release(self, key: str) -> None:
         entry = self._resident.get(key)
@@ -90,7 +101,7 @@ class AdapterSlots:
     def unload(self, key: str) -> bool:
         """Frees `key`'s slot unless a request is using it (then False)."""
         entry = self._resident.get(key)
-        if entry is None or entry.pins or entry.ready is not None:
+        if entry is None or entry.pins or entry.loading is not None:
             return False
         del self._resident[key]
         self._free.append(entry.slot)
@@ -117,29 +128,29 @@ class AdapterSlots:
         if self._free:
             return self._free.pop()
         for key, entry in self._resident.items():  # least recently used first
-            if entry.pins == 0 and entry.ready is None:
+            if entry.pins == 0 and entry.loading is None:
                 del self._resident[key]
                 self.stats.evictions += 1
                 return entry.slot
         return None
 
-    async def _load(self, key: str, slot: int, fetch: Fetch) -> int:
-        entry = _Entry(slot=slot, pins=1, ready=asyncio.get_running_loop().create_future())
-        self._resident[key] = entry
+    async def _load(self, key: str, entry: _Entry, fetch: Fetch) -> None:
         started = time.perf_counter()
         try:
             adapter = await fetch()
-            await self._write_slot(slot, adapter)
-        except BaseException as error:
-            del self._resident[key]
-            self._free.append(slot)
-            entry.ready.set_exception(error if isinstance(error, Exception)
-                                      else asyncio.CancelledError())
-            entry.ready.exception()  # sharers see it; mark retrieved for the rest
+            await self._write_slot(entry.slot, adapter)
+        except BaseException:
+            if self._resident.get(key) is entry:
+                del self._resident[key]
+            self._free.append(entry.slot)
             asyncio.get_running_loop().create_task(self._notify())
             raise
-        entry.ready.set_result(None)
-        entry.ready = None
+        entry.loading = None
         self.stats.loads += 1
         self.stats.last_load_ms = 1e3 * (time.perf_counter() - started)
-        return slot
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Marks a load's failure as seen (its requesters may all have gone)."""
+    if not task.cancelled():
+        task.exception()

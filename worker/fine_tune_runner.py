@@ -9,6 +9,7 @@ one of a successful job carries the trained adapter.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -53,10 +54,14 @@ class FineTuneRunner:
         self._model = model
         self._executor = executor
         self._cancelled: set[str] = set()
+        self._finished: collections.deque[str] = collections.deque(maxlen=1000)
         self.steps_run = 0
 
     def cancel(self, job_id: str) -> None:
-        self._cancelled.add(job_id)
+        # A cancel may come before the job starts here (it then never runs a
+        # step) or after it ended (ignored, so the set does not grow).
+        if job_id not in self._finished:
+            self._cancelled.add(job_id)
 
     async def run(self, job: FineTuneWork) -> AsyncIterator[dict]:
         """Yields {"state": "running", "step", "total_steps", "loss",
@@ -76,6 +81,7 @@ class FineTuneRunner:
             log.warning("fine-tune %s failed", job.job_id, exc_info=True)
             raise FineTuneFailed(f"{type(error).__name__}: {error}") from None
         finally:
+            self._finished.append(job.job_id)
             self._cancelled.discard(job.job_id)
 
     async def _train(self, job: FineTuneWork) -> AsyncIterator[dict]:

@@ -50,7 +50,9 @@ class ShardedBackbone:
         self._data_parallel = spec.mesh_shape[0]
         self._row_sharding = jax.sharding.NamedSharding(
             mesh.backend_mesh, jax.sharding.PartitionSpec(MESH_AXES[0]))
-        self._write = jax.jit(LoraSlotTable.write)
+        # A function of this instance's own: jit caches are per function.
+        self._write = jax.jit(lambda tables, slot, values: LoraSlotTable.write(
+            tables, slot, values))
         self._jitted = jax.jit(self._forward)
         self.fingerprint = self.backbone.fingerprint()
 

@@ -178,10 +178,16 @@ class WorkerPool:
         if not was_serving and self.on_serving_change:
             self.on_serving_change(True)
 
-    def _least_loaded(self, adapter_key: str | None = None, exclude=()) -> str:
+    def _least_loaded(self, adapter_key: str | None = None, exclude=(), weight: int = 0) -> str:
         # Ties go round-robin, so an idle pool still uses every worker.
         self._turn += 1
         ids = self._alive(exclude)
+        roomy = [i for i in ids if self._in_flight[i] + weight <= self.max_queued_sequences]
+        if weight and not roomy:
+            raise PoolSaturated(
+                f"every worker already holds up to {self.max_queued_sequences} sequences (the "
+                f"queue bound); retry after {PoolSaturated.retry_after_ms} ms.")
+        ids = roomy or ids
         order = ids[self._turn % len(ids):] + ids[: self._turn % len(ids)]
 
         def load(worker_id):
@@ -214,18 +220,14 @@ class WorkerPool:
         key = work.adapter.key if work.adapter is not None else None
         tried = []
         while True:
+            weight = len(work.sequences)
             try:
-                worker_id = self._least_loaded(key, exclude=tried)
+                worker_id = self._least_loaded(key, exclude=tried, weight=weight)
             except WorkerUnavailable:
                 if tried:
                     raise WorkerUnavailable(f"{', '.join(tried)} died while serving the "
                                             "request and no other worker can take it") from None
                 raise
-            weight = len(work.sequences)
-            if self._in_flight[worker_id] + weight > self.max_queued_sequences:
-                raise PoolSaturated(
-                    f"every worker already holds {self.max_queued_sequences} sequences (the "
-                    f"queue bound); retry after {PoolSaturated.retry_after_ms} ms.")
             self._in_flight[worker_id] += weight
             try:
                 result = await self._call(worker_id,
@@ -236,7 +238,7 @@ class WorkerPool:
             finally:
                 self._in_flight[worker_id] -= weight
             if key is not None:
-                self._resident[worker_id][key] = work.adapter
+                self._remember(worker_id, work.adapter)
             return result
 
     async def load_adapter(self, adapter: AdapterRef) -> tuple[list[str], float]:
@@ -246,8 +248,17 @@ class WorkerPool:
         times = await asyncio.gather(*(self._call(i, self._actors[i].load_adapter.remote(adapter))
                                        for i in ids))
         for worker_id in ids:
-            self._resident[worker_id][adapter.key] = adapter
+            self._remember(worker_id, adapter)
         return ids, max(times)
+
+    def _remember(self, worker_id: str, adapter: AdapterRef) -> None:
+        """Notes `adapter` as resident on the worker, most recent last, as
+        many as it has slots (older ones it has evicted by now)."""
+        resident = self._resident[worker_id]
+        resident.pop(adapter.key, None)
+        resident[adapter.key] = adapter
+        while len(resident) > self.spec.max_adapters:
+            resident.pop(next(iter(resident)))
 
     async def unload_adapters(self, keys: list[str]) -> list[str]:
         """Releases `keys` on every live worker; returns the workers that held
@@ -261,10 +272,14 @@ class WorkerPool:
         return [worker_id for worker_id, keys_freed in zip(ids, freed) if keys_freed]
 
     async def resident_adapters(self) -> dict[str, list[str]]:
-        """worker id -> adapter keys resident now (asks the workers)."""
-        ids = self._alive()
+        """worker id -> adapter keys resident now (asks the live workers; one
+        that does not answer in time is left out)."""
+        ids = [i for i in self._actors if i not in self._down and i not in self._dead]
         answers = await asyncio.gather(*(
-            self._call(i, self._actors[i].resident_adapters.remote()) for i in ids))
+            asyncio.wait_for(self._call(i, self._actors[i].resident_adapters.remote()),
+                             INFO_TIMEOUT_S) for i in ids), return_exceptions=True)
+        ids, answers = zip(*[(i, a) for i, a in zip(ids, answers) if isinstance(a, list)]) \
+            if any(isinstance(a, list) for a in answers) else ((), ())
         for worker_id, keys in zip(ids, answers):
             known = self._resident[worker_id]
             self._resident[worker_id] = {k: known[k] for k in keys if k in known}

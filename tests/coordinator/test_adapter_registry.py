@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from conftest import FIXTURES, TINY_CONFIG
+from fixture_support import FIXTURES, TINY_CONFIG
 from coordinator.adapter_record import FORMAT
 from coordinator.adapter_registry import AdapterRegistry
 from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import FIXTURES, reference_inputs
+from fixture_support import FIXTURES, reference_inputs
 from gemma_core import Backbone, GemmaBackbone, PresetError, TokenIdError
 
 

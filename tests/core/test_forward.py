@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import TINY_CONFIG
+from fixture_support import TINY_CONFIG
 from gemma_core import GemmaBackbone
 from gemma_core.rms_normalization import RMSNormalization
 

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import FIXTURES
+from fixture_support import FIXTURES
 
 # ~100 MB of float32 weights: large against the interpreter's own footprint.
 CONFIG = dict(vocabulary_size=8192, num_layers=6, num_query_heads=8, num_key_value_heads=2,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, TINY_CONFIG, reference_inputs
+from fixture_support import FIXTURES, TINY_CONFIG, reference_inputs
 from gemma_core import GemmaBackbone, PresetError
 
 

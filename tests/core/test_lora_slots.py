@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, TINY_CONFIG, reference, reference_inputs
+from fixture_support import FIXTURES, TINY_CONFIG, reference, reference_inputs
 from gemma_core import (AdapterMismatch, Backbone, GemmaBackbone, GemmaConfig, LoraAdapter,
                         LoraSlotTable)
 
@@ -66,7 +66,8 @@ def test_mixed_batch_equals_each_adapter_alone(tiny_backbone, tiny_inputs):
 def test_writing_slots_never_recompiles(tiny_backbone, tiny_inputs):
     table = LoraSlotTable(CONFIG, num_slots=3, max_rank=4)
     forward = jax.jit(tiny_backbone.selected_hidden_states)
-    write = jax.jit(LoraSlotTable.write)
+    # Its own function: jit caches are per function, shared by other tests.
+    write = jax.jit(lambda tables, slot, values: LoraSlotTable.write(tables, slot, values))
     tables = jax.device_put(table.zeros())
     outputs = []
     for step in range(6):
@@ -125,3 +126,18 @@ def test_adapter_for_another_model_is_refused():
     bad[(0, "query")] = (np.full_like(bad[(0, "query")][0], np.nan), bad[(0, "query")][1])
     with pytest.raises(AdapterMismatch, match="NaN"):
         LoraAdapter(rank=2, alpha=2.0, kernels=bad)
+
+
+def test_a_partial_adapter_exports_a_file_keras_hub_layout_reads_whole(tiny_backbone, tmp_path,
+                                                                      tiny_inputs):
+    """keras_hub loads a pair for every query and value layer: the ones a
+    partial adapter leaves alone are written as zero updates."""
+    adapter = random_adapter(3, 2, targets=("query",), blocks=[1])
+    path = tmp_path / "partial.lora.h5"
+    adapter.write_lora_file(path, CONFIG)
+    full = GemmaBackbone(**TINY_CONFIG)
+    full.set_weights(tiny_backbone.get_weights())
+    full.load_lora_weights(path)  # every index present, else this raises
+    expected = with_adapter(tiny_backbone, adapter)
+    np.testing.assert_allclose(np.asarray(full(tiny_inputs)), np.asarray(expected(tiny_inputs)),
+                               atol=1e-5)

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import TINY_CONFIG
+from fixture_support import TINY_CONFIG
 from gemma_core import (AdapterMismatch, FineTuneConfig, GemmaBackbone, GemmaConfig,
                         LoraAdapter, LoraSlotTable, LoraTrainer, TokenIdError, causal_lm_loss,
                         iterate_batches, make_batches, total_steps)

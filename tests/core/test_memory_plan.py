@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, TINY_CONFIG
+from fixture_support import FIXTURES, TINY_CONFIG
 from coordinator import plan_cli
 from gemma_core import GEMMA_PRESETS, GemmaBackbone, GemmaConfig, LoraSlotTable
 from gemma_core.memory_plan import GIB, _variables, activation_terms, plan_memory

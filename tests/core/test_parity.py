@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, reference, reference_inputs
+from fixture_support import FIXTURES, reference, reference_inputs
 from gemma_core import Backbone, GemmaBackbone
 
 FLOAT32_FIXTURES = ["gemma1_tiny", "gemma2_tiny", "gemma2_tiny_sharded",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from huggingface_hub import constants as hf_constants
 
-from conftest import FIXTURES, reference, reference_inputs
+from fixture_support import FIXTURES, reference, reference_inputs
 from gemma_core import GemmaBackbone, GemmaTokenizer, PresetError
 
 

@@ -5,7 +5,7 @@ import keras_hub
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, TINY_CONFIG, reference, reference_inputs
+from fixture_support import FIXTURES, TINY_CONFIG, reference, reference_inputs
 from gemma_core import Backbone, GemmaBackbone
 
 

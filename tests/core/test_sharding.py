@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, reference_inputs
+from fixture_support import FIXTURES, reference_inputs
 from gemma_core import GemmaBackbone
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from conftest import ACME_KEY, GLOBEX_KEY, MAX_ADAPTERS, keyed_channel
+from service_support import ACME_KEY, GLOBEX_KEY, MAX_ADAPTERS, keyed_channel
 from coordinator.client import GemmaClient
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as apb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as apb_grpc

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import keyed_channel
+from service_support import keyed_channel
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 
 

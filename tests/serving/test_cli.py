@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from conftest import ACME_KEY
+from service_support import ACME_KEY
 
 BIN = pathlib.Path(sys.executable).parent
 

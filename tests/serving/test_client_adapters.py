@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ACME_KEY
+from service_support import ACME_KEY
 from coordinator.client import GemmaClient, adapter_format
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as adapter_pb
 from gemma_core import LoraAdapter

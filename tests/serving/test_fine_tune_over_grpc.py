@@ -4,7 +4,7 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import ACME_KEY, GLOBEX_KEY, keyed_channel
+from service_support import ACME_KEY, GLOBEX_KEY, keyed_channel
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as apb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as apb_grpc
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as fpb

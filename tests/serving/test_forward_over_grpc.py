@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import ACME_KEY
+from service_support import ACME_KEY
 from coordinator.client import GemmaClient
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.",

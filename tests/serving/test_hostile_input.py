@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import ACME_KEY, GLOBEX_KEY, MAX_ADAPTER_RANK, keyed_channel
+from service_support import ACME_KEY, GLOBEX_KEY, MAX_ADAPTER_RANK, keyed_channel
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as apb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as apb_grpc
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as fpb

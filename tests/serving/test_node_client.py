@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import ACME_KEY
+from service_support import ACME_KEY
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "node"

@@ -9,7 +9,7 @@ import time
 import grpc
 import numpy as np
 
-from conftest import ACME_KEY
+from service_support import ACME_KEY
 from coordinator.client import GemmaClient
 from gemma_core import LoraAdapter
 

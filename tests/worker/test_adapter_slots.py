@@ -102,3 +102,19 @@ def test_unload_refuses_a_slot_in_use():
         slots.release("a")
         assert slots.unload("a")
     asyncio.run(go())
+
+
+def test_a_cancelled_requester_does_not_abort_a_shared_load():
+    async def go():
+        table = Table(delay=0.1)
+        slots = AdapterSlots(2, table.write)
+        first = asyncio.create_task(slots.acquire("a", fetcher("a")))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(slots.acquire("a", fetcher("a")))
+        await asyncio.sleep(0.01)
+        first.cancel()  # its client went away mid-load
+        assert await asyncio.wait_for(second, 1) == 1
+        assert slots.resident() == ["a"] and len(table.writes) == 1
+        slots.release("a")
+        assert slots.unload("a")  # the cancelled one left no pin behind
+    asyncio.run(go())

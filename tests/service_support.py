@@ -1,0 +1,39 @@
+"""Shared by the serving tests: the session server's settings and keys, and a
+channel that sends a tenant's key. A module of its own (not conftest.py) so
+imports do not depend on which conftest pytest loaded last."""
+
+import grpc
+
+from worker.worker_config import BatchingConfig
+
+BATCHING = BatchingConfig(length_buckets=(16, 64, 256, 1024), batch_buckets=(1, 4, 16),
+                          max_batch_tokens=16384, max_wait_ms=2.0, layer_slots=5)
+ACME_KEY, GLOBEX_KEY = "acme-key-0123456789", "globex-key-0123456789"
+API_KEYS = {ACME_KEY: "acme", GLOBEX_KEY: "globex"}
+MAX_ADAPTERS, MAX_ADAPTER_RANK = 4, 8
+
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to every call of a channel."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def _with_key(self, details):
+        metadata = list(details.metadata or []) + [("authorization", f"Bearer {self.key}")]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+def keyed_channel(address, key=ACME_KEY):
+    return grpc.intercept_channel(grpc.insecure_channel(address), BearerKey(key))
