@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -85,42 +86,36 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             self._metrics.record_call(method, getattr(code, "name", str(code)),
                                       time.perf_counter() - started)
 
+    @contextlib.asynccontextmanager
+    async def _outcome(self, method, context):
+        """Maps whatever ends the call to its status, and records it."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:  # a handler aborted by itself
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
+            code = status_of(error)[0]
+            await _abort(context, error, method)
+        finally:
+            self._record(method, code, started)
+
     def _wrap_unary(self, behavior, method, parse):
         """Unary or client-streaming: one response (request may be an iterator)."""
         async def wrapped(request, context):
-            started, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
+            async with self._outcome(method, context):
                 return await behavior(parse(request), context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:  # a handler aborted by itself
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
-                code = status_of(error)[0]
-                await _abort(context, error, method)
-            finally:
-                self._record(method, code, started)
         return wrapped
 
     def _wrap_stream(self, behavior, method, parse):
         async def wrapped(request, context):
-            started, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
+            async with self._outcome(method, context):
                 async for response in behavior(parse(request), context):
                     yield response
-            except (asyncio.CancelledError, GeneratorExit):  # the client went away
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:  # a handler aborted by itself
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except Exception as error:  # noqa: BLE001 - mapped, logged if unexpected
-                code = status_of(error)[0]
-                await _abort(context, error, method)
-            finally:
-                self._record(method, code, started)
         return wrapped
 
 

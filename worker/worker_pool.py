@@ -278,12 +278,11 @@ class WorkerPool:
         answers = await asyncio.gather(*(
             asyncio.wait_for(self._call(i, self._actors[i].resident_adapters.remote()),
                              INFO_TIMEOUT_S) for i in ids), return_exceptions=True)
-        ids, answers = zip(*[(i, a) for i, a in zip(ids, answers) if isinstance(a, list)]) \
-            if any(isinstance(a, list) for a in answers) else ((), ())
-        for worker_id, keys in zip(ids, answers):
+        resident = {i: keys for i, keys in zip(ids, answers) if isinstance(keys, list)}
+        for worker_id, keys in resident.items():
             known = self._resident[worker_id]
             self._resident[worker_id] = {k: known[k] for k in keys if k in known}
-        return dict(zip(ids, answers))
+        return resident
 
     def fine_tune(self, job: FineTuneWork) -> tuple[str, Any]:
         """Starts `job` on the least-loaded worker; returns (worker id, a Ray
