@@ -16,7 +16,12 @@ saved as a preset in a temporary directory), measures:
   batch_bucket(C) x length_bucket(128). Its rate is C / (seconds per call),
   the same total work; `ratio` is service req/s over that rate;
 * the added latency of one short request (8 tokens, one client): service
-  p50 minus the p50 of `run` on a (1, length_bucket(8)) batch.
+  p50 minus the p50 of `run` on a (1, length_bucket(8)) batch;
+* for each timed pass, the CPU time per request of every process involved
+  (the worker, the coordinator, the clients, Ray's own), read from /proc,
+  next to the in-process run's CPU time per row, and how many requests each
+  actor call carried (the coordinator groups requests that arrive while the
+  worker is busy).
 
 Targets (from the issue): at 16 clients, service throughput >= 0.9x the
 in-process rate; added p50 latency of a single short request < 5 ms. This
@@ -50,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 THROUGHPUT_TARGET = 0.9   # service req/s / in-process req/s at 16 clients
 LATENCY_TARGET_MS = 5.0   # added p50 latency of one short request
 LOAD_PROCESS = None  # the clients' process, started in main()
+LOAD_PID = None
 MID_CONFIG = dict(vocabulary_size=32000, num_layers=8, num_query_heads=8,
                   num_key_value_heads=1, hidden_dim=512, intermediate_dim=4096,
                   head_dim=64)
@@ -71,16 +77,17 @@ def padded_batch(rows, length, real_rows, real_length, vocabulary_size, rng):
 
 def time_run(model, batch, layer_ids, seconds, min_calls):
     """Per-call seconds of `model.run` (blocking, result on the host), after
-    one untimed call; at least `min_calls` calls and `seconds` seconds."""
+    one untimed call; at least `min_calls` calls and `seconds` seconds.
+    Returns (wall seconds per call, CPU seconds per call of this process)."""
     token_ids, padding_mask = batch
     slot_ids = np.zeros(len(token_ids), "int32")  # base model, as the service's requests
     model.run(token_ids, padding_mask, layer_ids, slot_ids)
-    times, start = [], time.perf_counter()
+    times, start, cpu_start = [], time.perf_counter(), time.process_time()
     while len(times) < min_calls or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         model.run(token_ids, padding_mask, layer_ids, slot_ids)
         times.append(time.perf_counter() - t0)
-    return times
+    return times, [(time.process_time() - cpu_start) / len(times)] * len(times)
 
 
 # ---- service load ---------------------------------------------------------------
@@ -95,10 +102,18 @@ def run_load(address, count, requests_each, length, vocabulary_size, seed):
                                vocabulary_size, seed).result()
 
 
+_CHANNELS = {}  # in the load process: (address, index) -> GemmaClient, kept open
+
+
 def _load(address, count, requests_each, length, vocabulary_size, seed):
     from coordinator.client import GemmaClient
 
-    clients = [GemmaClient(address) for _ in range(count)]
+    # Clients keep their channels between passes, as real ones do: the
+    # untimed pass connects them, the timed pass pays no handshakes.
+    for i in range(count):
+        if (address, i) not in _CHANNELS:
+            _CHANNELS[(address, i)] = GemmaClient(address)
+    clients = [_CHANNELS[(address, i)] for i in range(count)]
     barrier = threading.Barrier(count)
     latencies = [[] for _ in clients]
     spans = [None] * count
@@ -126,19 +141,68 @@ def _load(address, count, requests_each, length, vocabulary_size, seed):
         thread.start()
     for thread in threads:
         thread.join()
-    for client in clients:
-        client.close()
     if errors:
         raise errors[0]
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     return [x for per_client in latencies for x in per_client], wall
 
 
+def close_load_channels():
+    LOAD_PROCESS.submit(_close_channels).result()
+
+
+def _close_channels():
+    for client in _CHANNELS.values():
+        client.close()
+    _CHANNELS.clear()
+
+
+# ---- where the CPU goes -----------------------------------------------------------
+
+
+def process_cpu_seconds():
+    """pid -> (name, user + system CPU seconds) of this process and all its
+    descendants (the clients' process, Ray's processes, the worker)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / ticks)
+    ours, frontier = {}, [os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        if pid in table and pid not in ours:
+            ours[pid] = table[pid][1:]
+            frontier += [child for child, (parent, _, _) in table.items() if parent == pid]
+    return ours
+
+
+def cpu_split(before, after, roles):
+    """CPU seconds spent between two snapshots, by role: roles maps pid ->
+    role name; every other process counts as "ray" (raylet, GCS, idle
+    workers)."""
+    split = dict.fromkeys([*roles.values(), "ray"], 0.0)
+    for pid, (_, seconds) in after.items():
+        spent = seconds - before.get(pid, ("", 0.0))[1]
+        split[roles.get(pid, "ray")] += spent
+    return split
+
+
 def worker_counters(client):
-    """(batches_run, sequences_run, compiled_functions) of the one worker."""
+    """(batches_run, sequences_run, compiled_functions, forward_calls,
+    forward_requests) of the one worker."""
     worker = client.model_info()["workers"][0]
     return tuple(int(worker.get(k, 0)) for k in
-                 ("batches_run", "sequences_run", "compiled_functions"))
+                 ("batches_run", "sequences_run", "compiled_functions", "forward_calls",
+                  "forward_requests"))
 
 
 def percentile_ms(values, q):
@@ -193,6 +257,7 @@ def bench_model(label, preset, args, batching, seed):
         print(f"[{label}] service started and warmed in "
               f"{time.perf_counter() - started:.1f}s ({server.address})", flush=True)
         compiled_before = worker_counters(clients[0])[2]
+        worker_pid = int(clients[0].model_info()["workers"][0]["pid"])
 
         for c in args.clients:
             # Untimed pass: warms these client channels and estimates the
@@ -204,23 +269,28 @@ def bench_model(label, preset, args, batching, seed):
             # Baseline right before and right after the timed pass, while the
             # service is idle (same cores); the median over both halves is
             # less at the mercy of one burst of background load.
-            times = time_run(model, batches[c], layer_ids, args.baseline_seconds,
-                             args.baseline_calls)
-            before = worker_counters(clients[0])
+            times, cpus = time_run(model, batches[c], layer_ids, args.baseline_seconds,
+                                   args.baseline_calls)
+            before, cpu_before = worker_counters(clients[0]), process_cpu_seconds()
             latencies, wall = run_load(server.address, c, requests_each, args.seq, vocab,
                                        seed + 2 + c)
-            after = worker_counters(clients[0])
-            times += time_run(model, batches[c], layer_ids, args.baseline_seconds,
-                              args.baseline_calls)
-            base_call = statistics.median(times)
+            after, cpu_after = worker_counters(clients[0]), process_cpu_seconds()
+            more_times, more_cpus = time_run(model, batches[c], layer_ids,
+                                             args.baseline_seconds, args.baseline_calls)
+            base_call = statistics.median(times + more_times)
             total = len(latencies)
             service_rate = total / wall
             batches_run = after[0] - before[0]
+            cpu = cpu_split(cpu_before, cpu_after, {os.getpid(): "coordinator",
+                                                    LOAD_PID: "clients", worker_pid: "worker"})
             rows.append(dict(
                 model=label, clients=c, requests=total, rate=service_rate,
                 tokens=service_rate * args.seq, p50=percentile_ms(latencies, 50),
                 p99=percentile_ms(latencies, 99),
                 rows_per_batch=(after[1] - before[1]) / max(1, batches_run),
+                requests_per_call=(after[4] - before[4]) / max(1, after[3] - before[3]),
+                cpu_ms={role: 1e3 * seconds / total for role, seconds in cpu.items()},
+                base_cpu_ms=1e3 * statistics.median(cpus + more_cpus) / c,
                 base_shape=batches[c][0].shape, base_ms=1e3 * base_call,
                 base_rate=c / base_call, ratio=service_rate / (c / base_call)))
             print(f"[{label}] {c:>2} clients: {total} requests in {wall:.1f}s", flush=True)
@@ -228,11 +298,11 @@ def bench_model(label, preset, args, batching, seed):
         # One short request at a time, one client; baseline before and after.
         _, wall = run_load(server.address, 1, 10, args.short, vocab, seed + 50)
         requests_each = max(args.min_requests * 4, math.ceil(args.seconds * 10 / wall))
-        times = time_run(model, short_batch, layer_ids, args.baseline_seconds,
-                         args.baseline_calls)
+        times, _ = time_run(model, short_batch, layer_ids, args.baseline_seconds,
+                            args.baseline_calls)
         latencies, _ = run_load(server.address, 1, requests_each, args.short, vocab, seed + 51)
         times += time_run(model, short_batch, layer_ids, args.baseline_seconds,
-                          args.baseline_calls)
+                          args.baseline_calls)[0]
         short_row = dict(model=label, requests=len(latencies),
                          service_p50=percentile_ms(latencies, 50),
                          service_p99=percentile_ms(latencies, 99),
@@ -244,6 +314,7 @@ def bench_model(label, preset, args, batching, seed):
             notes.append(f"{label}: the worker compiled {compiled_after - compiled_before} "
                          "new shape(s) during the timed runs (their latency is included)")
     finally:
+        close_load_channels()
         for client in clients:
             client.close()
         server.stop()
@@ -282,16 +353,16 @@ def main():
         args.seconds = 1.5 if args.quick else 6.0
     args.baseline_seconds = 0.5 if args.quick else 1.5
     args.baseline_calls = 5 if args.quick else 10
-    args.min_requests = 3 if args.quick else 5
+    args.min_requests = 3 if args.quick else 8
 
     for name in args.models:
         if name not in ("default", "mid"):
             raise SystemExit(f"unknown model {name!r}; use default and/or mid")
 
-    global LOAD_PROCESS
+    global LOAD_PROCESS, LOAD_PID
     LOAD_PROCESS = concurrent.futures.ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    LOAD_PROCESS.submit(int).result()  # start it before Ray and JAX
+    LOAD_PID = LOAD_PROCESS.submit(os.getpid).result()  # started before Ray and JAX
 
     import ray
 
@@ -348,6 +419,18 @@ def main():
               f"{r['tokens']:>10,.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
               f"{r['rows_per_batch']:>8.1f} {shape:>13} {r['base_ms']:>8.2f} "
               f"{r['base_rate']:>13.1f} {r['ratio']:>6.2f}")
+    print()
+    # The same passes, CPU time per request (ms) by process: on a shared host
+    # whatever the clients, the coordinator and Ray spend is taken from the
+    # forward's cores, so this bounds the ratio.
+    print(f"{'model':<8} {'clients':>7} {'reqs/call':>9} {'worker':>8} {'coord':>8} "
+          f"{'clients':>8} {'ray':>8} {'total':>8} {'in-proc':>8} {'cores':>6}")
+    for r in rows:
+        cpu = r["cpu_ms"]
+        print(f"{r['model']:<8} {r['clients']:>7} {r['requests_per_call']:>9.1f} "
+              f"{cpu['worker']:>8.2f} {cpu['coordinator']:>8.2f} {cpu['clients']:>8.2f} "
+              f"{cpu['ray']:>8.2f} {sum(cpu.values()):>8.2f} {r['base_cpu_ms']:>8.2f} "
+              f"{sum(cpu.values()) * r['rate'] / 1e3:>6.2f}")
     print()
     for s in shorts:
         shape = "x".join(map(str, s["shape"]))

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--batch-buckets", type=_ints, default=BatchingConfig.batch_buckets)
     p.add_argument("--max-batch-tokens", type=int, default=BatchingConfig.max_batch_tokens)
     p.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms)
+    p.add_argument("--coalesce-ms", type=float, default=BatchingConfig.coalesce_ms,
+                   help="while a worker is busy, hold a request up to this long so that "
+                        "concurrent ones share one actor call (0: send each at once)")
     p.add_argument("--max-layers-per-request", type=int, default=BatchingConfig.layer_slots)
     p.add_argument("--max-sequences-per-request", type=int, default=64)
     p.add_argument("--max-text-bytes", type=int, default=16384)
@@ -97,6 +100,7 @@ def parse_args(argv=None) -> ServiceConfig:
     batching = BatchingConfig(
         length_buckets=args.length_buckets, batch_buckets=args.batch_buckets,
         max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
+        coalesce_ms=args.coalesce_ms,
         layer_slots=args.max_layers_per_request)
     spec = WorkerSpec(preset=args.preset, mesh_shape=tuple(args.mesh), dtype=args.dtype,
                       use_gpus=args.gpus, batching=batching, max_adapters=args.max_adapters,

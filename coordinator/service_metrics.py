@@ -130,6 +130,11 @@ class _WorkerCollector:
             "adapter_evictions": ("gemma_worker_adapter_evictions",
                                   "Adapters evicted from a full slot table."),
             "fine_tune_steps": ("gemma_worker_fine_tune_steps", "Training steps run."),
+            "forward_calls": ("gemma_worker_forward_calls",
+                              "Actor calls carrying forward requests (several per call "
+                              "when they arrive together)."),
+            "forward_requests": ("gemma_worker_forward_requests",
+                                 "Forward requests a worker received."),
         }
         for key, (name, help_text) in gauges.items():
             family = GaugeMetricFamily(name, help_text, labels=["worker"])

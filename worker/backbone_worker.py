@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import pickle
 import time
 
 import ml_dtypes
@@ -16,7 +17,7 @@ import ray
 from gemma_core.errors import AdapterMismatch
 from worker.adapter_slots import AdapterSlots
 from worker.dynamic_batcher import DynamicBatcher
-from worker.errors import AdapterRejected, DeadlineExpired
+from worker.errors import AdapterRejected, DeadlineExpired, WorkerError
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import configure_logging
 from worker.fine_tune_runner import FineTuneRunner, FineTuneWork
@@ -42,6 +43,19 @@ def _pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
     if pooling == "mean":
         return hidden.astype(np.float32).mean(axis=0)
     return hidden
+
+
+def _sendable(outcome):
+    """A result or error as it can travel back to the coordinator: an error
+    that would not unpickle there becomes a RuntimeError with its text."""
+    if not isinstance(outcome, BaseException) or isinstance(
+            outcome, (WorkerError, asyncio.CancelledError)):
+        return outcome
+    try:
+        pickle.loads(pickle.dumps(outcome))
+        return outcome
+    except Exception:
+        return RuntimeError(f"{type(outcome).__name__}: {outcome}")
 
 
 def _undo_ray_niceness() -> None:
@@ -80,11 +94,15 @@ class BackboneWorker:
         self._batcher = DynamicBatcher(spec.batching, self.model.run, self._executor)
         self._slots = AdapterSlots(spec.max_adapters, self._write_slot)
         self._fine_tunes = FineTuneRunner(self.model, self._executor)
+        self._by_ticket: dict[int, asyncio.Task] = {}  # forward work of forward_many
+        self.forward_calls = 0      # actor calls that brought forward work
+        self.forward_requests = 0   # the requests they brought
         log.info("%s loaded %s on %s in %.1fs", worker_id, spec.preset,
                  self.model.devices, time.time() - started)
 
     async def forward(self, work: ForwardWork) -> ForwardResult:
         started = time.time()
+        self.forward_requests += 1
         if work.timeout_s is not None and work.timeout_s <= 0:
             self._batcher.stats.sequences_cancelled += len(work.sequences)
             raise DeadlineExpired("the deadline passed before the worker received the request")
@@ -107,6 +125,29 @@ class BackboneWorker:
             "sequences": len(work.sequences), "ms": round(1e3 * (time.time() - started), 2),
             "adapter_id": work.adapter.key if work.adapter is not None else ""})
         return ForwardResult(self.worker_id, tensors)
+
+    async def forward_many(self, tickets_and_works: list[tuple[int, ForwardWork]]
+                           ) -> list[ForwardResult | BaseException]:
+        """Runs several requests (one actor call, see CallCoalescer); returns,
+        in order, each one's result or the error it raised. `cancel_forward`
+        with a ticket drops that request's rows not yet run."""
+        self.forward_calls += 1
+        tasks = {}
+        for ticket, work in tickets_and_works:
+            tasks[ticket] = asyncio.ensure_future(self.forward(work))
+        self._by_ticket.update(tasks)
+        try:
+            outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        finally:
+            for ticket in tasks:
+                self._by_ticket.pop(ticket, None)
+        return [_sendable(outcome) for outcome in outcomes]
+
+    async def cancel_forward(self, tickets: list[int]) -> None:
+        for ticket in tickets:
+            task = self._by_ticket.get(ticket)
+            if task is not None:
+                task.cancel()
 
     async def _write_slot(self, slot: int, adapter) -> None:
         try:
@@ -151,6 +192,8 @@ class BackboneWorker:
             "mesh_shape": list(self.spec.mesh_shape),
             "devices": [str(d) for d in self.model.devices],
             "in_flight_sequences": self._batcher.in_flight(),
+            "forward_calls": self.forward_calls,
+            "forward_requests": self.forward_requests,
             "batches_run": stats.batches_run,
             "sequences_run": stats.sequences_run,
             "max_sequences_in_a_batch": stats.max_sequences_in_a_batch,

@@ -14,6 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from worker.backbone_worker import BackboneWorker
+from worker.call_coalescer import CallCoalescer
 from worker.errors import PoolSaturated, WorkerError, WorkerUnavailable
 from worker.fine_tune_runner import FineTuneWork
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
@@ -87,6 +88,7 @@ class WorkerPool:
                 scheduling_strategy=strategy, max_concurrency=1000, max_restarts=-1,
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
+        self._coalescers = {worker_id: self._coalescer(worker_id) for worker_id in self._actors}
         # A routing hint only: workers evict on their own, so this may hold
         # keys a worker has dropped (it then reloads on demand). The refs let
         # a restarted worker get its adapters back.
@@ -96,6 +98,16 @@ class WorkerPool:
         self._dead: set[str] = set()    # did not come back within RESTART_TIMEOUT_S
         self.restarts = 0
         self.on_serving_change: Callable[[bool], None] | None = None
+
+    def _coalescer(self, worker_id: str) -> CallCoalescer:
+        def send(group):
+            return self._call(worker_id, self._actors[worker_id].forward_many.remote(group))
+
+        def cancel(tickets):
+            if worker_id not in self._down and worker_id not in self._dead:
+                self._actors[worker_id].cancel_forward.remote(tickets)  # nothing to wait for
+        return CallCoalescer(send, cancel, max_rows=self.spec.batching.batch_buckets[-1],
+                             hold_s=self.spec.batching.coalesce_ms / 1000)
 
     async def wait_ready(self) -> list[dict]:
         """Waits for every actor to have loaded its model; returns their info."""
@@ -229,9 +241,11 @@ class WorkerPool:
                                             "request and no other worker can take it") from None
                 raise
             self._in_flight[worker_id] += weight
+            # A worker that may have to load the adapter first gets the
+            # request on its own, so the load delays no other request.
+            alone = key is not None and key not in self._resident[worker_id]
             try:
-                result = await self._call(worker_id,
-                                          self._actors[worker_id].forward.remote(work))
+                result = await self._coalescers[worker_id].submit(work, alone=alone)
             except WorkerUnavailable:
                 tried.append(worker_id)
                 continue

@@ -89,10 +89,13 @@ def test_response_over_16_mib_streams_with_default_limits(client, local_model):
     np.testing.assert_allclose(result.hidden_states[-1][4], want, atol=1e-5)
 
 
-def batches_and_sequences(client):
+def worker_totals(client, *keys):
     workers = client.model_info()["workers"]
-    return (sum(int(w.get("batches_run", 0)) for w in workers),
-            sum(int(w.get("sequences_run", 0)) for w in workers))
+    return tuple(sum(int(w.get(key, 0)) for w in workers) for key in keys)
+
+
+def batches_and_sequences(client):
+    return worker_totals(client, "batches_run", "sequences_run")
 
 
 def test_sixteen_concurrent_clients_get_their_own_rows(service, client, local_model):
@@ -111,18 +114,20 @@ def test_sixteen_concurrent_clients_get_their_own_rows(service, client, local_mo
         start.wait()
         return own_client.forward(token_ids=ids_list, layers=[-1], pooling="mean")
 
-    batches_before, sequences_before = batches_and_sequences(client)
+    counters = ("batches_run", "sequences_run", "forward_calls", "forward_requests")
+    before = worker_totals(client, *counters)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(call, clients, requests))
-    batches_after, sequences_after = batches_and_sequences(client)
+    batches, sequences, calls, received = np.subtract(worker_totals(client, *counters), before)
     for own_client in clients:
         own_client.close()
     for ids_list, result in zip(requests, results):
         expected = expected_states(model, ids_list, [-1])
         for got, want in zip(result.hidden_states, expected):
             np.testing.assert_allclose(got[0], want[0].mean(0), atol=1e-5)
-    assert sequences_after - sequences_before == 16
-    assert batches_after - batches_before < 16  # requests shared batches
+    assert sequences == 16 and received == 16
+    assert batches < 16  # requests shared batches
+    assert calls < 16    # and actor calls: the ones arriving while a worker was busy
 
 
 def test_random_lengths_compile_no_more_than_the_buckets(service, client, local_model):
