@@ -80,7 +80,15 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         config, initial = parsed.config, None
         if parsed.initial_adapter_id:
             record, ref = await self._adapters.ref_for(tenant, parsed.initial_adapter_id)
-            config, initial = dataclasses.replace(config, rank=record.rank), ref.payload
+            # Unset: train at the initial adapter's rank; set: at least it
+            # (the extra rank starts at zero, so training starts from it).
+            if request.rank and request.rank < record.rank:
+                raise InvalidArgument("rank", f"{request.rank} is below the rank of the initial "
+                                              f"adapter {parsed.initial_adapter_id} "
+                                              f"({record.rank}); leave it unset or use >= "
+                                              f"{record.rank}.")
+            config = dataclasses.replace(config, rank=request.rank or record.rank)
+            initial = ref.payload
         check_training_length(len(sequences), config)
         job = self._jobs.start(tenant, parsed.adapter_name, lambda job_id: FineTuneWork(
             job_id=job_id, sequences=tuple(sequences), config=config, initial=initial))

@@ -9,9 +9,10 @@ Three parts, per device of one worker's (data, model) mesh:
   shard on a device has each split axis divided by its mesh axis; the map
   only splits axes the mesh divides, so every device holds the same bytes.
 - **adapter slots**: exact per copy. The worker's `LoraSlotTable` for
-  `max_adapters + 1` slots of rank `max_adapter_rank`, float32, replicated on
-  every device. Counted twice: a slot write builds new tables while a running
-  batch may still read the old ones (they are not donated).
+  `max_adapters + 1` slots of rank `max_adapter_rank`, float32, split over
+  the mesh by `LoraSlotTable.partition_specs`. Counted twice: a slot write
+  builds new tables while a running batch may still read the old ones (they
+  are not donated).
 - **activations**: an estimate of the jitted forward's peak working memory at
   `rows x length`, see `activation_terms` for the formula. XLA fuses and
   reuses buffers, so the real peak is usually lower; the estimate is meant to
@@ -91,8 +92,8 @@ class MemoryPlan:
         dtype: the dtype policy name.
         rows, length: the batch the activations are estimated for.
         weights: every variable with its per-device shard.
-        adapter_table_bytes: one copy of the adapter slot tables (replicated,
-            so the same on every device).
+        adapter_table_bytes: one device's share of one copy of the adapter
+            slot tables (the same on every device).
         activations: the estimate's terms, name -> bytes per device (see
             `activation_terms`).
     """
@@ -318,7 +319,12 @@ def plan_memory(config: GemmaConfig | str | Mapping[str, Any],
     weights = weight_shards(config, mesh_shape, policy.name)
     table = LoraSlotTable(config, max_adapters + 1, max_adapter_rank)
     # Float32, as LoraSlotTable.zeros() makes them, whatever the model dtype.
-    table_bytes = sum(math.prod(shape) * 4 for shape in table.shapes().values())
+    axis_sizes = {"batch": mesh_shape[0], "model": mesh_shape[1]}
+    specs = table.partition_specs(axis_sizes)
+    table_bytes = sum(
+        math.prod(dim // (axis_sizes[axis] if axis else 1)
+                  for dim, axis in zip(shape, specs[name])) * 4
+        for name, shape in table.shapes().items())
     activations = activation_terms(config, policy.compute_dtype, rows, length, mesh_shape,
                                    layer_slots, max_adapter_rank)
     # mixed_bfloat16 stores float32 and computes in bfloat16: XLA materializes

@@ -39,12 +39,19 @@ class ShardedBackbone:
         with distribution.scope():
             self.backbone = Backbone.from_preset(spec.preset, **overrides)
         self.mesh = mesh
-        # Adapter slots: small next to the weights, so replicated on the mesh.
+        # Adapter slots, split over the mesh like the LoRA kernels they stack.
         self.slot_table = LoraSlotTable(self.backbone.config, spec.max_adapters + 1,
                                         spec.max_adapter_rank)
-        replicated = jax.sharding.NamedSharding(mesh.backend_mesh,
-                                                jax.sharding.PartitionSpec())
-        self.lora_tables = jax.device_put(self.slot_table.zeros(), replicated)
+        specs = self.slot_table.partition_specs(dict(zip(MESH_AXES, spec.mesh_shape)),
+                                                model_axis=MESH_AXES[1],
+                                                data_axis=MESH_AXES[0])
+        table_shardings = {name: jax.sharding.NamedSharding(
+                               mesh.backend_mesh, jax.sharding.PartitionSpec(*axes))
+                           for name, axes in specs.items()}
+        slot_shardings = {name: jax.sharding.NamedSharding(  # one slot: no S axis
+                              mesh.backend_mesh, jax.sharding.PartitionSpec(axes[0], *axes[2:]))
+                          for name, axes in specs.items()}
+        self.lora_tables = jax.device_put(self.slot_table.zeros(), table_shardings)
         # A batch's rows go over the data axis (a batch bucket it does not
         # divide runs replicated); without this every device ran every row.
         self._data_parallel = spec.mesh_shape[0]
@@ -52,7 +59,8 @@ class ShardedBackbone:
             mesh.backend_mesh, jax.sharding.PartitionSpec(MESH_AXES[0]))
         # A function of this instance's own: jit caches are per function.
         self._write = jax.jit(lambda tables, slot, values: LoraSlotTable.write(
-            tables, slot, values))
+            tables, slot, values), in_shardings=(table_shardings, None, slot_shardings),
+            out_shardings=table_shardings)
         self._jitted = jax.jit(self._forward)
         self.fingerprint = self.backbone.fingerprint()
 

@@ -57,12 +57,14 @@ def test_planned_weight_bytes_equal_the_bytes_allocated_on_each_device(shape, dt
         assert plan.weight_bytes < plan.weight_bytes_unsharded
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (2, 4)])
-def test_adapter_table_bytes_equal_the_replicated_tables(shape):
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 4)])
+def test_adapter_table_bytes_equal_the_tables_placed_by_their_partition_specs(shape):
     mesh = real_mesh(shape)
     table = LoraSlotTable(TINY, num_slots=9, max_rank=16)   # as ShardedBackbone makes it
-    replicated = jax.sharding.NamedSharding(mesh.backend_mesh, jax.sharding.PartitionSpec())
-    tables = jax.device_put(table.zeros(), replicated)
+    specs = table.partition_specs(dict(zip(["batch", "model"], shape)))
+    tables = {name: jax.device_put(zeros, jax.sharding.NamedSharding(
+                  mesh.backend_mesh, jax.sharding.PartitionSpec(*specs[name])))
+              for name, zeros in table.zeros().items()}
     per_device = collections.Counter()
     for array in tables.values():
         for shard in array.addressable_shards:
@@ -70,6 +72,24 @@ def test_adapter_table_bytes_equal_the_replicated_tables(shape):
     plan = plan_memory(TINY, shape, max_adapters=8, max_adapter_rank=16)
     assert set(per_device.values()) == {plan.adapter_table_bytes}
     assert plan.adapter_bytes == 2 * plan.adapter_table_bytes
+    replicated = sum(t.nbytes for t in table.zeros().values())
+    assert (plan.adapter_table_bytes < replicated) == (shape != (1, 1))
+
+
+def test_adapter_tables_split_like_the_kernels_they_stack():
+    # gemma2_27b: 32 query heads and 16 key/value heads split 4 ways, d over 2.
+    table = LoraSlotTable(GEMMA_PRESETS["gemma2_27b_en"]["config"],
+                          num_slots=9, max_rank=16)
+    specs = table.partition_specs({"batch": 2, "model": 4})
+    assert specs["query_a"] == (None, None, "model", "batch", None)  # (L, S, N, d, R)
+    assert specs["value_a"] == (None, None, "model", "batch", None)  # (L, S, K, d, R)
+    assert specs["query_b"] == specs["value_b"] == (None,) * 4       # (L, S, R, h): small
+    one = plan_memory("gemma2_27b_en", (1, 1), max_adapters=8, max_adapter_rank=16)
+    split = plan_memory("gemma2_27b_en", (2, 4), max_adapters=8, max_adapter_rank=16)
+    assert split.adapter_table_bytes < one.adapter_table_bytes / 7
+    # One key/value head (gemma_2b_en) cannot be split over the model axis.
+    mqa = LoraSlotTable(GEMMA_PRESETS["gemma_2b_en"]["config"], 9, 16)
+    assert mqa.partition_specs({"batch": 1, "model": 4})["value_a"][2] is None
 
 
 @pytest.mark.parametrize("shape, dtype", [((1, 1), "float32"), ((1, 2), "bfloat16"),

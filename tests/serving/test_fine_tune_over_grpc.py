@@ -85,6 +85,24 @@ def test_dataset_upload_then_train_from_a_previous_adapter(stubs):
     assert second_end.adapter_id == "chained@2"
     # Training continued from the first adapter, not from scratch.
     assert second_end.first_loss < first_end.first_loss
+    ranks = {a.adapter_id: a.rank for a in adapters.ListAdapters(
+        apb.ListAdaptersRequest()).adapters}
+    assert ranks["chained@2"] == 2  # rank unset: the initial adapter's
+
+    # A larger rank extends the initial adapter; a smaller one is refused.
+    with pytest.raises(grpc.RpcError) as caught:
+        tune.StartFineTune(fpb.StartFineTuneRequest(
+            adapter_name="chained", dataset_id="pattern-data", initial_adapter_id="chained@1",
+            rank=1, steps=1, batch_size=4, sequence_length=32))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rank" in caught.value.details() and "(2)" in caught.value.details()
+    wider = tune.StartFineTune(fpb.StartFineTuneRequest(
+        adapter_name="chained", dataset_id="pattern-data", initial_adapter_id="chained@1",
+        rank=4, steps=1, batch_size=4, sequence_length=32))
+    _, wider_end = watch_to_end(tune, wider.job_id)
+    assert wider_end.state == fpb.FINE_TUNE_STATE_SUCCEEDED, wider_end.error
+    assert {a.adapter_id: a.rank for a in adapters.ListAdapters(
+        apb.ListAdaptersRequest()).adapters}[wider_end.adapter_id] == 4
 
 
 BAD_STARTS = {

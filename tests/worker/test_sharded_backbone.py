@@ -1,10 +1,13 @@
 """The worker's sharded model in-process: rows split over the data axis,
 adapter slots written and read, all equal to the plain backbone."""
 
+import collections
+
 import numpy as np
 import pytest
 
 from gemma_core import GemmaBackbone, LoraAdapter
+from gemma_core.memory_plan import plan_memory
 from worker.sharded_backbone import ShardedBackbone
 from worker.worker_config import WorkerSpec
 
@@ -20,6 +23,13 @@ def test_rows_over_the_data_axis_and_slots_match_the_plain_model(plain, mesh):
                                        max_adapter_rank=4))
     adapter = LoraAdapter.random(plain.config, rank=3, alpha=6.0, seed=1)
     model.write_slot(2, adapter)
+    # The slot tables stay split over the mesh after a write, as planned.
+    per_device = collections.Counter()
+    for table in model.lora_tables.values():
+        for shard in table.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    plan = plan_memory(plain.config, mesh, max_adapters=2, max_adapter_rank=4)
+    assert set(per_device.values()) == {plan.adapter_table_bytes}
     with_adapter = GemmaBackbone.from_config(plain.get_config())
     with_adapter.set_weights(plain.get_weights())
     adapter.apply_to(with_adapter)
