@@ -35,6 +35,7 @@ class _Entry:
     slot: int
     pins: int = 0
     loading: asyncio.Task | None = None  # set while the slot is being written
+    unload_when_idle: bool = False       # unloaded while in use: freed at its last release
 
 
 class AdapterSlots:
@@ -96,16 +97,25 @@ class AdapterSlots:
             return
         entry.pins -= 1
         if entry.pins == 0:
+            if entry.unload_when_idle and entry.loading is None:
+                self._free_slot(key, entry)
             asyncio.get_running_loop().create_task(self._notify())
 
     def unload(self, key: str) -> bool:
-        """Frees `key`'s slot unless a request is using it (then False)."""
+        """Frees `key`'s slot now (True), or, when requests are using it or
+        it is loading, as soon as the last of them releases it (False)."""
         entry = self._resident.get(key)
-        if entry is None or entry.pins or entry.loading is not None:
+        if entry is None:
             return False
+        if entry.pins or entry.loading is not None:
+            entry.unload_when_idle = True
+            return False
+        self._free_slot(key, entry)
+        return True
+
+    def _free_slot(self, key: str, entry: _Entry) -> None:
         del self._resident[key]
         self._free.append(entry.slot)
-        return True
 
     async def _notify(self) -> None:
         async with self._released:

@@ -63,8 +63,13 @@ class ShardedBackbone:
             out_shardings=table_shardings)
         self._jitted = jax.jit(self._forward)
         self.fingerprint = self.backbone.fingerprint()
+        # Keras walks every layer to list them: once, not per batch (the
+        # served backbone gains no variables; `_forward` checks at tracing).
+        self._variables = list(self.backbone.variables)
 
     def _forward(self, values, tables, token_ids, padding_mask, layer_ids, slot_ids):
+        if len(values) != len(self.backbone.variables):
+            raise RuntimeError("the backbone's variables changed after the worker listed them")
         def hidden(lora):
             with self.backbone.bound_to(values):
                 return self.backbone.selected_hidden_states(token_ids, padding_mask,
@@ -79,7 +84,7 @@ class ShardedBackbone:
             slot_ids: np.ndarray) -> np.ndarray:
         """(K, B, T, d) hidden states on the host, in the compute dtype; row
         b runs with the adapter in slot `slot_ids[b]` (0: none)."""
-        values = [v.value for v in self.backbone.variables]
+        values = [v.value for v in self._variables]
         rows = len(token_ids)
         if self._data_parallel > 1 and rows % self._data_parallel == 0:
             token_ids, padding_mask, slot_ids = jax.device_put(

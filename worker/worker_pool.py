@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -230,8 +231,12 @@ class WorkerPool:
         """Runs `work` on one worker; if that worker dies first, on another
         (nothing has been streamed yet: results arrive whole)."""
         key = work.adapter.key if work.adapter is not None else None
-        tried = []
+        tried, sent = [], time.monotonic()
         while True:
+            if tried and work.timeout_s is not None:  # a retry gets what is left
+                work = dataclasses.replace(
+                    work, timeout_s=work.timeout_s - (time.monotonic() - sent))
+                sent = time.monotonic()
             weight = len(work.sequences)
             try:
                 worker_id = self._least_loaded(key, exclude=tried, weight=weight)

@@ -94,13 +94,33 @@ def test_a_failed_load_frees_its_slot_and_tells_every_waiter():
     asyncio.run(go())
 
 
-def test_unload_refuses_a_slot_in_use():
+def test_unload_of_a_slot_in_use_frees_it_at_its_last_release():
     async def go():
         slots = AdapterSlots(2, Table().write)
         await slots.acquire("a", fetcher("a"))
-        assert not slots.unload("a")
+        await slots.acquire("a", fetcher("a"))   # two requests use it
+        assert not slots.unload("a")             # not now...
+        assert slots.resident() == ["a"]         # ...the requests keep reading it
         slots.release("a")
-        assert slots.unload("a")
+        assert slots.resident() == ["a"]
+        slots.release("a")                       # ...but at the last release
+        assert slots.resident() == []
+        assert slots.unload("a") is False        # nothing left to free
+        await slots.acquire("b", fetcher("b"))
+        await slots.acquire("c", fetcher("c"))   # both slots free again: no eviction
+        assert slots.stats.evictions == 0
+    asyncio.run(go())
+
+
+def test_unload_during_a_load_frees_the_slot_once_its_requester_is_done():
+    async def go():
+        slots = AdapterSlots(1, Table(delay=0.05).write)
+        requester = asyncio.ensure_future(slots.acquire("a", fetcher("a")))
+        await asyncio.sleep(0.01)                # the load is under way
+        assert not slots.unload("a")
+        assert await requester == 1              # the requester still gets its slot
+        slots.release("a")
+        assert slots.resident() == []
     asyncio.run(go())
 
 
