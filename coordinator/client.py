@@ -329,6 +329,18 @@ class GemmaClient:
         return _to_dict(self._fine_tunes.UploadDataset(requests(), timeout=timeout,
                                                        metadata=self._metadata))
 
+    def list_datasets(self, *, timeout: float | None = None) -> list[dict]:
+        """The caller's datasets: [{"dataset_id", "num_examples", "num_tokens"}]."""
+        response = self._fine_tunes.ListDatasets(ft_pb.ListDatasetsRequest(), timeout=timeout,
+                                                 metadata=self._metadata)
+        return [_to_dict(dataset) for dataset in response.datasets]
+
+    def delete_dataset(self, dataset_id: str, *, timeout: float | None = None) -> dict:
+        """Deletes dataset `dataset_id`; returns what it held."""
+        return _to_dict(self._fine_tunes.DeleteDataset(
+            ft_pb.DeleteDatasetRequest(dataset_id=dataset_id), timeout=timeout,
+            metadata=self._metadata))
+
     def start_fine_tune(self, adapter_name: str, *, texts: Sequence[str] | None = None,
                         sequences: Sequence[Sequence[int]] | None = None,
                         dataset_id: str | None = None, rank: int | None = None,

@@ -8,6 +8,7 @@ Examples:
   gemma-client adapters upload support support.lora.h5
   gemma-client adapters list
   gemma-client datasets upload faq faq.jsonl
+  gemma-client datasets list
   gemma-client finetune start faq --dataset faq --steps 200 --watch
 """
 
@@ -220,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     upload = datasets.add_parser("upload", help='JSON Lines: {"text": ...} or {"ids": [...]}')
     upload.add_argument("name")
     upload.add_argument("file")
+    datasets.add_parser("list", help="your datasets")
+    datasets.add_parser("delete", help="delete dataset NAME").add_argument("name")
 
     finetune = commands.add_parser("finetune", help="LoRA fine-tuning jobs").add_subparsers(
         dest="action", required=True)
@@ -328,6 +331,23 @@ def _finetune(client: GemmaClient, args) -> int:
     return 0
 
 
+def _datasets(client: GemmaClient, args) -> int:
+    if args.action == "list":
+        for dataset in client.list_datasets(timeout=args.timeout):
+            print(f"{dataset['dataset_id']}: {dataset['num_examples']} examples, "
+                  f"{dataset['num_tokens']} tokens")
+        return 0
+    if args.action == "delete":
+        dataset = client.delete_dataset(args.name, timeout=args.timeout)
+        verb = "deleted"
+    else:
+        dataset = client.upload_dataset(args.name, args.file, timeout=args.timeout)
+        verb = "uploaded"
+    print(f"{verb} dataset {dataset['dataset_id']}: {dataset['num_examples']} examples, "
+          f"{dataset['num_tokens']} tokens")
+    return 0
+
+
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -343,10 +363,7 @@ def main(argv=None) -> None:
             elif args.command == "adapters":
                 code = _adapters(client, args)
             elif args.command == "datasets":
-                dataset = client.upload_dataset(args.name, args.file, timeout=args.timeout)
-                print(f"uploaded dataset {dataset['dataset_id']}: {dataset['num_examples']} "
-                      f"examples, {dataset['num_tokens']} tokens")
-                code = 0
+                code = _datasets(client, args)
             else:
                 code = _finetune(client, args)
         except grpc.RpcError as error:

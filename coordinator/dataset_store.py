@@ -49,6 +49,30 @@ class DatasetStore:
             raise
         return len(sequences), int(lengths.sum())
 
+    def list(self, tenant: str) -> list[tuple[str, int, int]]:
+        """(name, examples, tokens) of each of the tenant's datasets, by name."""
+        folder = self.root / check_name("tenant", tenant)
+        found = []
+        for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+            try:
+                with np.load(path) as data:
+                    offsets = data["offsets"]
+            except Exception:  # noqa: BLE001 - unreadable: not listed, as load refuses it
+                continue
+            found.append((path.stem, len(offsets) - 1, int(offsets[-1])))
+        return found
+
+    def delete(self, tenant: str, dataset_id: str) -> tuple[int, int]:
+        """Removes the caller's dataset `dataset_id`; returns its (examples,
+        tokens). Raises NotFound as `load` does."""
+        sequences = self.load(tenant, dataset_id)
+        try:
+            self._path(tenant, dataset_id).unlink()
+        except FileNotFoundError:  # deleted meanwhile by another call
+            raise NotFound(f"dataset_id: no dataset {shown(dataset_id)} for this "
+                           "tenant.") from None
+        return len(sequences), sum(len(s) for s in sequences)
+
     def load(self, tenant: str, dataset_id: str) -> tuple[np.ndarray, ...]:
         """The sequences of the caller's dataset `dataset_id`.
 

@@ -70,6 +70,18 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
                                                    sequences)
         return pb.Dataset(dataset_id=first.name, num_examples=examples, num_tokens=tokens)
 
+    async def ListDatasets(self, request, context):
+        found = await asyncio.to_thread(self._datasets.list, self._tenant(context))
+        return pb.ListDatasetsResponse(datasets=[
+            pb.Dataset(dataset_id=name, num_examples=examples, num_tokens=tokens)
+            for name, examples, tokens in found])
+
+    async def DeleteDataset(self, request, context):
+        examples, tokens = await asyncio.to_thread(self._datasets.delete, self._tenant(context),
+                                                   request.dataset_id)
+        return pb.Dataset(dataset_id=request.dataset_id, num_examples=examples,
+                          num_tokens=tokens)
+
     async def StartFineTune(self, request, context):
         tenant = self._tenant(context)
         parsed = parse_fine_tune_request(request, self._limits, self._tokenizer,

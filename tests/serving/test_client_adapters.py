@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service_support import ACME_KEY
+from service_support import ACME_KEY, GLOBEX_KEY
 from coordinator.client import GemmaClient, adapter_format
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as adapter_pb
 from gemma_core import LoraAdapter
@@ -178,7 +178,43 @@ def test_dataset_then_fine_tune(client, tmp_path, cleanup):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_datasets_are_listed_and_deleted_per_tenant(client, service):
+    client.upload_dataset("to-delete", [[2, 5, 6, 7], [2, 8, 9]])
+    listed = {d["dataset_id"]: d for d in client.list_datasets()}
+    assert listed["to-delete"] == {"dataset_id": "to-delete", "num_examples": 2,
+                                   "num_tokens": 7}
+    with GemmaClient(service.address, api_key=GLOBEX_KEY) as other:
+        assert "to-delete" not in {d["dataset_id"] for d in other.list_datasets()}
+        with pytest.raises(grpc.RpcError) as error:  # not theirs to delete
+            other.delete_dataset("to-delete")
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert client.delete_dataset("to-delete") == listed["to-delete"]
+    assert "to-delete" not in {d["dataset_id"] for d in client.list_datasets()}
+    for bad in ("to-delete", "../escape"):  # gone; and never a path
+        with pytest.raises(grpc.RpcError) as error:
+            client.delete_dataset(bad)
+        assert error.value.code() in (grpc.StatusCode.NOT_FOUND,
+                                      grpc.StatusCode.INVALID_ARGUMENT), bad
+    with pytest.raises(grpc.RpcError) as error:  # a job cannot use it any more
+        client.start_fine_tune("never", dataset_id="to-delete", steps=1)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 # ---- the command line --------------------------------------------------------
+
+
+def test_cli_datasets_upload_list_delete(service, tmp_path):
+    data = tmp_path / "cli.jsonl"
+    data.write_text('{"ids": [2, 5, 6]}\n{"ids": [2, 7, 8, 9]}\n')
+    run = gemma_client(service, "datasets", "upload", "cli-set", str(data))
+    assert run.returncode == 0 and "uploaded dataset cli-set: 2 examples, 7 tokens" \
+        in run.stdout, run.stderr
+    run = gemma_client(service, "datasets", "list")
+    assert run.returncode == 0 and "cli-set: 2 examples, 7 tokens" in run.stdout, run.stderr
+    run = gemma_client(service, "datasets", "delete", "cli-set")
+    assert run.returncode == 0 and "deleted dataset cli-set" in run.stdout, run.stderr
+    run = gemma_client(service, "datasets", "delete", "cli-set")
+    assert run.returncode != 0 and "NOT_FOUND" in run.stderr
 
 
 def test_cli_adapters_upload_list_export_delete(service, tmp_path, cleanup):

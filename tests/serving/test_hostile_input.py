@@ -564,6 +564,16 @@ ds_case("over the size cap", C.RESOURCE_EXHAUSTED, "byte upload limit",
         data=b'{"ids": [1, 2]}\n' * 70_000)
 
 
+# ---- DeleteDataset ------------------------------------------------------------------------
+
+for label, dataset_id in [("empty", ""), ("../x", "../x"), ("path traversal",
+                          "../../adapters/acme"), ("10000 chars", LONG),
+                          ("unknown", "never-uploaded")]:
+    case(f"delete dataset: {label}", NOT_FOUND, "dataset_id", "no dataset")(
+        lambda ctx, dataset_id=dataset_id: ctx.tune.DeleteDataset(
+            fpb.DeleteDatasetRequest(dataset_id=dataset_id), timeout=30))
+
+
 # ---- StartFineTune ---------------------------------------------------------------------
 
 TS = fpb.TrainingSequence
@@ -721,8 +731,8 @@ def assert_serves_like_the_local_model(service, local_model):
 def test_the_corpus_is_large_and_covers_every_rpc():
     assert len(CASES) >= 50
     kinds = {name.split(":")[0] for name in CASES}
-    assert {"forward", "metadata", "upload", "adapter id", "dataset", "fine-tune", "watch",
-            "cancel"} <= kinds
+    assert {"forward", "metadata", "upload", "adapter id", "dataset", "delete dataset",
+            "fine-tune", "watch", "cancel"} <= kinds
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

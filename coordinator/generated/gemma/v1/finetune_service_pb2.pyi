@@ -48,6 +48,22 @@ class Dataset(_message.Message):
     num_tokens: int
     def __init__(self, dataset_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
+class ListDatasetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListDatasetsResponse(_message.Message):
+    __slots__ = ("datasets",)
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    datasets: _containers.RepeatedCompositeFieldContainer[Dataset]
+    def __init__(self, datasets: _Optional[_Iterable[_Union[Dataset, _Mapping]]] = ...) -> None: ...
+
+class DeleteDatasetRequest(_message.Message):
+    __slots__ = ("dataset_id",)
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
 class StartFineTuneRequest(_message.Message):
     __slots__ = ("adapter_name", "initial_adapter_id", "texts", "sequences", "dataset_id", "rank", "alpha", "learning_rate", "steps", "epochs", "batch_size", "sequence_length", "seed")
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,16 @@ class FineTuneServiceStub:
                 request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.UploadDatasetRequest.SerializeToString,
                 response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.Dataset.FromString,
                 _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/gemma.v1.FineTuneService/ListDatasets',
+                request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/gemma.v1.FineTuneService/DeleteDataset',
+                request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.Dataset.FromString,
+                _registered_method=True)
         self.StartFineTune = channel.unary_unary(
                 '/gemma.v1.FineTuneService/StartFineTune',
                 request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.StartFineTuneRequest.SerializeToString,
@@ -68,6 +78,21 @@ class FineTuneServiceServicer:
         """Stores training data for later jobs (client-streamed JSON Lines: one
         object per line, {"text": "..."} or {"ids": [1, 2, ...]}). The first
         message carries `name`, the rest `data`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """The caller's datasets, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Removes one of the caller's datasets; returns what it held. Jobs
+        already started keep their copy of the data.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +132,16 @@ def add_FineTuneServiceServicer_to_server(servicer, server):
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.Dataset.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.Dataset.SerializeToString,
             ),
             'StartFineTune': grpc.unary_unary_rpc_method_handler(
@@ -156,6 +191,60 @@ class FineTuneService:
             target,
             '/gemma.v1.FineTuneService/UploadDataset',
             coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.UploadDatasetRequest.SerializeToString,
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gemma.v1.FineTuneService/ListDatasets',
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.ListDatasetsRequest.SerializeToString,
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gemma.v1.FineTuneService/DeleteDataset',
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.DeleteDatasetRequest.SerializeToString,
             coordinator_dot_generated_dot_gemma_dot_v1_dot_finetune__service__pb2.Dataset.FromString,
             options,
             channel_credentials,
