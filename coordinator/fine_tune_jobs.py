@@ -1,9 +1,12 @@
 """Fine-tune jobs: start on a worker, follow its progress, publish or not.
 
-Jobs live in the coordinator's memory (a restart forgets them; what they
-published stays in the registry). Each job is one asyncio task that reads
-the worker's progress stream; watchers wait on a per-job condition and see
-every state change.
+Each job is one asyncio task that reads the worker's progress stream;
+watchers wait on a per-job condition and see every state change. With a
+journal directory, every job is also a small JSON file there, rewritten
+(atomically) at each state change and at most once a second in between, so
+a restarted coordinator still lists and answers for its jobs: those that
+were queued or running when it stopped end "interrupted" (training does not
+resume; what a job published is in the registry either way).
 """
 
 from __future__ import annotations
@@ -11,8 +14,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import json
 import logging
+import os
+import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator
 
 from coordinator.adapter_manager import AdapterManager
@@ -24,6 +31,10 @@ from worker.worker_pool import WorkerPool
 log = logging.getLogger("gemma_serve.fine_tune")
 
 ENDED = ("succeeded", "failed", "cancelled", "interrupted")
+# Progress between state changes reaches the journal at most this often.
+JOURNAL_INTERVAL_S = 1.0
+# Ended jobs kept per tenant (listed, watchable); older ones are forgotten.
+KEPT_ENDED_PER_TENANT = 100
 
 
 @dataclasses.dataclass
@@ -51,7 +62,8 @@ class FineTuneJobs:
     """Every tenant's jobs; a tenant sees only its own (another tenant's job
     id answers as an unknown one)."""
 
-    def __init__(self, pool: WorkerPool, adapters: AdapterManager, max_per_tenant: int = 2):
+    def __init__(self, pool: WorkerPool, adapters: AdapterManager, max_per_tenant: int = 2,
+                 journal: str | os.PathLike | None = None):
         self._pool = pool
         self._adapters = adapters
         self._max_per_tenant = max_per_tenant
@@ -59,6 +71,47 @@ class FineTuneJobs:
         self._changed: dict[str, asyncio.Condition] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._interrupted: set[str] = set()
+        self._journal = None if journal is None else Path(journal)
+        self._journaled_at: dict[str, float] = {}
+        if self._journal is not None:
+            self._journal.mkdir(parents=True, exist_ok=True)
+            self._read_journal()
+
+    def _read_journal(self) -> None:
+        """Loads the jobs a previous run left; unfinished ones end "interrupted"."""
+        fields = {f.name for f in dataclasses.fields(FineTuneJob)}
+        for path in sorted(self._journal.glob("ft-*.json")):
+            try:
+                record = json.loads(path.read_text())
+                job = FineTuneJob(**{k: v for k, v in record.items() if k in fields})
+            except (OSError, ValueError, TypeError) as error:
+                log.warning("ignoring unreadable job record %s: %s", path, error)
+                continue
+            if job.state not in ENDED:
+                job.state, job.eta_seconds = "interrupted", 0.0
+                job.error = "interrupted: the coordinator restarted while the job was " \
+                            f"{record.get('state', 'running')}"
+                self._write(job)
+            self._jobs[job.job_id] = job
+            self._changed[job.job_id] = asyncio.Condition()
+
+    def _write(self, job: FineTuneJob) -> None:
+        if self._journal is None:
+            return
+        path = self._journal / f"{job.job_id}.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(dataclasses.asdict(job)))
+        os.replace(temporary, path)  # a reader sees the old record or the new, whole
+        self._journaled_at[job.job_id] = time.monotonic()
+
+    def _forget_old_jobs(self, tenant: str) -> None:
+        ended = sorted((j for j in self._jobs.values() if j.tenant == tenant
+                        and j.state in ENDED), key=lambda j: j.created)
+        for job in ended[:max(0, len(ended) - KEPT_ENDED_PER_TENANT)]:
+            for table in (self._jobs, self._changed, self._tasks, self._journaled_at):
+                table.pop(job.job_id, None)
+            if self._journal is not None:
+                (self._journal / f"{job.job_id}.json").unlink(missing_ok=True)
 
     def start(self, tenant: str, adapter_name: str, work_for_job) -> FineTuneJob:
         """Queues a job; `work_for_job(job_id)` builds its FineTuneWork.
@@ -75,6 +128,8 @@ class FineTuneJobs:
                 "limit); wait for one to end or cancel one.")
         job_id = f"ft-{uuid.uuid4().hex[:12]}"
         job = FineTuneJob(job_id=job_id, tenant=tenant, adapter_name=adapter_name)
+        self._forget_old_jobs(tenant)
+        self._write(job)
         self._jobs[job_id] = job
         self._changed[job_id] = asyncio.Condition()
         self._tasks[job_id] = asyncio.get_running_loop().create_task(
@@ -152,6 +207,12 @@ class FineTuneJobs:
             fields.setdefault("error", "interrupted: the server shut down")
         for key, value in fields.items():
             setattr(job, key, value)
+        if ("state" in fields or time.monotonic() - self._journaled_at.get(job.job_id, 0.0)
+                >= JOURNAL_INTERVAL_S):
+            try:
+                self._write(job)
+            except OSError as error:  # the job goes on; only its record lags
+                log.warning("could not record job %s: %s", job.job_id, error)
         async with self._changed[job.job_id]:
             self._changed[job.job_id].notify_all()
 

@@ -126,7 +126,8 @@ class GemmaServer:
         adapters = AdapterManager(registry, self._pool, config.worker.max_adapter_rank,
                                   config.max_upload_bytes)
         datasets = DatasetStore(os.path.join(config.data_dir, "datasets"))
-        jobs = FineTuneJobs(self._pool, adapters, config.admission.max_fine_tunes)
+        jobs = FineTuneJobs(self._pool, adapters, config.admission.max_fine_tunes,
+                            journal=os.path.join(config.data_dir, "jobs"))
         self._jobs = jobs
 
         servicer = GemmaServicer(

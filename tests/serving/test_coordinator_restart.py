@@ -1,6 +1,7 @@
 """A `gemma-serve` process on keras_hub's tiny fixture: its LoRA file served
 over gRPC reproduces keras_hub's outputs, and killing the coordinator in the
-middle of an upload loses nothing and leaves nothing half-written."""
+middle of an upload and a fine-tune job loses nothing and leaves nothing
+half-written; the restarted one still answers for its jobs."""
 
 import os
 import pathlib
@@ -17,6 +18,8 @@ import pytest
 from coordinator.client import GemmaClient
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as apb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as apb_grpc
+from coordinator.generated.gemma.v1 import finetune_service_pb2 as fpb
+from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as fpb_grpc
 
 BIN = pathlib.Path(sys.executable).parent
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "gemma1_tiny"
@@ -74,6 +77,23 @@ def test_keras_hub_lora_and_a_coordinator_killed_mid_upload(ray_session, tmp_pat
                     np.testing.assert_allclose(
                         got[0][0], reference["hidden_states_with_lora"][row][mask == 1],
                         atol=1e-5)
+            # A finished fine-tune job, and one still training when the
+            # coordinator dies.
+            tune = fpb_grpc.FineTuneServiceStub(channel)
+            training = [fpb.TrainingSequence(ids=[2, 5, 6, 7, 8, 9])] * 4
+            done = tune.StartFineTune(fpb.StartFineTuneRequest(
+                adapter_name="tuned", sequences=training, rank=2, steps=2, batch_size=2))
+            *_, done_end = tune.WatchFineTune(fpb.WatchFineTuneRequest(job_id=done.job_id),
+                                              timeout=300)
+            assert done_end.state == fpb.FINE_TUNE_STATE_SUCCEEDED, done_end.error
+            running = tune.StartFineTune(fpb.StartFineTuneRequest(
+                adapter_name="never", sequences=training, rank=2, steps=1_000_000,
+                batch_size=2))
+            for update in tune.WatchFineTune(
+                    fpb.WatchFineTuneRequest(job_id=running.job_id), timeout=300):
+                if update.step >= 1:
+                    break
+            time.sleep(1.5)  # progress reaches the job journal at least once a second
             # A slow upload of a valid adapter (2.5 s) in flight when the
             # coordinator dies: had it finished, it would be listed.
             threading.Thread(target=lambda: _ignore(upload, stub, "half", lora_file,
@@ -94,9 +114,29 @@ def test_keras_hub_lora_and_a_coordinator_killed_mid_upload(ray_session, tmp_pat
         with grpc.insecure_channel(address) as channel:
             stub = apb_grpc.AdapterServiceStub(channel)
             listed = [a.adapter_id for a in stub.ListAdapters(apb.ListAdaptersRequest()).adapters]
-            assert listed == ["keras-hub@1"]
+            assert sorted(listed) == ["keras-hub@1", "tuned@1"]
             loaded = stub.LoadAdapter(apb.LoadAdapterRequest(adapter_id="keras-hub@1"))
             assert loaded.workers == ["worker-0"]
+
+            # Both jobs are still known: the finished one as it ended, the
+            # interrupted one as such (nothing published), and watching it ends.
+            tune = fpb_grpc.FineTuneServiceStub(channel)
+            jobs = {j.job_id: j for j in tune.ListFineTunes(fpb.ListFineTunesRequest()).jobs}
+            assert jobs[done.job_id].state == fpb.FINE_TUNE_STATE_SUCCEEDED
+            assert jobs[done.job_id].adapter_id == "tuned@1"
+            assert jobs[done.job_id].step == 2
+            interrupted = jobs[running.job_id]
+            assert interrupted.state == fpb.FINE_TUNE_STATE_INTERRUPTED
+            assert "coordinator restarted" in interrupted.error and interrupted.step >= 1
+            updates = list(tune.WatchFineTune(
+                fpb.WatchFineTuneRequest(job_id=running.job_id), timeout=30))
+            assert [u.state for u in updates] == [fpb.FINE_TUNE_STATE_INTERRUPTED]
+            # It no longer counts against the tenant's limit of active jobs.
+            again = tune.StartFineTune(fpb.StartFineTuneRequest(
+                adapter_name="again", sequences=training, rank=2, steps=1, batch_size=2))
+            *_, again_end = tune.WatchFineTune(fpb.WatchFineTuneRequest(job_id=again.job_id),
+                                               timeout=300)
+            assert again_end.state == fpb.FINE_TUNE_STATE_SUCCEEDED, again_end.error
     finally:
         kill(process, signal.SIGTERM)
 

@@ -1,0 +1,64 @@
+"""The fine-tune job journal on its own: what a restarted coordinator reads
+back, what it ignores, and how many ended jobs it keeps."""
+
+import asyncio
+import dataclasses
+import json
+
+from coordinator.fine_tune_jobs import KEPT_ENDED_PER_TENANT, FineTuneJob, FineTuneJobs
+
+
+def record(job_id, state, created="2026-01-01T00:00:00+00:00", **fields):
+    return dataclasses.asdict(FineTuneJob(job_id=job_id, tenant="acme", adapter_name="a",
+                                          state=state, created=created, **fields))
+
+
+def jobs_from(journal):
+    """FineTuneJobs reading `journal`, no workers behind it (a started job
+    fails at once: there is no pool)."""
+    return FineTuneJobs(pool=None, adapters=None, journal=journal)
+
+
+def test_unfinished_jobs_come_back_interrupted_and_bad_records_are_skipped(tmp_path):
+    (tmp_path / "ft-running.json").write_text(json.dumps(record("ft-running", "running",
+                                                                step=7, total_steps=50)))
+    (tmp_path / "ft-done.json").write_text(json.dumps(record("ft-done", "succeeded",
+                                                             adapter_id="a@1")))
+    (tmp_path / "ft-torn.json").write_text('{"job_id": "ft-torn", "ten')
+    (tmp_path / "ft-odd.json").write_text(json.dumps({"job_id": "ft-odd"}))  # no tenant
+    (tmp_path / "ft-future.json").write_text(json.dumps(
+        {**record("ft-future", "queued"), "a_field_from_a_newer_version": 1}))
+
+    async def main():
+        jobs = jobs_from(tmp_path)
+        listed = {job.job_id: job for job in jobs.list("acme")}
+        assert set(listed) == {"ft-running", "ft-done", "ft-future"}
+        assert listed["ft-running"].state == "interrupted"
+        assert listed["ft-running"].step == 7 and "while the job was running" in \
+            listed["ft-running"].error
+        assert listed["ft-future"].state == "interrupted"
+        assert listed["ft-done"].state == "succeeded" and listed["ft-done"].adapter_id == "a@1"
+        assert jobs.list("globex") == []
+        # Watching an interrupted job yields it once and ends.
+        assert [j.state async for j in jobs.watch("acme", "ft-running")] == ["interrupted"]
+        # The journal says so too, for the next restart.
+        assert json.loads((tmp_path / "ft-running.json").read_text())["state"] == "interrupted"
+    asyncio.run(main())
+
+
+def test_ended_jobs_beyond_the_limit_are_forgotten_oldest_first(tmp_path):
+    for i in range(KEPT_ENDED_PER_TENANT + 5):
+        (tmp_path / f"ft-{i:04d}.json").write_text(json.dumps(record(
+            f"ft-{i:04d}", "failed", created=f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00")))
+
+    async def main():
+        jobs = jobs_from(tmp_path)
+        assert len(jobs.list("acme")) == KEPT_ENDED_PER_TENANT + 5
+        new = jobs.start("acme", "a", lambda job_id: None)  # fails at once: no pool
+        *_, end = [j async for j in jobs.watch("acme", new.job_id)]
+        assert end.state == "failed"
+        kept = {job.job_id for job in jobs.list("acme")}
+        assert "ft-0000" not in kept and f"ft-{KEPT_ENDED_PER_TENANT + 4:04d}" in kept
+        assert len(kept) == KEPT_ENDED_PER_TENANT + 1  # the 100 newest ended, and the new one
+        assert sorted(p.stem for p in tmp_path.glob("ft-*.json")) == sorted(kept)
+    asyncio.run(main())
