@@ -78,7 +78,10 @@ class FineTuneJobs:
             self._read_journal()
 
     def _read_journal(self) -> None:
-        """Loads the jobs a previous run left; unfinished ones end "interrupted"."""
+        """Loads the jobs a previous run left; unfinished ones end "interrupted",
+        or "succeeded" if the registry shows they published before it stopped."""
+        for leftover in self._journal.glob("*.tmp"):  # a write cut short
+            leftover.unlink(missing_ok=True)
         fields = {f.name for f in dataclasses.fields(FineTuneJob)}
         for path in sorted(self._journal.glob("ft-*.json")):
             try:
@@ -88,21 +91,47 @@ class FineTuneJobs:
                 log.warning("ignoring unreadable job record %s: %s", path, error)
                 continue
             if job.state not in ENDED:
-                job.state, job.eta_seconds = "interrupted", 0.0
-                job.error = "interrupted: the coordinator restarted while the job was " \
-                            f"{record.get('state', 'running')}"
-                self._write(job)
+                published = self._published_by(job)
+                if published:
+                    job.state, job.adapter_id, job.eta_seconds = "succeeded", published, 0.0
+                else:
+                    job.state, job.eta_seconds = "interrupted", 0.0
+                    job.error = ("interrupted: the coordinator restarted while the job was "
+                                 f"{record.get('state', 'running')}")
+                self._write_or_warn(job)
             self._jobs[job.job_id] = job
             self._changed[job.job_id] = asyncio.Condition()
 
-    def _write(self, job: FineTuneJob) -> None:
+    def _published_by(self, job: FineTuneJob) -> str:
+        """The adapter id `job` published, or "" (it stopped before that)."""
+        if self._adapters is None:
+            return ""
+        try:
+            records = self._adapters.registry.list(job.tenant)
+        except Exception:  # noqa: BLE001 - an unknown tenant has published nothing
+            return ""
+        return next((r.adapter_id for r in records if r.source == f"finetune:{job.job_id}"), "")
+
+    def _write(self, job: FineTuneJob, durable: bool = False) -> None:
         if self._journal is None:
             return
         path = self._journal / f"{job.job_id}.json"
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(dataclasses.asdict(job)))
+        with open(temporary, "w") as out:
+            out.write(json.dumps(dataclasses.asdict(job), default=float))
+            if durable:  # state changes: what a restart must not lose
+                out.flush()
+                os.fsync(out.fileno())
         os.replace(temporary, path)  # a reader sees the old record or the new, whole
         self._journaled_at[job.job_id] = time.monotonic()
+
+    def _write_or_warn(self, job: FineTuneJob, durable: bool = True) -> None:
+        """The journal is a record, not the job: a failed write is logged and
+        the job goes on (its record lags until the next write)."""
+        try:
+            self._write(job, durable)
+        except Exception as error:  # noqa: BLE001
+            log.warning("could not record fine-tune job %s: %s", job.job_id, error)
 
     def _forget_old_jobs(self, tenant: str) -> None:
         ended = sorted((j for j in self._jobs.values() if j.tenant == tenant
@@ -129,7 +158,7 @@ class FineTuneJobs:
         job_id = f"ft-{uuid.uuid4().hex[:12]}"
         job = FineTuneJob(job_id=job_id, tenant=tenant, adapter_name=adapter_name)
         self._forget_old_jobs(tenant)
-        self._write(job)
+        self._write(job, durable=True)  # no record, no job: the caller hears why
         self._jobs[job_id] = job
         self._changed[job_id] = asyncio.Condition()
         self._tasks[job_id] = asyncio.get_running_loop().create_task(
@@ -161,7 +190,7 @@ class FineTuneJobs:
             async with changed:
                 # A predicate, not a bare wait: a change made while the last
                 # update was being sent must not be missed.
-                await changed.wait_for(lambda: self._jobs[job_id] != job)
+                await changed.wait_for(lambda: self._jobs.get(job_id) != job)
             job = self.get(tenant, job_id)
             yield job
 
@@ -209,10 +238,7 @@ class FineTuneJobs:
             setattr(job, key, value)
         if ("state" in fields or time.monotonic() - self._journaled_at.get(job.job_id, 0.0)
                 >= JOURNAL_INTERVAL_S):
-            try:
-                self._write(job)
-            except OSError as error:  # the job goes on; only its record lags
-                log.warning("could not record job %s: %s", job.job_id, error)
+            self._write_or_warn(job, durable="state" in fields)
         async with self._changed[job.job_id]:
             self._changed[job.job_id].notify_all()
 

@@ -319,10 +319,10 @@ def plan_memory(config: GemmaConfig | str | Mapping[str, Any],
     weights = weight_shards(config, mesh_shape, policy.name)
     table = LoraSlotTable(config, max_adapters + 1, max_adapter_rank)
     # Float32, as LoraSlotTable.zeros() makes them, whatever the model dtype.
-    axis_sizes = {"batch": mesh_shape[0], "model": mesh_shape[1]}
-    specs = table.partition_specs(axis_sizes)
+    axis_sizes = dict(zip(MESH_AXES, mesh_shape))
+    specs = table.partition_specs(axis_sizes, model_axis=MESH_AXES[1], data_axis=MESH_AXES[0])
     table_bytes = sum(
-        math.prod(dim // (axis_sizes[axis] if axis else 1)
+        math.prod(dim if axis is None else -(-dim // axis_sizes[axis])
                   for dim, axis in zip(shape, specs[name])) * 4
         for name, shape in table.shapes().items())
     activations = activation_terms(config, policy.compute_dtype, rows, length, mesh_shape,

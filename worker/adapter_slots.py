@@ -82,24 +82,31 @@ class AdapterSlots:
                 entry.loading.add_done_callback(_retrieve)
                 self._resident[key] = entry
             entry.pins += 1
+            entry.unload_when_idle = False  # wanted again: an earlier unload is void
             self._resident.move_to_end(key)
             if entry.loading is not None:
                 try:
                     await asyncio.shield(entry.loading)
                 except BaseException:
-                    entry.pins -= 1
+                    self._unpin(key, entry)
                     raise
             return entry.slot
 
     def release(self, key: str) -> None:
         entry = self._resident.get(key)
-        if entry is None:
-            return
+        if entry is not None:
+            self._unpin(key, entry)
+
+    def _unpin(self, key: str, entry: _Entry) -> None:
         entry.pins -= 1
         if entry.pins == 0:
-            if entry.unload_when_idle and entry.loading is None:
-                self._free_slot(key, entry)
+            self._free_if_unloaded(key, entry)
             asyncio.get_running_loop().create_task(self._notify())
+
+    def _free_if_unloaded(self, key: str, entry: _Entry) -> None:
+        if (entry.unload_when_idle and entry.pins == 0 and entry.loading is None
+                and self._resident.get(key) is entry):
+            self._free_slot(key, entry)
 
     def unload(self, key: str) -> bool:
         """Frees `key`'s slot now (True), or, when requests are using it or
@@ -158,6 +165,7 @@ class AdapterSlots:
         entry.loading = None
         self.stats.loads += 1
         self.stats.last_load_ms = 1e3 * (time.perf_counter() - started)
+        self._free_if_unloaded(key, entry)  # unloaded meanwhile, its requesters gone
 
 
 def _retrieve(task: asyncio.Task) -> None:

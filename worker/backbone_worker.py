@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import functools
 import logging
@@ -47,10 +48,13 @@ def _pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
 
 def _sendable(outcome):
     """A result or error as it can travel back to the coordinator: an error
-    that would not unpickle there becomes a RuntimeError with its text."""
+    that would not unpickle there becomes a RuntimeError with its text. An
+    unexpected error is logged here with its traceback, which does not
+    travel."""
     if not isinstance(outcome, BaseException) or isinstance(
             outcome, (WorkerError, asyncio.CancelledError)):
         return outcome
+    log.error("forward failed", exc_info=outcome)
     try:
         pickle.loads(pickle.dumps(outcome))
         return outcome
@@ -95,6 +99,10 @@ class BackboneWorker:
         self._slots = AdapterSlots(spec.max_adapters, self._write_slot)
         self._fine_tunes = FineTuneRunner(self.model, self._executor)
         self._by_ticket: dict[int, asyncio.Task] = {}  # forward work of forward_many
+        # Tickets cancelled before their forward_many arrived; bounded, since
+        # most are cancels of requests that had already finished.
+        self._cancelled_early: set[int] = set()
+        self._cancelled_order: collections.deque[int] = collections.deque(maxlen=4096)
         self.forward_calls = 0      # actor calls that brought forward work
         self.forward_requests = 0   # the requests they brought
         log.info("%s loaded %s on %s in %.1fs", worker_id, spec.preset,
@@ -135,6 +143,8 @@ class BackboneWorker:
         tasks = {}
         for ticket, work in tickets_and_works:
             tasks[ticket] = asyncio.ensure_future(self.forward(work))
+            if ticket in self._cancelled_early:  # its cancel overtook it
+                tasks[ticket].cancel()
         self._by_ticket.update(tasks)
         try:
             outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
@@ -148,6 +158,11 @@ class BackboneWorker:
             task = self._by_ticket.get(ticket)
             if task is not None:
                 task.cancel()
+            else:  # not here yet (Ray does not order an async actor's calls), or done
+                if len(self._cancelled_order) == self._cancelled_order.maxlen:
+                    self._cancelled_early.discard(self._cancelled_order[0])
+                self._cancelled_order.append(ticket)
+                self._cancelled_early.add(ticket)
 
     async def _write_slot(self, slot: int, adapter) -> None:
         try:
@@ -166,7 +181,8 @@ class BackboneWorker:
         return 1e3 * (time.perf_counter() - started) if self._slots.stats.loads > loads else 0.0
 
     async def unload_adapters(self, keys: list[str]) -> list[str]:
-        """Releases the slots of `keys` not in use right now; returns those."""
+        """Releases the slots of `keys` not in use right now and returns those;
+        one in use is released when its last request ends."""
         return [key for key in keys if self._slots.unload(key)]
 
     async def resident_adapters(self) -> list[str]:

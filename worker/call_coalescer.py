@@ -14,6 +14,7 @@ together, so they also share a batch.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 from typing import Awaitable, Callable
 
@@ -117,7 +118,7 @@ class CallCoalescer:
         try:
             outcomes = await self._send([(ticket, work) for ticket, work, _ in group])
         except BaseException as error:  # the whole call failed: every request learns why
-            outcomes = [error] * len(group)
+            outcomes = [_own_copy(error) for _ in group]
         for (_, _, future), outcome in zip(group, outcomes):
             if future.done():  # its caller gave up
                 continue
@@ -127,3 +128,12 @@ class CallCoalescer:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+
+
+def _own_copy(error: BaseException) -> BaseException:
+    """A copy of `error` per request, so their tracebacks do not pile up on
+    one shared exception object (the original where it cannot be copied)."""
+    try:
+        return copy.copy(error)
+    except Exception:  # noqa: BLE001
+        return error

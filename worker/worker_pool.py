@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from worker.backbone_worker import BackboneWorker
 from worker.call_coalescer import CallCoalescer
-from worker.errors import PoolSaturated, WorkerError, WorkerUnavailable
+from worker.errors import DeadlineExpired, PoolSaturated, WorkerError, WorkerUnavailable
 from worker.fine_tune_runner import FineTuneWork
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV
@@ -101,12 +101,21 @@ class WorkerPool:
         self.on_serving_change: Callable[[bool], None] | None = None
 
     def _coalescer(self, worker_id: str) -> CallCoalescer:
-        def send(group):
-            return self._call(worker_id, self._actors[worker_id].forward_many.remote(group))
+        async def send(group):
+            # Requests held while the worker's last call failed would wait out
+            # its restart; instead each fails over to another worker.
+            if worker_id in self._down or worker_id in self._dead:
+                raise WorkerUnavailable(f"{worker_id} is restarting")
+            return await self._call(worker_id,
+                                    self._actors[worker_id].forward_many.remote(group))
 
         def cancel(tickets):
-            if worker_id not in self._down and worker_id not in self._dead:
-                self._actors[worker_id].cancel_forward.remote(tickets)  # nothing to wait for
+            if worker_id in self._down or worker_id in self._dead:
+                return
+            try:  # fire and forget: the request has stopped waiting either way
+                self._actors[worker_id].cancel_forward.remote(tickets)
+            except Exception as error:  # noqa: BLE001 - e.g. the pool shut down
+                log.debug("could not cancel %s on %s: %s", tickets, worker_id, error)
         return CallCoalescer(send, cancel, max_rows=self.spec.batching.batch_buckets[-1],
                              hold_s=self.spec.batching.coalesce_ms / 1000)
 
@@ -234,9 +243,11 @@ class WorkerPool:
         tried, sent = [], time.monotonic()
         while True:
             if tried and work.timeout_s is not None:  # a retry gets what is left
-                work = dataclasses.replace(
-                    work, timeout_s=work.timeout_s - (time.monotonic() - sent))
-                sent = time.monotonic()
+                left = work.timeout_s - (time.monotonic() - sent)
+                if left <= 0:
+                    raise DeadlineExpired("the deadline passed while the request was "
+                                          f"retried after {', '.join(tried)} died")
+                work, sent = dataclasses.replace(work, timeout_s=left), time.monotonic()
             weight = len(work.sequences)
             try:
                 worker_id = self._least_loaded(key, exclude=tried, weight=weight)

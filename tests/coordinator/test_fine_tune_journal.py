@@ -5,7 +5,11 @@ import asyncio
 import dataclasses
 import json
 
+from fixture_support import TINY_CONFIG
+from coordinator.adapter_manager import AdapterManager
+from coordinator.adapter_registry import AdapterRegistry
 from coordinator.fine_tune_jobs import KEPT_ENDED_PER_TENANT, FineTuneJob, FineTuneJobs
+from gemma_core import GemmaConfig, LoraAdapter
 
 
 def record(job_id, state, created="2026-01-01T00:00:00+00:00", **fields):
@@ -62,3 +66,22 @@ def test_ended_jobs_beyond_the_limit_are_forgotten_oldest_first(tmp_path):
         assert len(kept) == KEPT_ENDED_PER_TENANT + 1  # the 100 newest ended, and the new one
         assert sorted(p.stem for p in tmp_path.glob("ft-*.json")) == sorted(kept)
     asyncio.run(main())
+
+
+def test_a_job_that_published_before_the_restart_comes_back_succeeded(tmp_path):
+    journal = tmp_path / "jobs"
+    journal.mkdir()
+    (journal / "ft-published.json").write_text(json.dumps(record("ft-published", "running")))
+    (journal / "ft-cut.tmp").write_text('{"job_id": "ft-cu')  # a write cut short
+    config = GemmaConfig(**TINY_CONFIG)
+    registry = AdapterRegistry(tmp_path / "adapters", config, "tiny-base")
+    registry.publish("acme", "a", LoraAdapter.random(config, rank=2, alpha=2.0, seed=0),
+                     "finetune:ft-published")  # the coordinator died right after this
+
+    async def main():
+        jobs = FineTuneJobs(pool=None, adapters=AdapterManager(registry, None, 8, 1 << 20),
+                            journal=journal)
+        job = jobs.get("acme", "ft-published")
+        assert (job.state, job.adapter_id) == ("succeeded", "a@1")
+    asyncio.run(main())
+    assert not list(journal.glob("*.tmp"))

@@ -23,7 +23,8 @@ def test_reflection_lists_and_describes_the_service(channel):
     assert {m.name for m in service.methods} == {"Forward", "GetModelInfo"}
     for name, methods in (("AdapterService", {"UploadAdapter", "LoadAdapter", "UnloadAdapter",
                                               "ListAdapters", "DeleteAdapter", "ExportAdapter"}),
-                          ("FineTuneService", {"UploadDataset", "StartFineTune", "WatchFineTune",
+                          ("FineTuneService", {"UploadDataset", "ListDatasets", "DeleteDataset",
+                                               "StartFineTune", "WatchFineTune",
                                                "CancelFineTune", "ListFineTunes"})):
         assert f"gemma.v1.{name}" in services
         assert {m.name for m in pool.FindServiceByName(f"gemma.v1.{name}").methods} == methods

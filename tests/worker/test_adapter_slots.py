@@ -121,6 +121,22 @@ def test_unload_during_a_load_frees_the_slot_once_its_requester_is_done():
         assert await requester == 1              # the requester still gets its slot
         slots.release("a")
         assert slots.resident() == []
+
+        # Its only requester gone before the load ends: freed when it does.
+        requester = asyncio.ensure_future(slots.acquire("b", fetcher("b")))
+        await asyncio.sleep(0.01)
+        assert not slots.unload("b")
+        requester.cancel()
+        await asyncio.sleep(0.1)                 # the load finishes on its own
+        assert slots.resident() == []
+
+        # Wanted again after an unload: the unload is void.
+        await slots.acquire("c", fetcher("c"))
+        assert not slots.unload("c")
+        await slots.acquire("c", fetcher("c"))   # e.g. LoadAdapter while a request runs
+        slots.release("c")
+        slots.release("c")
+        assert slots.resident() == ["c"]
     asyncio.run(go())
 
 
