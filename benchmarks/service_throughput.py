@@ -353,7 +353,7 @@ def main():
         args.seconds = 1.5 if args.quick else 6.0
     args.baseline_seconds = 0.5 if args.quick else 1.5
     args.baseline_calls = 5 if args.quick else 10
-    args.min_requests = 3 if args.quick else 8
+    args.min_requests = 3 if args.quick else 12
 
     for name in args.models:
         if name not in ("default", "mid"):

@@ -21,7 +21,7 @@ from worker.worker_config import BatchingConfig
 
 # A first call of a shape includes its compilation: never wait longer than
 # this for stragglers, whatever the last batch took.
-_MAX_STRAGGLER_WAIT_S = 0.1
+_MAX_STRAGGLER_WAIT_S = 0.2
 
 # run(token_ids (B, T), padding_mask (B, T), layer_ids (K,), slot_ids (B,)) -> (K, B, T, d)
 RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -150,10 +150,12 @@ class DynamicBatcher:
             self._drop_dead_rows()
             if not self._pending:
                 continue
-            # Waiting a tenth of a batch's run time to fill it costs at most
-            # 10%; splitting one batch in two costs far more on a busy worker.
+            # Waiting a fifth of a batch's run time to fill it costs at most
+            # 20%; splitting one batch in two costs a whole extra batch for the
+            # stragglers and pads both. A tenth was too short on a shared
+            # 2-core host: 16 callers' round trip took longer than it.
             wait_s = max(self._config.max_wait_ms / 1000,
-                         min(0.1 * self._last_batch_seconds, _MAX_STRAGGLER_WAIT_S))
+                         min(0.2 * self._last_batch_seconds, _MAX_STRAGGLER_WAIT_S))
             give_up = loop.time() + wait_s
             while not self._ready_to_run() and loop.time() < give_up:
                 try:

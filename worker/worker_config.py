@@ -20,8 +20,9 @@ class BatchingConfig:
             rows in one batch.
         max_batch_tokens: rows x padded length never exceeds this.
         max_wait_ms: how long a batch smaller than the previous one waits
-            for more rows, at least (a tenth of the previous batch's run
-            time if that is longer); a batch at least as large runs at once.
+            for more rows, at least (a fifth of the previous batch's run
+            time if that is longer, up to 200 ms); a batch at least as large
+            runs at once.
         layer_slots: how many distinct layers one batch can return.
         coalesce_ms: while a worker is busy with earlier requests, a new one
             waits up to this long in the coordinator so that the requests
