@@ -243,6 +243,7 @@ class FineTuneJobs:
             self._changed[job.job_id].notify_all()
 
     async def _run(self, job: FineTuneJob, work: FineTuneWork) -> None:
+        worker_id = None
         try:
             worker_id, stream = self._pool.fine_tune(work)
             await self._update(job, state="running", worker_id=worker_id)
@@ -270,3 +271,6 @@ class FineTuneJobs:
             log.warning("fine-tune job %s failed: %s", job.job_id, error)
             await self._update(job, state="failed", eta_seconds=0.0,
                                error=str(error) or type(error).__name__)
+        finally:
+            if worker_id is not None:
+                self._pool.fine_tune_ended(worker_id)

@@ -89,6 +89,7 @@ class WorkerPool:
                 scheduling_strategy=strategy, max_concurrency=1000, max_restarts=-1,
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
+        self._training = dict.fromkeys(self._actors, 0)  # fine-tune jobs per worker
         self._coalescers = {worker_id: self._coalescer(worker_id) for worker_id in self._actors}
         # A routing hint only: workers evict on their own, so this may hold
         # keys a worker has dropped (it then reloads on demand). The refs let
@@ -315,11 +316,19 @@ class WorkerPool:
         return resident
 
     def fine_tune(self, job: FineTuneWork) -> tuple[str, Any]:
-        """Starts `job` on the least-loaded worker; returns (worker id, a Ray
-        streaming generator of progress dicts)."""
-        worker_id = self._least_loaded()
+        """Starts `job` on a worker training the fewest jobs (a job slows its
+        worker's serving; two on one worker take turns), the least loaded of
+        those; returns (worker id, a Ray streaming generator of progress
+        dicts). Call `fine_tune_ended(worker id)` once the stream is done."""
+        fewest = min(self._training[i] for i in self._alive())
+        worker_id = self._least_loaded(
+            exclude=[i for i, jobs in self._training.items() if jobs > fewest])
         stream = self._actors[worker_id].fine_tune.options(num_returns="streaming").remote(job)
+        self._training[worker_id] += 1
         return worker_id, stream
+
+    def fine_tune_ended(self, worker_id: str) -> None:
+        self._training[worker_id] = max(0, self._training[worker_id] - 1)
 
     async def next_progress(self, worker_id: str, stream) -> dict | None:
         """The next progress dict of a fine-tune stream, None at its end."""

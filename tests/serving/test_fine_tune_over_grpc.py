@@ -50,18 +50,28 @@ def test_fine_tune_lowers_the_loss_publishes_and_serves(stubs, client):
     assert job.job_id in {j.job_id for j in jobs}
 
 
-def test_cancel_mid_way_publishes_nothing(stubs):
+def test_cancel_mid_way_publishes_nothing_and_jobs_spread_over_workers(stubs, client):
     tune, adapters = stubs
-    job = tune.StartFineTune(fpb.StartFineTuneRequest(
-        adapter_name="never", texts=["one two three four five"] * 8, steps=100_000,
-        batch_size=4, sequence_length=16))
-    for update in tune.WatchFineTune(fpb.WatchFineTuneRequest(job_id=job.job_id), timeout=300):
-        if update.step >= 2:
-            break
-    cancelled = tune.CancelFineTune(fpb.CancelFineTuneRequest(job_id=job.job_id), timeout=120)
-    assert cancelled.state == fpb.FINE_TUNE_STATE_CANCELLED and cancelled.step < 100_000
-    assert "never" not in {a.name for a in adapters.ListAdapters(
-        apb.ListAdaptersRequest()).adapters}
+    jobs, running = [], []
+    for name in ("never", "never-either"):
+        jobs.append(tune.StartFineTune(fpb.StartFineTuneRequest(
+            adapter_name=name, texts=["one two three four five"] * 8, steps=100_000,
+            batch_size=4, sequence_length=16)))
+        for update in tune.WatchFineTune(fpb.WatchFineTuneRequest(job_id=jobs[-1].job_id),
+                                         timeout=300):
+            if update.step >= 2:
+                running.append(update)
+                break
+        client.forward(token_ids=[[5, 6, 7]])  # routing turns move on; placement must not
+    # Two jobs, two workers: each trains on its own (the session has 2),
+    # whatever the forward traffic in between.
+    assert running[0].worker_id != running[1].worker_id
+    for job in jobs:
+        cancelled = tune.CancelFineTune(fpb.CancelFineTuneRequest(job_id=job.job_id),
+                                        timeout=120)
+        assert cancelled.state == fpb.FINE_TUNE_STATE_CANCELLED and cancelled.step < 100_000
+    names = {a.name for a in adapters.ListAdapters(apb.ListAdaptersRequest()).adapters}
+    assert not names & {"never", "never-either"}
 
 
 def test_dataset_upload_then_train_from_a_previous_adapter(stubs):
