@@ -52,6 +52,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from proc_table import cpu_seconds, descendants  # noqa: E402  (benchmarks/, beside this)
+
 THROUGHPUT_TARGET = 0.9   # service req/s / in-process req/s at 16 clients
 LATENCY_TARGET_MS = 5.0   # added p50 latency of one short request
 LOAD_PROCESS = None  # the clients' process, started in main()
@@ -163,26 +165,8 @@ def _close_channels():
 def process_cpu_seconds():
     """pid -> (name, user + system CPU seconds) of this process and all its
     descendants (the clients' process, Ray's processes, the worker)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), name, (int(fields[11]) + int(fields[12])) / ticks)
-    ours, frontier = {}, [os.getpid()]
-    while frontier:
-        pid = frontier.pop()
-        if pid in table and pid not in ours:
-            ours[pid] = table[pid][1:]
-            frontier += [child for child, (parent, _, _) in table.items() if parent == pid]
-    return ours
+    pids = {os.getpid()} | descendants(os.getpid())
+    return {pid: cpu for pid in pids if (cpu := cpu_seconds(pid)) is not None}
 
 
 def cpu_split(before, after, roles):

@@ -79,6 +79,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from coordinator.client import GemmaClient  # noqa: E402
+from proc_table import descendants, stat_fields  # noqa: E402  (benchmarks/, beside this)
 
 BIN = pathlib.Path(sys.executable).parent
 GREEDY = "greedy"
@@ -126,34 +127,8 @@ def mem_available() -> int:
 
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks (tells a reused pid apart)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return None
-
-
-def descendants(root: int) -> set[int]:
-    """Every live process whose ancestry leads to `root` (root excluded)."""
-    parent = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parent[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            continue
-    children = collections.defaultdict(list)
-    for pid, ppid in parent.items():
-        children[ppid].append(pid)
-    found, stack = set(), [root]
-    while stack:
-        for child in children[stack.pop()]:
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
+    stat = stat_fields(pid)
+    return None if stat is None else int(stat[1][19])
 
 
 @dataclasses.dataclass
