@@ -16,16 +16,18 @@ def stat_fields(pid: int) -> tuple[str, list[str]] | None:
     try:
         with open(f"/proc/{pid}/stat") as handle:
             stat = handle.read()
-    except (FileNotFoundError, ProcessLookupError):
+        name, fields = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:]
+    except (OSError, ValueError):  # gone, unreadable, or not the expected shape
         return None
-    return stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+    return name, fields.split()
 
 
 def descendants(root: int) -> set[int]:
     """Every live process whose ancestry leads to `root` (root excluded)."""
     children = collections.defaultdict(list)
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := stat_fields(int(entry))) is not None:
+        if entry.isdigit() and (stat := stat_fields(int(entry))) is not None \
+                and len(stat[1]) > 1:
             children[int(stat[1][1])].append(int(entry))
     found, stack = set(), [root]
     while stack:

@@ -6,7 +6,8 @@ journal directory, every job is also a small JSON file there, rewritten
 (atomically) at each state change and at most once a second in between, so
 a restarted coordinator still lists and answers for its jobs: those that
 were queued or running when it stopped end "interrupted" (training does not
-resume; what a job published is in the registry either way).
+resume; a job whose adapter reached the registry before the stop comes back
+"succeeded").
 """
 
 from __future__ import annotations
@@ -90,15 +91,19 @@ class FineTuneJobs:
             except (OSError, ValueError, TypeError) as error:
                 log.warning("ignoring unreadable job record %s: %s", path, error)
                 continue
-            if job.state not in ENDED:
+            # Unfinished, or interrupted at shutdown while its publish was
+            # still running: the registry says whether it published.
+            if job.state not in ENDED or job.state == "interrupted":
                 published = self._published_by(job)
                 if published:
                     job.state, job.adapter_id, job.eta_seconds = "succeeded", published, 0.0
-                else:
+                    job.error = ""
+                    self._write_or_warn(job)
+                elif job.state != "interrupted":
                     job.state, job.eta_seconds = "interrupted", 0.0
                     job.error = ("interrupted: the coordinator restarted while the job was "
                                  f"{record.get('state', 'running')}")
-                self._write_or_warn(job)
+                    self._write_or_warn(job)
             self._jobs[job.job_id] = job
             self._changed[job.job_id] = asyncio.Condition()
 
@@ -123,6 +128,12 @@ class FineTuneJobs:
                 out.flush()
                 os.fsync(out.fileno())
         os.replace(temporary, path)  # a reader sees the old record or the new, whole
+        if durable:  # and the rename itself
+            directory = os.open(self._journal, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         self._journaled_at[job.job_id] = time.monotonic()
 
     def _write_or_warn(self, job: FineTuneJob, durable: bool = True) -> None:

@@ -165,7 +165,9 @@ class AdapterSlots:
         entry.loading = None
         self.stats.loads += 1
         self.stats.last_load_ms = 1e3 * (time.perf_counter() - started)
-        self._free_if_unloaded(key, entry)  # unloaded meanwhile, its requesters gone
+        if entry.pins == 0:  # its requesters gave up: the slot is free or evictable now
+            self._free_if_unloaded(key, entry)
+            asyncio.get_running_loop().create_task(self._notify())
 
 
 def _retrieve(task: asyncio.Task) -> None:

@@ -46,15 +46,17 @@ def _pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
     return hidden
 
 
-def _sendable(outcome):
+def _sendable(outcome, logged: set):
     """A result or error as it can travel back to the coordinator: an error
     that would not unpickle there becomes a RuntimeError with its text. An
     unexpected error is logged here with its traceback, which does not
-    travel."""
+    travel; once, however many requests it failed (`logged`: ids seen)."""
     if not isinstance(outcome, BaseException) or isinstance(
             outcome, (WorkerError, asyncio.CancelledError)):
         return outcome
-    log.error("forward failed", exc_info=outcome)
+    if id(outcome) not in logged:
+        logged.add(id(outcome))
+        log.error("forward failed", exc_info=outcome)
     try:
         pickle.loads(pickle.dumps(outcome))
         return outcome
@@ -151,7 +153,8 @@ class BackboneWorker:
         finally:
             for ticket in tasks:
                 self._by_ticket.pop(ticket, None)
-        return [_sendable(outcome) for outcome in outcomes]
+        logged = set()
+        return [_sendable(outcome, logged) for outcome in outcomes]
 
     async def cancel_forward(self, tickets: list[int]) -> None:
         for ticket in tickets:

@@ -14,10 +14,10 @@ together, so they also share a batch.
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 from typing import Awaitable, Callable
 
+from worker.errors import own_copy
 from worker.forward_work import ForwardResult, ForwardWork
 
 # (ticket, work) pairs in; per pair a ForwardResult or the exception it raised.
@@ -118,22 +118,16 @@ class CallCoalescer:
         try:
             outcomes = await self._send([(ticket, work) for ticket, work, _ in group])
         except BaseException as error:  # the whole call failed: every request learns why
-            outcomes = [_own_copy(error) for _ in group]
+            outcomes = [error] * len(group)
         for (_, _, future), outcome in zip(group, outcomes):
             if future.done():  # its caller gave up
                 continue
             if isinstance(outcome, asyncio.CancelledError):
                 future.cancel()
             elif isinstance(outcome, BaseException):
-                future.set_exception(outcome)
+                # One object may have failed several requests (the whole call,
+                # or one batch): each gets its own copy.
+                future.set_exception(own_copy(outcome))
             else:
                 future.set_result(outcome)
 
-
-def _own_copy(error: BaseException) -> BaseException:
-    """A copy of `error` per request, so their tracebacks do not pile up on
-    one shared exception object (the original where it cannot be copied)."""
-    try:
-        return copy.copy(error)
-    except Exception:  # noqa: BLE001
-        return error

@@ -1,5 +1,7 @@
 """Failures a worker reports; the coordinator maps each to a status code."""
 
+import copy
+
 
 class WorkerError(Exception):
     """Base of errors raised by workers."""
@@ -30,3 +32,15 @@ class PoolSaturated(WorkerError):
     """Every worker's queue is at its bound; the caller should back off."""
 
     retry_after_ms = 100
+
+
+def own_copy(error: BaseException) -> BaseException:
+    """A copy of `error` for one of several requests failed by it, so their
+    tracebacks do not pile up on one shared object; its cause and context
+    are kept (the original where it cannot be copied)."""
+    try:
+        copied = copy.copy(error)
+    except Exception:  # noqa: BLE001
+        return error
+    copied.__cause__, copied.__context__ = error.__cause__, error.__context__
+    return copied

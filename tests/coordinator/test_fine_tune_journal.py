@@ -72,16 +72,23 @@ def test_a_job_that_published_before_the_restart_comes_back_succeeded(tmp_path):
     journal = tmp_path / "jobs"
     journal.mkdir()
     (journal / "ft-published.json").write_text(json.dumps(record("ft-published", "running")))
+    # Interrupted at shutdown while its publish, in a thread, went on to finish.
+    (journal / "ft-late.json").write_text(json.dumps(record(
+        "ft-late", "interrupted", error="interrupted: the server shut down")))
     (journal / "ft-cut.tmp").write_text('{"job_id": "ft-cu')  # a write cut short
     config = GemmaConfig(**TINY_CONFIG)
     registry = AdapterRegistry(tmp_path / "adapters", config, "tiny-base")
     registry.publish("acme", "a", LoraAdapter.random(config, rank=2, alpha=2.0, seed=0),
                      "finetune:ft-published")  # the coordinator died right after this
+    registry.publish("acme", "b", LoraAdapter.random(config, rank=2, alpha=2.0, seed=1),
+                     "finetune:ft-late")
 
     async def main():
         jobs = FineTuneJobs(pool=None, adapters=AdapterManager(registry, None, 8, 1 << 20),
                             journal=journal)
         job = jobs.get("acme", "ft-published")
         assert (job.state, job.adapter_id) == ("succeeded", "a@1")
+        late = jobs.get("acme", "ft-late")
+        assert (late.state, late.adapter_id, late.error) == ("succeeded", "b@1", "")
     asyncio.run(main())
     assert not list(journal.glob("*.tmp"))

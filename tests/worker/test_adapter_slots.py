@@ -154,3 +154,16 @@ def test_a_cancelled_requester_does_not_abort_a_shared_load():
         slots.release("a")
         assert slots.unload("a")  # the cancelled one left no pin behind
     asyncio.run(go())
+
+
+def test_a_load_whose_requesters_left_wakes_those_waiting_for_a_slot():
+    async def go():
+        slots = AdapterSlots(1, Table(delay=0.05).write)
+        requester = asyncio.ensure_future(slots.acquire("a", fetcher("a")))
+        await asyncio.sleep(0.01)
+        requester.cancel()                       # "a" loads on, unpinned
+        waiter = asyncio.ensure_future(slots.acquire("b", fetcher("b")))
+        # "b" gets the one slot once "a"'s load is done (not at some later release).
+        assert await asyncio.wait_for(waiter, 5) == 1
+        assert slots.resident() == ["b"]
+    asyncio.run(go())
