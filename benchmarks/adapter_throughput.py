@@ -77,15 +77,8 @@ def random_adapter(config, rank, alpha, rng):
     so a wrong slot or a missing adapter shows far above the tolerance."""
     from gemma_core import LoraAdapter
 
-    d, h = config.hidden_dim, config.head_dim
-    kernels = {}
-    for block in range(config.num_layers):
-        for target, heads in (("query", config.num_query_heads),
-                              ("value", config.num_key_value_heads)):
-            a = rng.standard_normal((heads, d, rank)).astype("float32") / np.sqrt(d)
-            b = (0.05 * rng.standard_normal((rank, h))).astype("float32")
-            kernels[(block, target)] = (a, b)
-    return LoraAdapter(rank=rank, alpha=alpha, kernels=kernels)
+    return LoraAdapter.random(config, rank, alpha, seed=int(rng.integers(2**31)),
+                              std=1 / np.sqrt(config.hidden_dim), b_std=0.05)
 
 
 def stacked_factors(adapter, num_layers):

@@ -283,15 +283,8 @@ def random_adapter(config, rank: int, rng):
     a sizeable change, so a wrong or stale adapter shows in the probe."""
     from gemma_core import LoraAdapter
 
-    d, h = config.hidden_dim, config.head_dim
-    kernels = {}
-    for block in range(config.num_layers):
-        for target, heads in (("query", config.num_query_heads),
-                              ("value", config.num_key_value_heads)):
-            a = rng.standard_normal((heads, d, rank)).astype("float32") / np.sqrt(d)
-            b = (0.05 * rng.standard_normal((rank, h))).astype("float32")
-            kernels[(block, target)] = (a, b)
-    return LoraAdapter(rank=rank, alpha=2.0 * rank, kernels=kernels)
+    return LoraAdapter.random(config, rank, 2.0 * rank, seed=int(rng.integers(2**31)),
+                              std=1 / np.sqrt(config.hidden_dim), b_std=0.05)
 
 
 def upload_adapters(clients: dict[str, GemmaClient], config, count: int, workdir, rng):

@@ -118,10 +118,11 @@ class LoraAdapter:
     @classmethod
     def random(cls, config: GemmaConfig, rank: int, alpha: float | None = None,
                seed: int = 0, std: float = 0.2, targets=gemma_lora.LORA_TARGETS,
-               blocks=None) -> "LoraAdapter":
+               blocks=None, b_std: float | None = None) -> "LoraAdapter":
         """An adapter with random factors (b too, so it changes outputs):
         for tests, benchmarks and load generators, not for training (a
-        trained adapter starts with b = 0).
+        trained adapter starts with b = 0). a ~ N(0, std^2), b ~ N(0,
+        b_std^2) (b_std defaults to std).
 
         Example:
         >>> adapter = LoraAdapter.random(backbone.config, rank=8, seed=1)
@@ -134,7 +135,8 @@ class LoraAdapter:
                          else config.num_key_value_heads)
                 kernels[(block, target)] = (
                     rng.normal(0, std, (heads, config.hidden_dim, rank)).astype("float32"),
-                    rng.normal(0, std, (rank, config.head_dim)).astype("float32"))
+                    rng.normal(0, std if b_std is None else b_std,
+                               (rank, config.head_dim)).astype("float32"))
         return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
 
     # ---- conversions ---------------------------------------------------------
