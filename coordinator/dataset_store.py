@@ -54,24 +54,26 @@ class DatasetStore:
         folder = self.root / check_name("tenant", tenant)
         found = []
         for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
-            try:
-                with np.load(path) as data:
-                    offsets = data["offsets"]
-            except Exception:  # noqa: BLE001 - unreadable: not listed, as load refuses it
-                continue
-            found.append((path.stem, len(offsets) - 1, int(offsets[-1])))
+            counts = _counts(path)
+            if counts is not None:  # unreadable: not listed, as load refuses it
+                found.append((path.stem, *counts))
         return found
 
     def delete(self, tenant: str, dataset_id: str) -> tuple[int, int]:
         """Removes the caller's dataset `dataset_id`; returns its (examples,
         tokens). Raises NotFound as `load` does."""
-        sequences = self.load(tenant, dataset_id)
         try:
-            self._path(tenant, dataset_id).unlink()
+            path = self._path(tenant, dataset_id)
+        except Exception:  # noqa: BLE001 - a name that cannot exist is unknown too
+            path = None
+        counts = None if path is None else _counts(path)
+        if counts is None:
+            raise _unknown(dataset_id)
+        try:
+            path.unlink()
         except FileNotFoundError:  # deleted meanwhile by another call
-            raise NotFound(f"dataset_id: no dataset {shown(dataset_id)} for this "
-                           "tenant.") from None
-        return len(sequences), sum(len(s) for s in sequences)
+            raise _unknown(dataset_id) from None
+        return counts
 
     def load(self, tenant: str, dataset_id: str) -> tuple[np.ndarray, ...]:
         """The sequences of the caller's dataset `dataset_id`.
@@ -85,6 +87,21 @@ class DatasetStore:
             with np.load(path) as data:
                 ids, offsets = data["ids"], data["offsets"]
         except Exception:  # noqa: BLE001 - malformed, missing, unreadable: all unknown
-            raise NotFound(f"dataset_id: no dataset {shown(dataset_id)} for this tenant.") \
-                from None
+            raise _unknown(dataset_id) from None
         return tuple(ids[start:end] for start, end in zip(offsets[:-1], offsets[1:]))
+
+
+def _counts(path: Path) -> tuple[int, int] | None:
+    """(examples, tokens) of a stored dataset from its offsets alone (the
+    ids are not read), or None if it is missing or unreadable."""
+    try:
+        with np.load(path) as data:
+            offsets = data["offsets"]
+        return len(offsets) - 1, int(offsets[-1])
+    except Exception:  # noqa: BLE001 - malformed, missing, unreadable: all unknown
+        return None
+
+
+def _unknown(dataset_id: str) -> NotFound:
+    # The same answer whoever else may have a dataset by that name.
+    return NotFound(f"dataset_id: no dataset {shown(dataset_id)} for this tenant.")
