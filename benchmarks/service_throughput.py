@@ -23,6 +23,10 @@ saved as a preset in a temporary directory), measures:
   actor call carried (the coordinator groups requests that arrive while the
   worker is busy).
 
+With --transports direct,ray the whole set runs once per way forward work
+reaches the worker: the worker's socket (the default) and Ray actor calls,
+so the table shows what the socket saves, in the same run.
+
 Targets (from the issue): at 16 clients, service throughput >= 0.9x the
 in-process rate; added p50 latency of a single short request < 5 ms. This
 is a report, not a test: it prints PASS/MISS and always exits 0.
@@ -196,7 +200,7 @@ def percentile_ms(values, q):
 # ---- one model ------------------------------------------------------------------
 
 
-def bench_model(label, preset, args, batching, seed):
+def bench_model(label, preset, args, batching, seed, transport):
     from coordinator.client import GemmaClient
     from coordinator.server_thread import ServerThread
     from coordinator.service_config import ServiceConfig
@@ -224,7 +228,8 @@ def bench_model(label, preset, args, batching, seed):
 
     started = time.perf_counter()
     config = ServiceConfig(worker=spec, num_workers=1, host="127.0.0.1", port=0,
-                           max_sequences_per_request=max(64, batching.batch_buckets[-1]))
+                           max_sequences_per_request=max(64, batching.batch_buckets[-1]),
+                           forward_transport=transport)
     server = ServerThread(config)
     clients = [GemmaClient(server.address) for _ in range(max(args.clients))]
     rows, notes = [], []
@@ -241,7 +246,11 @@ def bench_model(label, preset, args, batching, seed):
         print(f"[{label}] service started and warmed in "
               f"{time.perf_counter() - started:.1f}s ({server.address})", flush=True)
         compiled_before = worker_counters(clients[0])[2]
-        worker_pid = int(clients[0].model_info()["workers"][0]["pid"])
+        worker_info = clients[0].model_info()["workers"][0]
+        worker_pid = int(worker_info["pid"])
+        if worker_info["forward_transport"] != transport:
+            notes.append(f"{label}: asked for the {transport} transport, the worker uses "
+                         f"{worker_info['forward_transport']}")
 
         for c in args.clients:
             # Untimed pass: warms these client channels and estimates the
@@ -268,7 +277,7 @@ def bench_model(label, preset, args, batching, seed):
             cpu = cpu_split(cpu_before, cpu_after, {os.getpid(): "coordinator",
                                                     LOAD_PID: "clients", worker_pid: "worker"})
             rows.append(dict(
-                model=label, clients=c, requests=total, rate=service_rate,
+                model=label, transport=transport, clients=c, requests=total, rate=service_rate,
                 tokens=service_rate * args.seq, p50=percentile_ms(latencies, 50),
                 p99=percentile_ms(latencies, 99),
                 rows_per_batch=(after[1] - before[1]) / max(1, batches_run),
@@ -287,7 +296,7 @@ def bench_model(label, preset, args, batching, seed):
         latencies, _ = run_load(server.address, 1, requests_each, args.short, vocab, seed + 51)
         times += time_run(model, short_batch, layer_ids, args.baseline_seconds,
                           args.baseline_calls)[0]
-        short_row = dict(model=label, requests=len(latencies),
+        short_row = dict(model=label, transport=transport, requests=len(latencies),
                          service_p50=percentile_ms(latencies, 50),
                          service_p99=percentile_ms(latencies, 99),
                          base_p50=percentile_ms(times, 50), shape=short_batch[0].shape)
@@ -320,6 +329,8 @@ def main():
                         help="shorter timed runs (about half the time)")
     parser.add_argument("--models", default="default,mid",
                         help="comma-separated: default, mid")
+    parser.add_argument("--transports", default="direct",
+                        help="comma-separated: direct (the default socket), ray (actor calls)")
     parser.add_argument("--clients", default="1,4,16",
                         help="comma-separated concurrency levels")
     parser.add_argument("--seq", type=int, default=128, help="tokens per request")
@@ -333,6 +344,7 @@ def main():
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.models = [m.strip() for m in args.models.split(",")]
+    args.transports = [t.strip() for t in args.transports.split(",")]
     if args.seconds is None:
         args.seconds = 1.5 if args.quick else 6.0
     args.baseline_seconds = 0.5 if args.quick else 1.5
@@ -342,6 +354,9 @@ def main():
     for name in args.models:
         if name not in ("default", "mid"):
             raise SystemExit(f"unknown model {name!r}; use default and/or mid")
+    for transport in args.transports:
+        if transport not in ("direct", "ray"):
+            raise SystemExit(f"unknown transport {transport!r}; use direct and/or ray")
 
     global LOAD_PROCESS, LOAD_PID
     LOAD_PROCESS = concurrent.futures.ProcessPoolExecutor(
@@ -385,21 +400,24 @@ def main():
         for name in args.models:
             preset = ("default" if name == "default"
                       else make_mid_preset(os.path.join(workdir, "mid")))
-            r, s, n = bench_model(name, preset, args, batching, seed=len(rows))
-            rows += r
-            shorts.append(s)
-            notes += n
+            for transport in args.transports:
+                r, s, n = bench_model(name, preset, args, batching, seed=len(rows),
+                                      transport=transport)
+                rows += r
+                shorts.append(s)
+                notes += n
     finally:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print()
-    print(f"{'model':<8} {'clients':>7} {'reqs':>6} {'req/s':>9} {'tokens/s':>10} "
+    print(f"{'model':<8} {'via':<6} {'clients':>7} {'reqs':>6} {'req/s':>9} {'tokens/s':>10} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'rows/bat':>8} {'in-proc shape':>13} "
           f"{'ms/call':>8} {'in-proc req/s':>13} {'ratio':>6}")
     for r in rows:
         shape = "x".join(map(str, r["base_shape"]))
-        print(f"{r['model']:<8} {r['clients']:>7} {r['requests']:>6} {r['rate']:>9.1f} "
+        print(f"{r['model']:<8} {r['transport']:<6} {r['clients']:>7} {r['requests']:>6} "
+              f"{r['rate']:>9.1f} "
               f"{r['tokens']:>10,.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
               f"{r['rows_per_batch']:>8.1f} {shape:>13} {r['base_ms']:>8.2f} "
               f"{r['base_rate']:>13.1f} {r['ratio']:>6.2f}")
@@ -407,18 +425,19 @@ def main():
     # The same passes, CPU time per request (ms) by process: on a shared host
     # whatever the clients, the coordinator and Ray spend is taken from the
     # forward's cores, so this bounds the ratio.
-    print(f"{'model':<8} {'clients':>7} {'reqs/call':>9} {'worker':>8} {'coord':>8} "
+    print(f"{'model':<8} {'via':<6} {'clients':>7} {'reqs/call':>9} {'worker':>8} {'coord':>8} "
           f"{'clients':>8} {'ray':>8} {'total':>8} {'in-proc':>8} {'cores':>6}")
     for r in rows:
         cpu = r["cpu_ms"]
-        print(f"{r['model']:<8} {r['clients']:>7} {r['requests_per_call']:>9.1f} "
+        print(f"{r['model']:<8} {r['transport']:<6} {r['clients']:>7} "
+              f"{r['requests_per_call']:>9.1f} "
               f"{cpu['worker']:>8.2f} {cpu['coordinator']:>8.2f} {cpu['clients']:>8.2f} "
               f"{cpu['ray']:>8.2f} {sum(cpu.values()):>8.2f} {r['base_cpu_ms']:>8.2f} "
               f"{sum(cpu.values()) * r['rate'] / 1e3:>6.2f}")
     print()
     for s in shorts:
         shape = "x".join(map(str, s["shape"]))
-        print(f"{s['model']:<8} short request ({args.short} tokens, 1 client, "
+        print(f"{s['model']:<8} {s['transport']:<6} short request ({args.short} tokens, 1 client, "
               f"{s['requests']} requests): service p50 {s['service_p50']:.2f} ms "
               f"(p99 {s['service_p99']:.2f}), in-process run {shape} p50 "
               f"{s['base_p50']:.2f} ms, added p50 {s['added']:.2f} ms")
@@ -432,11 +451,12 @@ def main():
     for r in rows:
         if r["clients"] == top:
             verdict = "PASS" if r["ratio"] >= THROUGHPUT_TARGET else "MISS"
-            print(f"{verdict}: {r['model']} throughput at {top} clients: ratio "
+            print(f"{verdict}: {r['model']} ({r['transport']}) throughput at {top} clients: ratio "
                   f"{r['ratio']:.2f}")
     for s in shorts:
         verdict = "PASS" if s["added"] < LATENCY_TARGET_MS else "MISS"
-        print(f"{verdict}: {s['model']} added p50 latency: {s['added']:.2f} ms")
+        print(f"{verdict}: {s['model']} ({s['transport']}) added p50 latency: "
+              f"{s['added']:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms)
     p.add_argument("--coalesce-ms", type=float, default=BatchingConfig.coalesce_ms,
                    help="while a worker is busy, hold a request up to this long so that "
-                        "concurrent ones share one actor call (0: send each at once)")
+                        "concurrent ones share one call (0: send each at once)")
+    p.add_argument("--forward-transport", choices=["direct", "ray"], default="direct",
+                   help="how forward work reaches workers: direct (a socket per worker, "
+                        "token-authenticated, falling back to Ray calls where it cannot "
+                        "connect) or ray (actor calls only; slower by ~1 ms per call)")
     p.add_argument("--max-layers-per-request", type=int, default=BatchingConfig.layer_slots)
     p.add_argument("--max-sequences-per-request", type=int, default=64)
     p.add_argument("--max-text-bytes", type=int, default=16384)
@@ -117,6 +121,7 @@ def parse_args(argv=None) -> ServiceConfig:
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
                          tls_client_ca=args.tls_client_ca,
                          shutdown_grace_s=args.shutdown_grace_s,
+                         forward_transport=args.forward_transport,
                          admission=AdmissionLimits(
                              max_requests=args.tenant_max_requests,
                              max_tokens=args.tenant_max_tokens,

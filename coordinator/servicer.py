@@ -109,5 +109,6 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],
                 devices=worker.get("devices", []), ready=worker.get("ready", True),
                 state=worker.get("error", ""),
+                forward_transport=worker.get("forward_transport", ""),
                 **counters)
         return info

@@ -60,6 +60,11 @@ class AdapterSlots:
     def resident(self) -> list[str]:
         return [key for key, entry in self._resident.items() if entry.loading is None]
 
+    def holds(self, key: str) -> bool:
+        """Whether `key` has a slot, loaded or loading: an acquire of it
+        fetches nothing."""
+        return key in self._resident
+
     async def acquire(self, key: str, fetch: Fetch, deadline: float | None = None) -> int:
         """The slot holding adapter `key`, pinned; loads it (via `fetch`) if
         it is not resident. Pair every acquire with `release(key)`.

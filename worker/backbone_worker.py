@@ -18,7 +18,8 @@ import ray
 from gemma_core.errors import AdapterMismatch
 from worker.adapter_slots import AdapterSlots
 from worker.dynamic_batcher import DynamicBatcher
-from worker.errors import AdapterRejected, DeadlineExpired, WorkerError
+from worker.errors import AdapterNotResident, AdapterRejected, DeadlineExpired, WorkerError
+from worker.forward_server import ForwardServer
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import configure_logging
 from worker.fine_tune_runner import FineTuneRunner, FineTuneWork
@@ -105,8 +106,9 @@ class BackboneWorker:
         # most are cancels of requests that had already finished.
         self._cancelled_early: set[int] = set()
         self._cancelled_order: collections.deque[int] = collections.deque(maxlen=4096)
-        self.forward_calls = 0      # actor calls that brought forward work
+        self.forward_calls = 0      # actor calls and channel frames that brought forward work
         self.forward_requests = 0   # the requests they brought
+        self._forward_server = ForwardServer(self.forward_many, self.cancel_forward)
         log.info("%s loaded %s on %s in %.1fs", worker_id, spec.preset,
                  self.model.devices, time.time() - started)
 
@@ -119,6 +121,9 @@ class BackboneWorker:
         deadline = None if work.timeout_s is None else started + work.timeout_s
         slot = 0
         if work.adapter is not None:
+            if work.adapter.payload is None and not self._slots.holds(work.adapter.key):
+                raise AdapterNotResident(f"adapter {work.adapter.key} is not resident on "
+                                         f"{self.worker_id} and came without its payload")
             slot = await self._slots.acquire(work.adapter.key,
                                              functools.partial(_fetch, work.adapter), deadline)
         try:
@@ -155,6 +160,13 @@ class BackboneWorker:
                 self._by_ticket.pop(ticket, None)
         logged = set()
         return [_sendable(outcome, logged) for outcome in outcomes]
+
+    async def forward_endpoint(self) -> tuple[str, int, bytes]:
+        """(host, port, token) of this worker's forward channel, which it
+        opens on the first call: forward work then skips Ray's per-call cost
+        (see forward_server.py). The token goes to the caller over Ray only."""
+        host, port = await self._forward_server.start(ray.util.get_node_ip_address())
+        return host, port, self._forward_server.token
 
     async def cancel_forward(self, tickets: list[int]) -> None:
         for ticket in tickets:

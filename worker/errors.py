@@ -24,6 +24,11 @@ class AdapterRejected(WorkerError):
     above the slots' maximum)."""
 
 
+class AdapterNotResident(WorkerError):
+    """Work sent without the adapter's payload (the forward channel does not
+    carry it) found the adapter evicted; the pool resends it with one."""
+
+
 class FineTuneFailed(WorkerError):
     """A fine-tune job stopped with an error (the message says which)."""
 

@@ -26,8 +26,9 @@ class BatchingConfig:
         layer_slots: how many distinct layers one batch can return.
         coalesce_ms: while a worker is busy with earlier requests, a new one
             waits up to this long in the coordinator so that the requests
-            arriving meanwhile travel in one actor call (a call costs about
-            1 ms of CPU whatever it carries); 0 sends each at once. A request
+            arriving meanwhile travel in one call (a call has a fixed cost:
+            ~0.2 ms of CPU on the forward channel, ~1.2 ms as a Ray actor
+            call); 0 sends each at once. A request
             for an idle worker is always sent at once.
     """
 

@@ -16,8 +16,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from worker.backbone_worker import BackboneWorker
 from worker.call_coalescer import CallCoalescer
-from worker.errors import DeadlineExpired, PoolSaturated, WorkerError, WorkerUnavailable
+from worker.errors import (AdapterNotResident, DeadlineExpired, PoolSaturated, WorkerError,
+                           WorkerUnavailable)
 from worker.fine_tune_runner import FineTuneWork
+from worker.forward_channel import ForwardChannel
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV
 from worker.worker_config import WorkerSpec
@@ -45,6 +47,9 @@ def actor_options(spec: WorkerSpec) -> dict:
     return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
 
 
+# How forward work reaches workers: "direct" over a socket each worker opens
+# (Ray calls where that fails), "ray" over actor calls only.
+TRANSPORTS = ("direct", "ray")
 PLACEMENT_TIMEOUT_S = 120
 # A restarted worker reloads its model; give up on it after this long.
 RESTART_TIMEOUT_S = 600
@@ -70,10 +75,13 @@ class WorkerPool:
     RESIDENT_BONUS = 2
 
     def __init__(self, spec: WorkerSpec, num_workers: int,
-                 max_queued_sequences: int = 512):
+                 max_queued_sequences: int = 512, transport: str = "direct"):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}.")
         self.spec = spec
+        self.transport = transport
         self.max_queued_sequences = max_queued_sequences
         # One bundle per worker, spread over distinct nodes where resources
         # allow: a node's loss then takes out as few workers as possible.
@@ -91,6 +99,9 @@ class WorkerPool:
         self._in_flight = dict.fromkeys(self._actors, 0)
         self._training = dict.fromkeys(self._actors, 0)  # fine-tune jobs per worker
         self._coalescers = {worker_id: self._coalescer(worker_id) for worker_id in self._actors}
+        # Forward work goes over these where they are open (see
+        # forward_server.py); None: over Ray actor calls.
+        self._channels: dict[str, ForwardChannel | None] = dict.fromkeys(self._actors)
         # A routing hint only: workers evict on their own, so this may hold
         # keys a worker has dropped (it then reloads on demand). The refs let
         # a restarted worker get its adapters back.
@@ -107,11 +118,20 @@ class WorkerPool:
             # its restart; instead each fails over to another worker.
             if worker_id in self._down or worker_id in self._dead:
                 raise WorkerUnavailable(f"{worker_id} is restarting")
+            channel = self._channels[worker_id]
+            if channel is not None and channel.usable:
+                light = self._without_payloads(worker_id, group)
+                if light is not None:
+                    return await channel.call(light)
             return await self._call(worker_id,
                                     self._actors[worker_id].forward_many.remote(group))
 
         def cancel(tickets):
             if worker_id in self._down or worker_id in self._dead:
+                return
+            channel = self._channels[worker_id]
+            if channel is not None and channel.usable:
+                channel.cancel(tickets)
                 return
             try:  # fire and forget: the request has stopped waiting either way
                 self._actors[worker_id].cancel_forward.remote(tickets)
@@ -119,6 +139,42 @@ class WorkerPool:
                 log.debug("could not cancel %s on %s: %s", tickets, worker_id, error)
         return CallCoalescer(send, cancel, max_rows=self.spec.batching.batch_buckets[-1],
                              hold_s=self.spec.batching.coalesce_ms / 1000)
+
+    def _without_payloads(self, worker_id: str, group: list) -> list | None:
+        """`group` with adapter payloads (Ray object refs) left out, which
+        the channel cannot carry; None if a work needs its payload because
+        its adapter is not known to be on the worker. If the worker evicted
+        one meanwhile, that work fails with AdapterNotResident and is resent
+        with it (see `forward`)."""
+        light = []
+        for ticket, work in group:
+            if work.adapter is not None:
+                if work.adapter.key not in self._resident[worker_id]:
+                    return None
+                work = dataclasses.replace(work, adapter=AdapterRef(work.adapter.key, None))
+            light.append((ticket, work))
+        return light
+
+    async def _open_channel(self, worker_id: str) -> None:
+        """Connects to the worker's forward channel; on failure (a network
+        that only lets Ray's ports through, say) its work stays on Ray calls."""
+        old, self._channels[worker_id] = self._channels[worker_id], None
+        if old is not None:
+            old.close()
+        if self.transport != "direct":
+            return
+        try:
+            host, port, token = await self._actors[worker_id].forward_endpoint.remote()
+            self._channels[worker_id] = await ForwardChannel.open(
+                worker_id, host, port, token,
+                on_lost=lambda: self._worker_died(worker_id, "its forward channel broke"))
+        except Exception as error:  # noqa: BLE001 - Ray calls still work
+            log.warning("%s: no forward channel (%s: %s); its requests go over Ray calls",
+                        worker_id, type(error).__name__, error)
+
+    def channels_open(self) -> int:
+        """How many workers take forward work over a channel right now."""
+        return sum(1 for c in self._channels.values() if c is not None and c.usable)
 
     async def wait_ready(self) -> list[dict]:
         """Waits for every actor to have loaded its model; returns their info."""
@@ -130,9 +186,11 @@ class WorkerPool:
                 f"{worker_resources(self.spec)} each within {PLACEMENT_TIMEOUT_S}s; add "
                 "nodes or lower --workers / --mesh.") from None
         try:
-            return list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
+            infos = list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
         except RayActorError as error:
             raise WorkerUnavailable(f"a worker failed to start: {error}") from error
+        await asyncio.gather(*(self._open_channel(i) for i in self._actors))
+        return infos
 
     async def infos(self) -> list[dict]:
         """Every worker's info; one restarting or not answering is `ready: False`."""
@@ -141,8 +199,12 @@ class WorkerPool:
                 state = "restarting" if worker_id not in self._dead else "dead"
                 return {"worker_id": worker_id, "ready": False, "error": state}
             try:
-                return await asyncio.wait_for(self._actors[worker_id].info.remote(),
+                info = await asyncio.wait_for(self._actors[worker_id].info.remote(),
                                               INFO_TIMEOUT_S)
+                channel = self._channels[worker_id]
+                info["forward_transport"] = ("direct" if channel is not None and channel.usable
+                                             else "ray")
+                return info
             except Exception as error:  # noqa: BLE001 - reported, not raised
                 return {"worker_id": worker_id, "ready": False, "error": str(error)}
         return list(await asyncio.gather(*(ask(i) for i in self._actors)))
@@ -160,13 +222,14 @@ class WorkerPool:
                 if restarting else "no worker is alive")
         return ids
 
-    def _worker_died(self, worker_id: str) -> None:
-        """Takes a worker out of routing until Ray has restarted it."""
+    def _worker_died(self, worker_id: str, why: str = "it died") -> None:
+        """Takes a worker out of routing until it answers again (Ray
+        restarts a dead one)."""
         if worker_id in self._down or worker_id in self._dead:
             return
         was_serving = self.serving()
         self._down.add(worker_id)
-        log.warning("%s died; Ray is restarting it", worker_id)
+        log.warning("%s is out of routing until it answers again: %s", worker_id, why)
         asyncio.get_running_loop().create_task(self._await_restart(worker_id))
         if was_serving and not self.serving() and self.on_serving_change:
             self.on_serving_change(False)
@@ -185,6 +248,7 @@ class WorkerPool:
                     self._dead.add(worker_id)
                     return
                 await asyncio.sleep(0.5)
+        await self._open_channel(worker_id)
         adapters = list(self._resident[worker_id].values())
         self._resident[worker_id] = {}
         for adapter in adapters:  # what it held before, so its traffic finds them
@@ -241,13 +305,13 @@ class WorkerPool:
         """Runs `work` on one worker; if that worker dies first, on another
         (nothing has been streamed yet: results arrive whole)."""
         key = work.adapter.key if work.adapter is not None else None
-        tried, sent = [], time.monotonic()
+        tried, sent, retry = [], time.monotonic(), False
         while True:
-            if tried and work.timeout_s is not None:  # a retry gets what is left
+            if retry and work.timeout_s is not None:  # a retry gets what is left
                 left = work.timeout_s - (time.monotonic() - sent)
                 if left <= 0:
-                    raise DeadlineExpired("the deadline passed while the request was "
-                                          f"retried after {', '.join(tried)} died")
+                    raise DeadlineExpired("the deadline passed while the request was retried" + (
+                        f" after {', '.join(tried)} died" if tried else ""))
                 work, sent = dataclasses.replace(work, timeout_s=left), time.monotonic()
             weight = len(work.sequences)
             try:
@@ -265,6 +329,11 @@ class WorkerPool:
                 result = await self._coalescers[worker_id].submit(work, alone=alone)
             except WorkerUnavailable:
                 tried.append(worker_id)
+                retry = True
+                continue
+            except AdapterNotResident:  # evicted since: resend, payload and all
+                self._resident[worker_id].pop(key, None)
+                retry = True
                 continue
             finally:
                 self._in_flight[worker_id] -= weight
@@ -342,6 +411,9 @@ class WorkerPool:
         await self._call(worker_id, self._actors[worker_id].cancel_fine_tune.remote(job_id))
 
     def shutdown(self) -> None:
+        for channel in self._channels.values():
+            if channel is not None:
+                channel.close()  # first: a channel closed by us restarts nothing
         for actor in self._actors.values():
             ray.kill(actor)
         self._actors.clear()

@@ -1,0 +1,95 @@
+"""How forward work reaches workers: the direct channel (the default) and
+Ray actor calls, each on a real one-worker pool; and the shared service
+reports its transport."""
+
+import asyncio
+
+import numpy as np
+import ray
+
+from gemma_core import GemmaBackbone, LoraAdapter
+from service_support import BATCHING
+from worker.forward_work import AdapterRef, ForwardWork
+from worker.worker_config import WorkerSpec
+from worker.worker_pool import WorkerPool
+
+IDS = np.array([3, 1, 4, 1, 5, 9, 2, 6], "int32")
+
+
+def one_worker_pool(transport, max_adapters=1):
+    spec = WorkerSpec(preset="default", mesh_shape=(1, 1), batching=BATCHING,
+                      max_adapters=max_adapters, max_adapter_rank=4)
+    return WorkerPool(spec, num_workers=1, transport=transport)
+
+
+async def worker_info(pool):
+    (info,) = await pool.infos()
+    return info
+
+
+def test_the_shared_service_sends_forward_work_over_channels(client):
+    def calls():
+        return sum(int(w.get("forward_calls", 0)) for w in client.model_info()["workers"])
+
+    before = calls()
+    for _ in range(4):
+        client.forward(token_ids=[IDS.tolist()])
+    assert calls() - before == 4
+    workers = client.model_info()["workers"]
+    assert {w["forward_transport"] for w in workers} == {"direct"}
+
+
+def test_ray_calls_serve_the_same_states(ray_session):
+    model = GemmaBackbone.from_preset("default")
+    layer = model.num_layers  # the final normed output
+    (expected,) = model.hidden_states({"token_ids": IDS[None],
+                                       "padding_mask": np.ones((1, len(IDS)), "int32")},
+                                      layers=[layer])
+    expected = np.asarray(expected)[0]
+
+    async def main():
+        pool = one_worker_pool("ray")
+        try:
+            await pool.wait_ready()
+            result = await pool.forward(ForwardWork("r", (IDS,), (layer,)))
+            info = await worker_info(pool)
+        finally:
+            pool.shutdown()
+        return result, info
+
+    result, info = asyncio.run(main())
+    np.testing.assert_allclose(result.tensors[0][0], expected, atol=1e-5)
+    assert info["forward_transport"] == "ray" and info["forward_requests"] == 1
+
+
+def test_work_for_an_adapter_the_worker_dropped_is_resent_with_its_payload(ray_session):
+    base = GemmaBackbone.from_preset("default")
+    refs = [AdapterRef(f"t/{name}@1", ray.put(LoraAdapter.random(base.config, rank=2, seed=s,
+                                                                 b_std=0.5)))
+            for s, name in ((1, "a"), (2, "b"))]
+    layer = base.num_layers
+
+    async def main():
+        pool = one_worker_pool("direct")
+        try:
+            await pool.wait_ready()
+            run = lambda ref: pool.forward(ForwardWork("r", (IDS,), (layer,), adapter=ref))
+            a_first = await run(refs[0])
+            # The worker lets `a` go behind the pool's back: the pool's
+            # routing hint is stale, as concurrent loads can also leave it.
+            (actor,) = pool._actors.values()
+            assert await actor.unload_adapters.remote([refs[0].key]) == [refs[0].key]
+            a_again = await run(refs[0])
+            b = await run(refs[1])
+            info = await worker_info(pool)
+        finally:
+            pool.shutdown()
+        return [o.tensors[0][0] for o in (a_first, a_again, b)], info
+
+    (a_first, a_again, b), info = asyncio.run(main())
+    np.testing.assert_allclose(a_again, a_first, atol=1e-5)
+    assert not np.allclose(b, a_first, atol=1e-3)  # the adapter matters
+    assert info["forward_transport"] == "direct"
+    # The second request for `a` went over the channel without its payload,
+    # found it gone and was sent again with it: four arrivals, three loads.
+    assert info["forward_requests"] == 4 and info["adapter_loads"] == 3

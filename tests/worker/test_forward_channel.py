@@ -1,0 +1,175 @@
+"""The forward channel's two ends on a real loopback socket.
+
+The worker's side runs plain async functions in place of
+BackboneWorker.forward_many / cancel_forward (the real ones are covered
+through the service in tests/serving)."""
+
+import asyncio
+import struct
+
+import numpy as np
+import pytest
+
+from worker.errors import DeadlineExpired, WorkerUnavailable
+from worker.forward_channel import ForwardChannel
+from worker.forward_server import TOKEN_BYTES, ForwardServer
+from worker.forward_work import ForwardResult, ForwardWork
+from worker.frames import MAX_BUFFERS, FrameError, encode_frame, read_frame
+
+
+def work(name, length=3):
+    return ForwardWork(name, (np.arange(1, length + 1, dtype="int32"),), (1,))
+
+
+class Handler:
+    """Answers a group once the test releases it (or at once); a request
+    named "fail" gets DeadlineExpired; records groups and cancels."""
+
+    def __init__(self, hold=False):
+        self.groups, self.cancelled, self.hold = [], [], hold
+        self.release = asyncio.Event()
+        self.running = 0
+
+    async def run_group(self, group):
+        self.groups.append(group)
+        self.running += 1
+        try:
+            if self.hold:
+                await self.release.wait()
+        finally:
+            self.running -= 1
+        return [DeadlineExpired(w.request_id) if w.request_id == "fail" else
+                ForwardResult("w", [[np.full((len(w.sequences[0]), 4), t, "float32")]])
+                for t, w in group]
+
+    async def cancel(self, tickets):
+        self.cancelled += tickets
+
+
+async def serve(handler):
+    server = ForwardServer(handler.run_group, handler.cancel)
+    host, port = await server.start("127.0.0.1")
+    return server, host, port
+
+
+async def until(condition, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_frames_round_trip_arrays_out_of_band():
+    async def main():
+        big = np.random.default_rng(0).standard_normal((1024, 2048)).astype("float32")  # 8 MiB
+        message = ("done", 7, [ForwardResult("w", [[big, big[:, :3]]]), ValueError("x")])
+        parts = encode_frame(message)
+        assert sum(memoryview(p).nbytes for p in parts) < big.nbytes + 64 * 1024
+        reader = asyncio.StreamReader()
+        for part in parts:
+            reader.feed_data(bytes(part))
+        kind, call_id, outcomes = await read_frame(reader)
+        assert (kind, call_id) == ("done", 7)
+        got = outcomes[0].tensors[0]
+        np.testing.assert_array_equal(got[0], big)
+        np.testing.assert_array_equal(got[1], big[:, :3])  # not contiguous: in band
+        assert isinstance(outcomes[1], ValueError) and str(outcomes[1]) == "x"
+    asyncio.run(main())
+
+
+def test_malformed_frames_are_refused_before_allocation():
+    async def main():
+        too_many = asyncio.StreamReader()
+        too_many.feed_data(struct.pack("<I", MAX_BUFFERS + 1))
+        with pytest.raises(FrameError, match="buffers"):
+            await read_frame(too_many)
+
+        huge = asyncio.StreamReader()
+        huge.feed_data(struct.pack("<IQ", 0, 1 << 50))
+        with pytest.raises(FrameError, match="bytes"):
+            await read_frame(huge)
+
+        cut = asyncio.StreamReader()
+        cut.feed_data(b"".join(bytes(p) for p in encode_frame(("x", 1)))[:-2])
+        cut.feed_eof()
+        with pytest.raises(FrameError, match="closed"):
+            await read_frame(cut)
+
+        garbage = asyncio.StreamReader()
+        garbage.feed_data(struct.pack("<IQ", 0, 5) + b"\x80\x05junk")
+        with pytest.raises(FrameError, match="unpickle"):
+            await read_frame(garbage)
+    asyncio.run(main())
+
+
+def test_calls_share_one_connection_and_get_their_own_outcomes():
+    async def main():
+        handler = Handler()
+        server, host, port = await serve(handler)
+        channel = await ForwardChannel.open("w0", host, port, server.token,
+                                            on_lost=lambda: None)
+        groups = [[(10 * i + j, work(f"r{i}{j}", length=i + j + 1)) for j in range(3)]
+                  for i in range(8)]
+        outcomes = await asyncio.gather(*(channel.call(g) for g in groups))
+        for group, results in zip(groups, outcomes):
+            for (ticket, w), result in zip(group, results):
+                tensor = result.tensors[0][0]
+                assert tensor.shape == (len(w.sequences[0]), 4) and (tensor == ticket).all()
+        failed = await channel.call([(99, work("fail"))])
+        assert isinstance(failed[0], DeadlineExpired)
+        channel.cancel([3, 4])
+        await until(lambda: handler.cancelled == [3, 4])
+        channel.close()
+        await server.close()
+    asyncio.run(main())
+
+
+def test_a_wrong_token_is_dropped_before_anything_runs():
+    async def main():
+        handler = Handler()
+        server, host, port = await serve(handler)
+        lost = []
+        channel = await ForwardChannel.open("w0", host, port, b"\0" * TOKEN_BYTES,
+                                            on_lost=lambda: lost.append(1))
+        with pytest.raises(WorkerUnavailable, match="w0"):
+            await channel.call([(1, work("a"))])
+        assert handler.groups == [] and lost == [1] and not channel.usable
+        await server.close()
+    asyncio.run(main())
+
+
+def test_a_lost_worker_fails_waiting_calls_and_tells_once():
+    async def main():
+        handler = Handler(hold=True)
+        server, host, port = await serve(handler)
+        lost = []
+        channel = await ForwardChannel.open("w0", host, port, server.token,
+                                            on_lost=lambda: lost.append(1))
+        calls = [asyncio.ensure_future(channel.call([(i, work(str(i)))])) for i in range(3)]
+        await until(lambda: handler.running == 3)
+        await server.close()  # the worker going away: its sockets close
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, WorkerUnavailable) for r in results), results
+        assert lost == [1] and not channel.usable
+        with pytest.raises(WorkerUnavailable, match="down"):
+            await channel.call([(9, work("late"))])
+        await until(lambda: handler.running == 0)  # its calls were cancelled on the worker
+    asyncio.run(main())
+
+
+def test_closing_the_channel_cancels_the_workers_calls_without_calling_it_lost():
+    async def main():
+        handler = Handler(hold=True)
+        server, host, port = await serve(handler)
+        lost = []
+        channel = await ForwardChannel.open("w0", host, port, server.token,
+                                            on_lost=lambda: lost.append(1))
+        call = asyncio.ensure_future(channel.call([(1, work("a"))]))
+        await until(lambda: handler.running == 1)
+        channel.close()
+        with pytest.raises(WorkerUnavailable):
+            await call
+        await until(lambda: handler.running == 0)  # nobody reads it: the worker stops it
+        assert lost == []
+        await server.close()
+    asyncio.run(main())
