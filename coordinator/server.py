@@ -116,7 +116,8 @@ class GemmaServer:
         connect_ray(config)
         self._pool = WorkerPool(config.worker, config.num_workers,
                                 config.admission.max_queued_sequences_per_worker,
-                                transport=config.forward_transport)
+                                transport=config.forward_transport,
+                                hidden_dim=architecture.hidden_dim)
         infos = await self._pool.wait_ready()
         fingerprints = {info["base_fingerprint"] for info in infos}
         if len(fingerprints) != 1:

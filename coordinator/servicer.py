@@ -103,7 +103,8 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled",
                 "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions",
                 "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen",
-                "compiled_slot_writers", "pid", "forward_calls", "forward_requests")}
+                "compiled_slot_writers", "pid", "forward_calls", "forward_requests",
+                "forward_channel_calls")}
             info.workers.add(
                 worker_id=worker["worker_id"], node_id=worker.get("node_id", ""),
                 mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],

@@ -168,6 +168,11 @@ class BackboneWorker:
         host, port = await self._forward_server.start(ray.util.get_node_ip_address())
         return host, port, self._forward_server.token
 
+    async def until_stopped(self) -> None:
+        """Never returns: the pool keeps one pending, so that Ray tells it
+        when this actor (or its node) is gone even if no call is running."""
+        await asyncio.Event().wait()
+
     async def cancel_forward(self, tickets: list[int]) -> None:
         for ticket in tickets:
             task = self._by_ticket.get(ticket)
@@ -225,6 +230,7 @@ class BackboneWorker:
             "in_flight_sequences": self._batcher.in_flight(),
             "forward_calls": self.forward_calls,
             "forward_requests": self.forward_requests,
+            "forward_channel_calls": self._forward_server.calls,
             "batches_run": stats.batches_run,
             "sequences_run": stats.sequences_run,
             "max_sequences_in_a_batch": stats.max_sequences_in_a_batch,

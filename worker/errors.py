@@ -24,6 +24,11 @@ class AdapterRejected(WorkerError):
     above the slots' maximum)."""
 
 
+class ChannelBroken(WorkerUnavailable):
+    """The forward channel to a worker broke; the worker itself may be fine
+    (its work then goes over Ray calls until the channel is back)."""
+
+
 class AdapterNotResident(WorkerError):
     """Work sent without the adapter's payload (the forward channel does not
     carry it) found the adapter evicted; the pool resends it with one."""

@@ -1,11 +1,13 @@
 """The coordinator's end of the forward channel to one worker.
 
 One TCP connection per worker, opened with the token the worker handed out
-over Ray, carrying groups of forward work and their outcomes (protocol in
-forward_server.py). Many calls share it; each outcome frame names its call.
-When the connection breaks every call waiting on it fails with
-WorkerUnavailable (the pool then retries them elsewhere) and `on_lost` is
-told, once.
+over Ray (both ends prove they hold it, channel_handshake.py), carrying
+groups of forward work and their outcomes (protocol in forward_server.py).
+Many calls share it; each outcome frame names its call. When the
+connection breaks, every call waiting on it fails with ChannelBroken and
+`on_lost` is told, once. Keepalive probes notice a peer that vanished
+without closing (a lost node) within about a minute instead of the
+kernel's quarter of an hour; the pool also watches the worker through Ray.
 """
 
 from __future__ import annotations
@@ -13,14 +15,26 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 from typing import Callable
 
-from worker.errors import WorkerUnavailable
+from worker.channel_handshake import prove_to_worker
+from worker.errors import ChannelBroken
 from worker.frames import FrameError, encode_frame, read_frame
 
 log = logging.getLogger("gemma_serve.worker_pool")
 
 CONNECT_TIMEOUT_S = 10.0
+KEEPALIVE = {"TCP_KEEPIDLE": 20, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 6}  # seconds, probes
+
+
+def _keep_alive(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        if hasattr(socket, name):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 class ForwardChannel:
@@ -39,10 +53,16 @@ class ForwardChannel:
     @classmethod
     async def open(cls, name: str, host: str, port: int, token: bytes,
                    on_lost: Callable[[], None]) -> "ForwardChannel":
-        """Connects and authenticates; OSError / TimeoutError if it cannot."""
+        """Connects and runs the handshake; OSError (HandshakeFailed among
+        them) or TimeoutError if it cannot."""
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
                                                 CONNECT_TIMEOUT_S)
-        writer.write(token)
+        try:
+            _keep_alive(writer.get_extra_info("socket"))
+            await prove_to_worker(reader, writer, token)
+        except BaseException:
+            writer.close()
+            raise
         return cls(name, reader, writer, on_lost)
 
     @property
@@ -51,10 +71,9 @@ class ForwardChannel:
 
     async def call(self, group: list) -> list:
         """One outcome per (ticket, work) pair of `group`, as forward_many
-        returns them; WorkerUnavailable if the connection is or goes down."""
+        returns them; ChannelBroken if the connection is or goes down."""
         if self._broken is not None:
-            raise WorkerUnavailable(f"the forward channel to {self.name} is down: "
-                                    f"{self._broken}")
+            raise ChannelBroken(f"the forward channel to {self.name} is down: {self._broken}")
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
@@ -62,10 +81,10 @@ class ForwardChannel:
             self._writer.writelines(encode_frame(("call", call_id, group)))
             await self._writer.drain()
             return await future
-        except ConnectionError as error:
-            self._break(f"sending failed: {error}")
-            raise WorkerUnavailable(f"the forward channel to {self.name} broke: "
-                                    f"{error}") from error
+        except OSError as error:  # reset, unreachable, keepalive timeout
+            self._break(f"{type(error).__name__}: {error}")
+            raise ChannelBroken(f"the forward channel to {self.name} broke: "
+                                f"{self._broken}") from error
         finally:
             self._waiting.pop(call_id, None)
 
@@ -99,12 +118,13 @@ class ForwardChannel:
         self._writer.close()
         for future in self._waiting.values():
             if not future.done():
-                future.set_exception(WorkerUnavailable(
+                future.set_exception(ChannelBroken(
                     f"the forward channel to {self.name} broke ({why})"))
         if why != "closed":
             log.warning("forward channel to %s lost: %s", self.name, why)
             self._on_lost()
 
     def close(self) -> None:
+        """Closes it from this side: waiting calls fail, `on_lost` is not told."""
         self._reading.cancel()
         self._break("closed")

@@ -5,40 +5,36 @@ both processes on the 2-core CI machine, whatever it carries; a frame on a
 socket the coordinator keeps open costs about 0.2 ms of each (measured in
 the same script). So forward work, the one call made per request, travels
 here; everything else (placement, restarts, adapter payloads, fine-tuning,
-info) stays on Ray.
+info, and results too large for one frame) stays on Ray.
 
-The protocol, one frame each way per group (see frames.py):
+The protocol, after the handshake (channel_handshake.py), one frame each way
+per group (frames.py):
 
     coordinator -> worker   ("call", call_id, [(ticket, ForwardWork), ...])
                             ("cancel", [ticket, ...])
     worker -> coordinator   ("done", call_id, [ForwardResult | exception, ...])
 
-A connection must first send the worker's token (32 random bytes the
-coordinator got over Ray); anything else is dropped before a byte of it is
-unpickled. When a connection closes, its calls still running are cancelled.
+Every call gets its "done", whatever fails on the way; when a connection
+closes, its calls still running are cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import secrets
 from typing import Awaitable, Callable
 
-from worker.frames import FrameError, read_frame, write_frame
+from worker.channel_handshake import HandshakeFailed, new_token, prove_to_coordinator
+from worker.frames import FrameError, encode_frame, read_frame
 
 log = logging.getLogger("gemma_serve.worker")
-
-TOKEN_BYTES = 32
-HELLO_TIMEOUT_S = 10.0  # a connection that does not authenticate by then is dropped
 
 RunGroup = Callable[[list], Awaitable[list]]   # BackboneWorker.forward_many
 CancelTickets = Callable[[list], Awaitable[None]]
 
 
 class ForwardServer:
-    """Serves `run_group` and `cancel` to authenticated connections.
+    """Serves `run_group` and `cancel` to connections that pass the handshake.
 
     Args:
         run_group: runs a group of (ticket, work) pairs; returns one outcome
@@ -49,10 +45,11 @@ class ForwardServer:
     def __init__(self, run_group: RunGroup, cancel: CancelTickets):
         self._run_group = run_group
         self._cancel = cancel
-        self.token = secrets.token_bytes(TOKEN_BYTES)
+        self.token = new_token()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self.address: tuple[str, int] | None = None
+        self.calls = 0  # groups received over the channel
 
     async def start(self, host: str) -> tuple[str, int]:
         """Listens on `host` (the node's address), a free port; idempotent."""
@@ -66,15 +63,7 @@ class ForwardServer:
         calls: set[asyncio.Task] = set()
         self._connections.add(writer)
         try:
-            try:
-                hello = await asyncio.wait_for(reader.readexactly(TOKEN_BYTES), HELLO_TIMEOUT_S)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError):
-                log.warning("forward channel from %s: no token; closed", peer)
-                return
-            if not hmac.compare_digest(hello, self.token):
-                log.warning("forward channel from %s: wrong token; closed", peer)
-                return
-            lock = asyncio.Lock()  # one frame at a time on the socket
+            await prove_to_coordinator(reader, writer, self.token)
             while True:
                 try:
                     message = await read_frame(reader)
@@ -82,8 +71,8 @@ class ForwardServer:
                     return  # the coordinator closed between frames
                 kind = message[0]
                 if kind == "call":
-                    task = asyncio.ensure_future(self._answer(message[1], message[2],
-                                                              writer, lock))
+                    self.calls += 1
+                    task = asyncio.ensure_future(self._answer(message[1], message[2], writer))
                     calls.add(task)
                     task.add_done_callback(calls.discard)
                 elif kind == "cancel":
@@ -92,6 +81,8 @@ class ForwardServer:
                     raise FrameError(f"unknown message kind {kind!r}")
         except asyncio.CancelledError:
             raise
+        except HandshakeFailed as error:
+            log.warning("forward channel from %s refused: %s", peer, error)
         except Exception as error:  # noqa: BLE001 - a broken or foreign stream: drop it
             log.warning("forward channel from %s broke: %s: %s", peer, type(error).__name__,
                         error)
@@ -101,14 +92,24 @@ class ForwardServer:
             self._connections.discard(writer)
             writer.close()
 
-    async def _answer(self, call_id: int, group: list, writer: asyncio.StreamWriter,
-                      lock: asyncio.Lock) -> None:
-        outcomes = await self._run_group(group)
-        async with lock:
-            try:
-                await write_frame(writer, ("done", call_id, outcomes))
-            except ConnectionError:
-                pass  # the reader side notices and cleans up
+    async def _answer(self, call_id: int, group: list, writer: asyncio.StreamWriter) -> None:
+        try:
+            outcomes = await self._run_group(group)
+            parts = encode_frame(("done", call_id, outcomes))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the caller must hear back either way
+            log.error("forward call %d failed before its answer was sent", call_id,
+                      exc_info=error)
+            failure = RuntimeError(f"the worker could not answer: {type(error).__name__}: "
+                                   f"{error}")
+            parts = encode_frame(("done", call_id, [failure] * len(group)))
+        try:
+            # One writelines per frame: frames never interleave on the socket.
+            writer.writelines(parts)
+            await writer.drain()
+        except OSError:
+            writer.close()  # the connection is gone: the coordinator sees it broken
 
     async def close(self) -> None:
         """Stops listening and closes every connection (their calls are

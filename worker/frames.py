@@ -1,17 +1,19 @@
 """Length-prefixed pickle frames over asyncio streams, for the forward channel.
 
-A frame is one Python object pickled with protocol 5; large contiguous
-buffers (numpy arrays) travel out of band, written straight from the array
-and read straight into the bytes the new array wraps, so a frame costs one
-pickle of its small parts plus the copies the socket makes anyway.
+A frame is one Python object pickled with protocol 5; the buffers of
+contiguous numpy arrays travel out of band, beside the pickle rather than
+copied into it, and each array read back wraps the bytes it arrived in
+(bfloat16 arrays, whose buffer numpy cannot export, go in band). The pool
+keeps frames small (results over a few MiB go over Ray instead), so the
+copies the transport makes on the way cost little.
 
     u32 n                      number of out-of-band buffers
     u64 size[0] .. size[n]     the pickle's size, then each buffer's
     pickle bytes, buffer 1 .. buffer n
 
 Pickle runs code on load, so frames are only read from a peer that has
-proven it holds the channel's token (see forward_server.py); the sizes are
-checked before anything is allocated.
+proven it holds the channel's token (channel_handshake.py); a frame's sizes
+are checked before its parts are read.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import struct
 
 _COUNT = struct.Struct("<I")
 MAX_BUFFERS = 1 << 16          # arrays in one frame; a group carries a few per request
-MAX_FRAME_BYTES = 1 << 40      # a sanity bound: a corrupt size fails here, not in malloc
+MAX_FRAME_BYTES = 1 << 30      # far above any frame the pool sends; a corrupt size fails here
 
 
 class FrameError(ConnectionError):
@@ -38,11 +40,6 @@ def encode_frame(obj) -> list:
     views = [buffer.raw() for buffer in buffers]
     sizes = struct.pack(f"<{len(views) + 1}Q", len(body), *(view.nbytes for view in views))
     return [_COUNT.pack(len(views)), sizes, body, *views]
-
-
-async def write_frame(writer: asyncio.StreamWriter, obj) -> None:
-    writer.writelines(encode_frame(obj))
-    await writer.drain()
 
 
 async def read_frame(reader: asyncio.StreamReader):

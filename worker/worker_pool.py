@@ -16,8 +16,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from worker.backbone_worker import BackboneWorker
 from worker.call_coalescer import CallCoalescer
-from worker.errors import (AdapterNotResident, DeadlineExpired, PoolSaturated, WorkerError,
-                           WorkerUnavailable)
+from worker.errors import (AdapterNotResident, ChannelBroken, DeadlineExpired, PoolSaturated,
+                           WorkerError, WorkerUnavailable)
 from worker.fine_tune_runner import FineTuneWork
 from worker.forward_channel import ForwardChannel
 from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
@@ -50,6 +50,14 @@ def actor_options(spec: WorkerSpec) -> dict:
 # How forward work reaches workers: "direct" over a socket each worker opens
 # (Ray calls where that fails), "ray" over actor calls only.
 TRANSPORTS = ("direct", "ray")
+# Results bigger than this go over Ray calls (the object store) rather than
+# one frame on the channel, which would hold up the frames behind it.
+MAX_CHANNEL_RESULT_BYTES = 4 << 20
+# A channel that breaks this often within CHANNEL_BREAK_WINDOW_S while its
+# worker lives (a middlebox cutting connections, say) is given up on.
+MAX_CHANNEL_BREAKS = 3
+CHANNEL_BREAK_WINDOW_S = 60.0
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PLACEMENT_TIMEOUT_S = 120
 # A restarted worker reloads its model; give up on it after this long.
 RESTART_TIMEOUT_S = 600
@@ -75,13 +83,17 @@ class WorkerPool:
     RESIDENT_BONUS = 2
 
     def __init__(self, spec: WorkerSpec, num_workers: int,
-                 max_queued_sequences: int = 512, transport: str = "direct"):
+                 max_queued_sequences: int = 512, transport: str = "direct",
+                 hidden_dim: int | None = None,
+                 max_channel_result_bytes: int = MAX_CHANNEL_RESULT_BYTES):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}.")
         self.spec = spec
         self.transport = transport
+        self.hidden_dim = hidden_dim  # to size results; None: every result fits a frame
+        self.max_channel_result_bytes = max_channel_result_bytes
         self.max_queued_sequences = max_queued_sequences
         # One bundle per worker, spread over distinct nodes where resources
         # allow: a node's loss then takes out as few workers as possible.
@@ -102,6 +114,9 @@ class WorkerPool:
         # Forward work goes over these where they are open (see
         # forward_server.py); None: over Ray actor calls.
         self._channels: dict[str, ForwardChannel | None] = dict.fromkeys(self._actors)
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._channel_breaks: dict[str, list[float]] = {i: [] for i in self._actors}
+        self._stopping = False
         # A routing hint only: workers evict on their own, so this may hold
         # keys a worker has dropped (it then reloads on demand). The refs let
         # a restarted worker get its adapters back.
@@ -119,7 +134,7 @@ class WorkerPool:
             if worker_id in self._down or worker_id in self._dead:
                 raise WorkerUnavailable(f"{worker_id} is restarting")
             channel = self._channels[worker_id]
-            if channel is not None and channel.usable:
+            if channel is not None and channel.usable and self._fits_a_frame(group):
                 light = self._without_payloads(worker_id, group)
                 if light is not None:
                     return await channel.call(light)
@@ -155,26 +170,80 @@ class WorkerPool:
             light.append((ticket, work))
         return light
 
+    def _fits_a_frame(self, group: list) -> bool:
+        """Whether the group's results are small enough for one frame."""
+        if self.hidden_dim is None:
+            return True
+        total = 0
+        for _, work in group:
+            rows = (sum(len(s) for s in work.sequences) if work.pooling == "none"
+                    else len(work.sequences))
+            total += rows * len(work.layers) * self.hidden_dim * _DTYPE_BYTES[work.dtype]
+        return total <= self.max_channel_result_bytes
+
     async def _open_channel(self, worker_id: str) -> None:
         """Connects to the worker's forward channel; on failure (a network
         that only lets Ray's ports through, say) its work stays on Ray calls."""
         old, self._channels[worker_id] = self._channels[worker_id], None
         if old is not None:
             old.close()
-        if self.transport != "direct":
+        if self.transport != "direct" or self._stopping:
             return
+        actor = self._actors[worker_id]
         try:
-            host, port, token = await self._actors[worker_id].forward_endpoint.remote()
-            self._channels[worker_id] = await ForwardChannel.open(
-                worker_id, host, port, token,
-                on_lost=lambda: self._worker_died(worker_id, "its forward channel broke"))
+            host, port, token = await actor.forward_endpoint.remote()
+            channel = await ForwardChannel.open(worker_id, host, port, token,
+                                                on_lost=lambda: self._channel_lost(worker_id))
         except Exception as error:  # noqa: BLE001 - Ray calls still work
             log.warning("%s: no forward channel (%s: %s); its requests go over Ray calls",
                         worker_id, type(error).__name__, error)
+            return
+        self._channels[worker_id] = channel
+        watcher = self._watchers.get(worker_id)
+        if watcher is None or watcher.done():  # one per incarnation of the actor
+            self._watchers[worker_id] = asyncio.get_running_loop().create_task(
+                self._watch(worker_id, actor.until_stopped.remote()))
 
-    def channels_open(self) -> int:
-        """How many workers take forward work over a channel right now."""
-        return sum(1 for c in self._channels.values() if c is not None and c.usable)
+    async def _watch(self, worker_id: str, ref) -> None:
+        """Ray's view of the worker's life, for a socket that cannot tell a
+        lost node from a quiet one: `ref` never completes while the actor
+        lives, and fails when Ray finds it (or its node) dead."""
+        try:
+            await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except Exception:  # noqa: BLE001 - RayActorError or its relatives: it is gone
+            if self._stopping:
+                return
+            channel = self._channels[worker_id]
+            if channel is not None:
+                channel.close()  # its waiting calls fail over now
+            self._worker_died(worker_id, "Ray reports it dead")
+
+    def _channel_lost(self, worker_id: str) -> None:
+        """The channel broke: the worker's work goes over Ray calls while we
+        find out whether it lives (then reconnect) or not (then it is out of
+        routing until Ray restarts it)."""
+        if self._stopping:
+            return
+        now = time.monotonic()
+        breaks = [t for t in self._channel_breaks[worker_id] if now - t < CHANNEL_BREAK_WINDOW_S]
+        self._channel_breaks[worker_id] = breaks + [now]
+        if len(breaks) + 1 >= MAX_CHANNEL_BREAKS:
+            log.warning("%s: its forward channel broke %d times in %ds; its requests stay on "
+                        "Ray calls", worker_id, len(breaks) + 1, CHANNEL_BREAK_WINDOW_S)
+            return
+        asyncio.get_running_loop().create_task(self._reconnect(worker_id))
+
+    async def _reconnect(self, worker_id: str) -> None:
+        try:
+            await asyncio.wait_for(self._actors[worker_id].info.remote(), INFO_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - dead or wedged
+            self._worker_died(worker_id, "its forward channel broke and it does not answer")
+            return
+        if worker_id not in self._down and worker_id not in self._dead:
+            await self._open_channel(worker_id)
 
     async def wait_ready(self) -> list[dict]:
         """Waits for every actor to have loaded its model; returns their info."""
@@ -225,7 +294,7 @@ class WorkerPool:
     def _worker_died(self, worker_id: str, why: str = "it died") -> None:
         """Takes a worker out of routing until it answers again (Ray
         restarts a dead one)."""
-        if worker_id in self._down or worker_id in self._dead:
+        if worker_id in self._down or worker_id in self._dead or self._stopping:
             return
         was_serving = self.serving()
         self._down.add(worker_id)
@@ -306,27 +375,35 @@ class WorkerPool:
         (nothing has been streamed yet: results arrive whole)."""
         key = work.adapter.key if work.adapter is not None else None
         tried, sent, retry = [], time.monotonic(), False
+        broken = None  # a live worker whose channel broke under this request
         while True:
             if retry and work.timeout_s is not None:  # a retry gets what is left
                 left = work.timeout_s - (time.monotonic() - sent)
                 if left <= 0:
                     raise DeadlineExpired("the deadline passed while the request was retried" + (
-                        f" after {', '.join(tried)} died" if tried else ""))
+                        f" after {', '.join(tried)} failed" if tried else ""))
                 work, sent = dataclasses.replace(work, timeout_s=left), time.monotonic()
             weight = len(work.sequences)
             try:
                 worker_id = self._least_loaded(key, exclude=tried, weight=weight)
             except WorkerUnavailable:
-                if tried:
-                    raise WorkerUnavailable(f"{', '.join(tried)} died while serving the "
-                                            "request and no other worker can take it") from None
-                raise
+                if broken is None or broken in self._down | self._dead:
+                    if tried:
+                        raise WorkerUnavailable(
+                            f"{', '.join(tried)} failed while serving the request and no "
+                            "other worker can take it") from None
+                    raise
+                worker_id, broken = broken, None  # no one else: the same one, over Ray
             self._in_flight[worker_id] += weight
             # A worker that may have to load the adapter first gets the
             # request on its own, so the load delays no other request.
             alone = key is not None and key not in self._resident[worker_id]
             try:
                 result = await self._coalescers[worker_id].submit(work, alone=alone)
+            except ChannelBroken:  # another worker if there is one, else this one over Ray
+                tried.append(worker_id)
+                broken, retry = worker_id, True
+                continue
             except WorkerUnavailable:
                 tried.append(worker_id)
                 retry = True
@@ -411,9 +488,12 @@ class WorkerPool:
         await self._call(worker_id, self._actors[worker_id].cancel_fine_tune.remote(job_id))
 
     def shutdown(self) -> None:
+        self._stopping = True  # what breaks from here on restarts nothing
+        for watcher in self._watchers.values():
+            watcher.cancel()
         for channel in self._channels.values():
             if channel is not None:
-                channel.close()  # first: a channel closed by us restarts nothing
+                channel.close()
         for actor in self._actors.values():
             ray.kill(actor)
         self._actors.clear()

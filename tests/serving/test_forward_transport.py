@@ -29,12 +29,14 @@ async def worker_info(pool):
 
 def test_the_shared_service_sends_forward_work_over_channels(client):
     def calls():
-        return sum(int(w.get("forward_calls", 0)) for w in client.model_info()["workers"])
+        workers = client.model_info()["workers"]
+        return np.array([sum(int(w.get(k, 0)) for w in workers)
+                         for k in ("forward_calls", "forward_channel_calls")])
 
     before = calls()
     for _ in range(4):
         client.forward(token_ids=[IDS.tolist()])
-    assert calls() - before == 4
+    assert (calls() - before).tolist() == [4, 4]  # every call, over the socket
     workers = client.model_info()["workers"]
     assert {w["forward_transport"] for w in workers} == {"direct"}
 
@@ -93,3 +95,53 @@ def test_work_for_an_adapter_the_worker_dropped_is_resent_with_its_payload(ray_s
     # The second request for `a` went over the channel without its payload,
     # found it gone and was sent again with it: four arrivals, three loads.
     assert info["forward_requests"] == 4 and info["adapter_loads"] == 3
+
+
+def test_big_results_and_a_broken_channel_go_over_ray(ray_session):
+    model = GemmaBackbone.from_preset("default")
+    layer, row_bytes = model.num_layers, model.hidden_dim * 4
+
+    async def main():
+        # A pooled result (one row) fits a frame; every token's state does not.
+        pool = WorkerPool(WorkerSpec(preset="default", mesh_shape=(1, 1), batching=BATCHING),
+                          num_workers=1, hidden_dim=model.hidden_dim,
+                          max_channel_result_bytes=2 * row_bytes)
+        try:
+            await pool.wait_ready()
+            run = lambda pooling: pool.forward(ForwardWork("r", (IDS,), (layer,),
+                                                           pooling=pooling))
+            counts = []
+
+            async def count():
+                info = await worker_info(pool)
+                counts.append((info["forward_calls"], info["forward_channel_calls"],
+                               info["forward_transport"]))
+
+            small = await run("mean")
+            await count()
+            big = await run("none")
+            await count()
+            # A middlebox resets the connection; the worker itself is fine.
+            (channel,) = pool._channels.values()
+            channel._writer.transport.abort()
+            again = await run("mean")  # while it is down: over Ray
+            for _ in range(300):
+                (info,) = await pool.infos()
+                if info["forward_transport"] == "direct":
+                    break
+                await asyncio.sleep(0.1)
+            await count()
+            await run("mean")
+            await count()
+            return small, big, again, counts, pool.restarts
+        finally:
+            pool.shutdown()
+
+    small, big, again, counts, restarts = asyncio.run(main())
+    np.testing.assert_allclose(small.tensors[0][0], big.tensors[0][0].mean(0), atol=1e-5)
+    np.testing.assert_allclose(again.tensors[0][0], small.tensors[0][0], atol=1e-6)
+    assert counts[0] == (1, 1, "direct")
+    assert counts[1] == (2, 1, "direct")   # the big one came over Ray
+    assert counts[2][:2] == (3, 1) and counts[2][2] == "direct"  # reconnected, not restarted
+    assert counts[3] == (4, 2, "direct")
+    assert restarts == 0

@@ -10,9 +10,11 @@ import struct
 import numpy as np
 import pytest
 
-from worker.errors import DeadlineExpired, WorkerUnavailable
+from worker.channel_handshake import (NONCE_BYTES, PROOF_BYTES, TOKEN_BYTES, HandshakeFailed,
+                                      prove_to_worker)
+from worker.errors import ChannelBroken, DeadlineExpired, WorkerUnavailable
 from worker.forward_channel import ForwardChannel
-from worker.forward_server import TOKEN_BYTES, ForwardServer
+from worker.forward_server import ForwardServer
 from worker.forward_work import ForwardResult, ForwardWork
 from worker.frames import MAX_BUFFERS, FrameError, encode_frame, read_frame
 
@@ -32,6 +34,8 @@ class Handler:
 
     async def run_group(self, group):
         self.groups.append(group)
+        if any(w.request_id == "unsendable" for _, w in group):
+            return [ForwardResult("w", [[lambda: None]])]  # pickle refuses a lambda
         self.running += 1
         try:
             if self.hold:
@@ -124,16 +128,56 @@ def test_calls_share_one_connection_and_get_their_own_outcomes():
     asyncio.run(main())
 
 
-def test_a_wrong_token_is_dropped_before_anything_runs():
+def test_a_coordinator_without_the_token_gets_nothing_run():
     async def main():
         handler = Handler()
         server, host, port = await serve(handler)
-        lost = []
-        channel = await ForwardChannel.open("w0", host, port, b"\0" * TOKEN_BYTES,
-                                            on_lost=lambda: lost.append(1))
-        with pytest.raises(WorkerUnavailable, match="w0"):
-            await channel.call([(1, work("a"))])
-        assert handler.groups == [] and lost == [1] and not channel.usable
+        with pytest.raises(HandshakeFailed):
+            await ForwardChannel.open("w0", host, port, b"\0" * TOKEN_BYTES,
+                                      on_lost=lambda: None)
+        # By hand: a peer that answers the worker's proof with garbage and
+        # sends a call anyway is cut off before the frame is read.
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"n" * NONCE_BYTES)
+        await reader.readexactly(PROOF_BYTES + NONCE_BYTES)
+        writer.write(b"p" * PROOF_BYTES)
+        writer.writelines(encode_frame(("call", 1, [(1, work("sneaky"))])))
+        assert await reader.read() == b""  # closed by the worker
+        writer.close()
+        assert handler.groups == [] and server.calls == 0
+        await server.close()
+    asyncio.run(main())
+
+
+def test_a_listener_without_the_token_is_not_believed():
+    async def impostor(reader, writer):  # answers the handshake, then sends a frame
+        await reader.readexactly(NONCE_BYTES)
+        writer.write(b"x" * (PROOF_BYTES + NONCE_BYTES))
+        writer.writelines(encode_frame(("done", 1, ["from an impostor"])))
+
+    async def main():
+        server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises(HandshakeFailed, match="not the worker"):
+            await prove_to_worker(reader, writer, b"t" * TOKEN_BYTES)
+        writer.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_result_that_cannot_be_sent_still_gets_an_answer():
+    async def main():
+        handler = Handler()
+        server, host, port = await serve(handler)
+        channel = await ForwardChannel.open("w0", host, port, server.token,
+                                            on_lost=lambda: None)
+        (outcome,) = await asyncio.wait_for(channel.call([(1, work("unsendable"))]), 10)
+        assert isinstance(outcome, RuntimeError) and "could not answer" in str(outcome)
+        assert channel.usable  # and the channel goes on
+        (ok,) = await channel.call([(2, work("fine"))])
+        assert (ok.tensors[0][0] == 2).all()
+        channel.close()
         await server.close()
     asyncio.run(main())
 
@@ -149,9 +193,11 @@ def test_a_lost_worker_fails_waiting_calls_and_tells_once():
         await until(lambda: handler.running == 3)
         await server.close()  # the worker going away: its sockets close
         results = await asyncio.gather(*calls, return_exceptions=True)
-        assert all(isinstance(r, WorkerUnavailable) for r in results), results
+        # ChannelBroken: a WorkerUnavailable the pool may retry on the same worker
+        assert all(isinstance(r, ChannelBroken) for r in results), results
+        assert issubclass(ChannelBroken, WorkerUnavailable)
         assert lost == [1] and not channel.usable
-        with pytest.raises(WorkerUnavailable, match="down"):
+        with pytest.raises(ChannelBroken, match="down"):
             await channel.call([(9, work("late"))])
         await until(lambda: handler.running == 0)  # its calls were cancelled on the worker
     asyncio.run(main())
