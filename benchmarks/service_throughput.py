@@ -349,7 +349,7 @@ def main():
         args.seconds = 1.5 if args.quick else 6.0
     args.baseline_seconds = 0.5 if args.quick else 1.5
     args.baseline_calls = 5 if args.quick else 10
-    args.min_requests = 3 if args.quick else 12
+    args.min_requests = 3 if args.quick else 24
 
     for name in args.models:
         if name not in ("default", "mid"):
