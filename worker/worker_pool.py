@@ -117,6 +117,7 @@ class WorkerPool:
         self._watchers: dict[str, asyncio.Task] = {}
         self._channel_breaks: dict[str, list[float]] = {i: [] for i in self._actors}
         self._stopping = False
+        self._background: set[asyncio.Task] = set()  # strong refs: the loop keeps weak ones
         # A routing hint only: workers evict on their own, so this may hold
         # keys a worker has dropped (it then reloads on demand). The refs let
         # a restarted worker get its adapters back.
@@ -211,7 +212,10 @@ class WorkerPool:
         try:
             await ref
         except asyncio.CancelledError:
-            ray.cancel(ref)
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - the actor is gone already
+                pass
             raise
         except Exception:  # noqa: BLE001 - RayActorError or its relatives: it is gone
             if self._stopping:
@@ -234,7 +238,12 @@ class WorkerPool:
             log.warning("%s: its forward channel broke %d times in %ds; its requests stay on "
                         "Ray calls", worker_id, len(breaks) + 1, CHANNEL_BREAK_WINDOW_S)
             return
-        asyncio.get_running_loop().create_task(self._reconnect(worker_id))
+        self._in_background(self._reconnect(worker_id))
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _reconnect(self, worker_id: str) -> None:
         try:
@@ -299,7 +308,7 @@ class WorkerPool:
         was_serving = self.serving()
         self._down.add(worker_id)
         log.warning("%s is out of routing until it answers again: %s", worker_id, why)
-        asyncio.get_running_loop().create_task(self._await_restart(worker_id))
+        self._in_background(self._await_restart(worker_id))
         if was_serving and not self.serving() and self.on_serving_change:
             self.on_serving_change(False)
 
