@@ -131,8 +131,10 @@ class _WorkerCollector:
                                   "Adapters evicted from a full slot table."),
             "fine_tune_steps": ("gemma_worker_fine_tune_steps", "Training steps run."),
             "forward_calls": ("gemma_worker_forward_calls",
-                              "Actor calls carrying forward requests (several per call "
-                              "when they arrive together)."),
+                              "Calls carrying forward requests, over the worker's socket or "
+                              "Ray (several requests per call when they arrive together)."),
+            "forward_channel_calls": ("gemma_worker_forward_channel_calls",
+                                      "Of those calls, the ones that came over the socket."),
             "forward_requests": ("gemma_worker_forward_requests",
                                  "Forward requests a worker received."),
         }
@@ -151,6 +153,14 @@ class _WorkerCollector:
         for info in infos:
             ready.add_metric([info["worker_id"]], float(info.get("ready", True)))
         yield ready
+        direct = GaugeMetricFamily(
+            "gemma_worker_forward_channel_up",
+            "1 if forward work reaches the worker over its socket, 0 if over Ray calls.",
+            labels=["worker"])
+        for info in infos:
+            direct.add_metric([info["worker_id"]],
+                              float(info.get("forward_transport") == "direct"))
+        yield direct
         sizes = HistogramMetricFamily("gemma_worker_batch_rows", "Rows per batch run.",
                                       labels=["worker"])
         for info in infos:
