@@ -19,7 +19,7 @@ from coordinator.service_config import ServiceConfig
 from gemma_core import DEFAULT_PRESET
 from worker.errors import WorkerError
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
-from worker.worker_config import BatchingConfig, WorkerSpec
+from worker.worker_config import TRANSPORTS, BatchingConfig, WorkerSpec
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--coalesce-ms", type=float, default=BatchingConfig.coalesce_ms,
                    help="while a worker is busy, hold a request up to this long so that "
                         "concurrent ones share one call (0: send each at once)")
-    p.add_argument("--forward-transport", choices=["direct", "ray"], default="direct",
+    p.add_argument("--forward-transport", choices=TRANSPORTS, default="direct",
                    help="how forward work reaches workers: direct (a socket per worker, "
                         "token-authenticated, falling back to Ray calls where it cannot "
                         "connect) or ray (actor calls only; slower by ~1 ms per call)")

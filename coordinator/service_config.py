@@ -6,7 +6,7 @@ import dataclasses
 import os
 
 from coordinator.admission_control import AdmissionLimits
-from worker.worker_config import WorkerSpec
+from worker.worker_config import TRANSPORTS, WorkerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +76,8 @@ class ServiceConfig:
     forward_transport: str = "direct"
 
     def __post_init__(self) -> None:
-        if self.forward_transport not in ("direct", "ray"):
-            raise ValueError(f"forward_transport must be 'direct' or 'ray', got "
+        if self.forward_transport not in TRANSPORTS:
+            raise ValueError(f"forward_transport must be one of {TRANSPORTS}, got "
                              f"{self.forward_transport!r}.")
         if not 0 < self.chunk_bytes <= 3 << 20:
             raise ValueError("chunk_bytes must be in (0, 3 MiB] to stay under 4 MiB.")

@@ -11,7 +11,6 @@ import os
 import pickle
 import time
 
-import ml_dtypes
 import numpy as np
 import ray
 
@@ -20,7 +19,7 @@ from worker.adapter_slots import AdapterSlots
 from worker.dynamic_batcher import DynamicBatcher
 from worker.errors import AdapterNotResident, AdapterRejected, DeadlineExpired, WorkerError
 from worker.forward_server import ForwardServer
-from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
+from worker.forward_work import OUTPUT_DTYPES, AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import configure_logging
 from worker.fine_tune_runner import FineTuneRunner, FineTuneWork
 from worker.worker_config import WorkerSpec
@@ -33,10 +32,6 @@ async def _fetch(adapter: AdapterRef):
     as is."""
     payload = adapter.payload
     return await payload if isinstance(payload, ray.ObjectRef) else payload
-
-
-_OUTPUT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
-                  "float16": np.float16}
 
 
 def _pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
@@ -132,7 +127,7 @@ class BackboneWorker:
         finally:
             if work.adapter is not None:
                 self._slots.release(work.adapter.key)
-        dtype = _OUTPUT_DTYPES[work.dtype]
+        dtype = OUTPUT_DTYPES[work.dtype]
         tensors = [[_pool(hidden[layer], work.pooling).astype(dtype) for layer in work.layers]
                    for hidden in per_sequence]
         log.info("forward %s", work.request_id, extra={

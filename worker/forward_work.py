@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 POOLINGS = ("none", "last_token", "mean")
-OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
+# A request's output dtype name -> the numpy dtype results are cast to.
+OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                 "float16": np.dtype(np.float16)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,11 @@ import dataclasses
 import math
 
 
+# How forward work reaches workers: "direct" over a socket each worker opens
+# (Ray calls where that fails), "ray" over actor calls only.
+TRANSPORTS = ("direct", "ray")
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
     """How concurrent requests are grouped into padded batches.

@@ -20,9 +20,9 @@ from worker.errors import (AdapterNotResident, ChannelBroken, DeadlineExpired, P
                            WorkerError, WorkerUnavailable)
 from worker.fine_tune_runner import FineTuneWork
 from worker.forward_channel import ForwardChannel
-from worker.forward_work import AdapterRef, ForwardResult, ForwardWork
+from worker.forward_work import OUTPUT_DTYPES, AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV
-from worker.worker_config import WorkerSpec
+from worker.worker_config import TRANSPORTS, WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker_pool")
 
@@ -47,9 +47,6 @@ def actor_options(spec: WorkerSpec) -> dict:
     return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
 
 
-# How forward work reaches workers: "direct" over a socket each worker opens
-# (Ray calls where that fails), "ray" over actor calls only.
-TRANSPORTS = ("direct", "ray")
 # Results bigger than this go over Ray calls (the object store) rather than
 # one frame on the channel, which would hold up the frames behind it.
 MAX_CHANNEL_RESULT_BYTES = 4 << 20
@@ -57,7 +54,6 @@ MAX_CHANNEL_RESULT_BYTES = 4 << 20
 # worker lives (a middlebox cutting connections, say) is given up on.
 MAX_CHANNEL_BREAKS = 3
 CHANNEL_BREAK_WINDOW_S = 60.0
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PLACEMENT_TIMEOUT_S = 120
 # A restarted worker reloads its model; give up on it after this long.
 RESTART_TIMEOUT_S = 600
@@ -179,7 +175,8 @@ class WorkerPool:
         for _, work in group:
             rows = (sum(len(s) for s in work.sequences) if work.pooling == "none"
                     else len(work.sequences))
-            total += rows * len(work.layers) * self.hidden_dim * _DTYPE_BYTES[work.dtype]
+            total += (rows * len(work.layers) * self.hidden_dim
+                      * OUTPUT_DTYPES[work.dtype].itemsize)
         return total <= self.max_channel_result_bytes
 
     async def _open_channel(self, worker_id: str) -> None:
