@@ -56,6 +56,16 @@ async def serve(handler):
     return server, host, port
 
 
+async def connected(handler):
+    """(server, channel, lost): a server for `handler`, a channel to it, and
+    the list `on_lost` appends to."""
+    server, host, port = await serve(handler)
+    lost = []
+    channel = await ForwardChannel.open("w0", host, port, server.token,
+                                        on_lost=lambda: lost.append(1))
+    return server, channel, lost
+
+
 async def until(condition, timeout=5.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -109,9 +119,7 @@ def test_malformed_frames_are_refused_before_allocation():
 def test_calls_share_one_connection_and_get_their_own_outcomes():
     async def main():
         handler = Handler()
-        server, host, port = await serve(handler)
-        channel = await ForwardChannel.open("w0", host, port, server.token,
-                                            on_lost=lambda: None)
+        server, channel, _ = await connected(handler)
         groups = [[(10 * i + j, work(f"r{i}{j}", length=i + j + 1)) for j in range(3)]
                   for i in range(8)]
         outcomes = await asyncio.gather(*(channel.call(g) for g in groups))
@@ -169,9 +177,7 @@ def test_a_listener_without_the_token_is_not_believed():
 def test_a_result_that_cannot_be_sent_still_gets_an_answer():
     async def main():
         handler = Handler()
-        server, host, port = await serve(handler)
-        channel = await ForwardChannel.open("w0", host, port, server.token,
-                                            on_lost=lambda: None)
+        server, channel, _ = await connected(handler)
         (outcome,) = await asyncio.wait_for(channel.call([(1, work("unsendable"))]), 10)
         assert isinstance(outcome, RuntimeError) and "could not answer" in str(outcome)
         assert channel.usable  # and the channel goes on
@@ -185,10 +191,7 @@ def test_a_result_that_cannot_be_sent_still_gets_an_answer():
 def test_a_lost_worker_fails_waiting_calls_and_tells_once():
     async def main():
         handler = Handler(hold=True)
-        server, host, port = await serve(handler)
-        lost = []
-        channel = await ForwardChannel.open("w0", host, port, server.token,
-                                            on_lost=lambda: lost.append(1))
+        server, channel, lost = await connected(handler)
         calls = [asyncio.ensure_future(channel.call([(i, work(str(i)))])) for i in range(3)]
         await until(lambda: handler.running == 3)
         await server.close()  # the worker going away: its sockets close
@@ -206,10 +209,7 @@ def test_a_lost_worker_fails_waiting_calls_and_tells_once():
 def test_closing_the_channel_cancels_the_workers_calls_without_calling_it_lost():
     async def main():
         handler = Handler(hold=True)
-        server, host, port = await serve(handler)
-        lost = []
-        channel = await ForwardChannel.open("w0", host, port, server.token,
-                                            on_lost=lambda: lost.append(1))
+        server, channel, lost = await connected(handler)
         call = asyncio.ensure_future(channel.call([(1, work("a"))]))
         await until(lambda: handler.running == 1)
         channel.close()
