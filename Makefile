@@ -1,5 +1,6 @@
 # Everything a fresh machine with Python 3.11+ and pip needs.
 #   make test    create .venv, install pinned dependencies, run the test suite
+#   make test-gpu on a CUDA host: the GPU tests, on its GPUs
 #   make serve   start gemma-serve on the built-in default model (random weights)
 #   make bench   run the benchmarks (prints tables)
 #   make soak    run the 5-minute load and soak test
@@ -15,7 +16,7 @@ BIN := $(VENV)/bin
 REFERENCE_PKGS := keras-hub absl-py regex rich tokenizers
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup test serve bench soak protos lock clean
+.PHONY: setup test test-gpu serve bench soak protos lock clean
 
 setup: $(STAMP)
 
@@ -31,6 +32,13 @@ $(STAMP):
 # run is never mistaken for a green one.
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# On a CUDA host: JAX's CUDA plugin, then the tests marked gpu
+# (tests/test_on_gpu.py) on its GPUs; the CPU suite leaves them out.
+test-gpu: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[cuda]"
+	JAX_PLATFORMS=cuda $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 serve: setup

@@ -41,7 +41,7 @@ This is a report: it prints PASS/MISS and exits 0 (1 only if a check fails).
 import os
 
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # JAX_PLATFORMS=cuda: on the GPU
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.pop("GEMMA_SERVE_API_KEYS", None)  # auth off for --service
 

@@ -25,7 +25,7 @@ matmul rate. This is a report, not a test: it always exits 0.
 import os
 
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # JAX_PLATFORMS=cuda: on the GPU
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
@@ -34,6 +34,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -90,21 +91,36 @@ def matmul_case(m, k, n, dtype, calls):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=CONFIG["num_layers"])
+    parser.add_argument("--config", default="mid",
+                        help="'mid' (above) or a built-in preset name, e.g. gemma2_9b_en: "
+                             "its full-size architecture with random weights")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the config's number of layers")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3, help="calls per repeat")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
-    cfg = {**CONFIG, "num_layers": args.layers}
+    cfg = dict(CONFIG) if args.config == "mid" else \
+        gemma_core.GEMMA_PRESETS[args.config]["config"].to_kwargs()
+    if args.layers:
+        cfg["num_layers"] = args.layers
     tokens = args.batch * args.seq
 
     print(f"jax {jax.__version__}  devices: {jax.devices()}  "
           f"cpu cores: {os.cpu_count()}  dtype: {args.dtype}")
     print(f"config: {cfg}  batch {args.batch} x seq {args.seq} = {tokens} tokens")
 
-    backbone = gemma_core.GemmaBackbone(**cfg, dtype=args.dtype)
+    # Built as the worker builds it: every weight laid out by the layout map
+    # over a (batch, model) mesh of all devices (1 x N).
+    devices = jax.devices()
+    mesh = keras.distribution.DeviceMesh((1, len(devices)), ["batch", "model"], devices)
+    layout_map = gemma_core.GemmaBackbone.get_layout_map(mesh, config=cfg)
+    with keras.distribution.ModelParallel(layout_map=layout_map,
+                                          batch_dim_name="batch").scope():
+        backbone = gemma_core.GemmaBackbone(**{**cfg, "dtype": args.dtype})
+    print(f"mesh 1x{len(devices)}; {backbone.count_params() / 1e9:.2f} B parameters")
     rng = np.random.default_rng(0)
     token_ids = jnp.asarray(rng.integers(0, cfg["vocabulary_size"],
                                          (args.batch, args.seq)), "int32")

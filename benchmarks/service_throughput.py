@@ -35,7 +35,7 @@ is a report, not a test: it prints PASS/MISS and always exits 0.
 import os
 
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # JAX_PLATFORMS=cuda: on the GPU
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import argparse  # noqa: E402
@@ -208,7 +208,8 @@ def bench_model(label, preset, args, batching, seed, transport):
     from worker.sharded_backbone import ShardedBackbone
     from worker.worker_config import WorkerSpec
 
-    spec = WorkerSpec(preset=preset, mesh_shape=(1, 1), batching=batching)
+    spec = WorkerSpec(preset=preset, mesh_shape=(1, 1), batching=batching,
+                      use_gpus=args.gpus)
     _, model_config = read_preset_config(preset)
     vocab, num_layers = model_config["vocabulary_size"], model_config["num_layers"]
     layer_ids = np.full((batching.layer_slots,), num_layers, "int32")  # layers [-1]
@@ -334,6 +335,9 @@ def main():
     parser.add_argument("--clients", default="1,4,16",
                         help="comma-separated concurrency levels")
     parser.add_argument("--seq", type=int, default=128, help="tokens per request")
+    parser.add_argument("--gpus", action="store_true",
+                        help="the worker on a GPU from Ray (run with JAX_PLATFORMS=cuda so "
+                             "the in-process baseline is on the GPU too)")
     parser.add_argument("--short", type=int, default=8, help="tokens of the short request")
     parser.add_argument("--seconds", type=float, default=None,
                         help="target seconds per timed service run (default 6, quick 1.5)")
@@ -380,6 +384,8 @@ def main():
     os.environ.pop("GEMMA_SERVE_API_KEYS", None)  # auth off: one tenant
     # Per-request log lines are an operator's choice; measured without them.
     os.environ.setdefault("GEMMA_SERVE_LOG_LEVEL", "WARNING")
+    if args.gpus:  # the worker and the in-process baseline share the GPU
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # Ray first: it forks its processes before JAX starts threads here.
     # address="local": always a private cluster, never one found on the machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False,

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from gemma_core.gemma_attention import GemmaAttention
+from gemma_core.matmul_precision import matmul_precision
 from gemma_core.rms_normalization import RMSNormalization
 
 
@@ -79,6 +80,10 @@ class GemmaDecoderBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x, padding_mask, training=False, lora=None):
+        with matmul_precision(self.compute_dtype):
+            return self._residual_blocks(x, padding_mask, training, lora)
+
+    def _residual_blocks(self, x, padding_mask, training, lora):
         a = self.attention(self.pre_attention_norm(x), padding_mask, training=training,
                            lora=lora)
         if self.use_post_attention_norm:

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from gemma_core.matmul_precision import matmul_precision
+
 
 @keras.saving.register_keras_serializable(package="gemma_core")
 class ReversibleEmbedding(keras.layers.Embedding):
@@ -31,7 +33,8 @@ class ReversibleEmbedding(keras.layers.Embedding):
         if not reverse:
             return super().call(inputs)
         embeddings = ops.cast(self.embeddings, self.compute_dtype)
-        logits = ops.einsum("btd,vd->btv", inputs, embeddings)
+        with matmul_precision(self.compute_dtype):
+            logits = ops.einsum("btd,vd->btv", inputs, embeddings)
         # Soft cap in float32: tanh saturates early in bf16.
         logits = ops.cast(logits, "float32")
         if self.logit_soft_cap is not None:

@@ -33,3 +33,13 @@ def tiny_inputs():
     mask = np.ones((2, 12), "int32")
     mask[1, 9:] = 0
     return {"token_ids": ids, "padding_mask": mask}
+
+
+def pytest_collection_modifyitems(config, items):
+    """JAX_PLATFORMS=cuda runs the tests marked gpu, and only those (the rest
+    expect 8 fake CPU devices); any other run leaves the gpu tests out."""
+    on_gpu = "cuda" in os.environ["JAX_PLATFORMS"]
+    keep = [item for item in items if (item.get_closest_marker("gpu") is not None) == on_gpu]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep

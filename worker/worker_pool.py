@@ -39,6 +39,10 @@ def actor_options(spec: WorkerSpec) -> dict:
         if os.environ.get(name):
             env[name] = os.environ[name]
     if spec.use_gpus:
+        # Named, not inherited: a coordinator kept off the GPU with
+        # JAX_PLATFORMS=cpu would otherwise put its GPU workers on the CPU,
+        # and a worker that finds no GPU should fail, not run slowly.
+        env["JAX_PLATFORMS"] = "cuda"
         return {"num_gpus": spec.num_devices, "num_cpus": 1,
                 "runtime_env": {"env_vars": env}}
     # A dedicated process with N fake host devices: sharding is real on CPU.
