@@ -45,3 +45,17 @@ def cpu_seconds(pid: int) -> tuple[str, float] | None:
         return None
     name, fields = stat
     return name, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pin_process(pid: int, cores: set[int]) -> None:
+    """Every thread of `pid` onto `cores`; threads they start later inherit
+    it. Threads that end meanwhile are skipped; a gone process is a no-op."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in threads:
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:
+            pass

@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proc_table import cpu_seconds, descendants  # noqa: E402  (benchmarks/, beside this)
+from proc_table import cpu_seconds, descendants, pin_process  # noqa: E402  (benchmarks/, beside this)
 
 THROUGHPUT_TARGET = 0.9   # service req/s / in-process req/s at 16 clients
 LATENCY_TARGET_MS = 5.0   # added p50 latency of one short request
@@ -184,6 +184,42 @@ def cpu_split(before, after, roles):
     return split
 
 
+class CoreSplit:
+    """With --worker-cores K: the worker's process on the last K cores and
+    everything else (this coordinator, the clients, Ray's processes) on the
+    rest, as in a deployment where clients and the coordinator do not run on
+    the worker's cores. The in-process baseline is timed on the worker's
+    cores, so both sides of the ratio get the same compute."""
+
+    def __init__(self, worker_cores):
+        cores = sorted(os.sched_getaffinity(0))
+        if not 0 < worker_cores < len(cores):
+            raise SystemExit(f"--worker-cores must leave at least one of the {len(cores)} "
+                             f"cores to the rest, got {worker_cores}")
+        self.all = set(cores)
+        self.worker = set(cores[-worker_cores:])
+        self.rest = self.all - self.worker
+
+    def __str__(self):
+        return f"worker on cores {sorted(self.worker)}, the rest on {sorted(self.rest)}"
+
+    def apply(self, worker_pid):
+        for pid in {os.getpid()} | descendants(os.getpid()):
+            pin_process(pid, self.worker if pid == worker_pid else self.rest)
+
+    def release(self):
+        for pid in {os.getpid()} | descendants(os.getpid()):
+            pin_process(pid, self.all)
+
+    def time_run(self, *args):
+        """`time_run` with this process on the worker's cores for the while."""
+        pin_process(os.getpid(), self.worker)
+        try:
+            return time_run(*args)
+        finally:
+            pin_process(os.getpid(), self.rest)
+
+
 def worker_counters(client):
     """(batches_run, sequences_run, compiled_functions, forward_calls,
     forward_requests) of the one worker."""
@@ -249,6 +285,10 @@ def bench_model(label, preset, args, batching, seed, transport):
         compiled_before = worker_counters(clients[0])[2]
         worker_info = clients[0].model_info()["workers"][0]
         worker_pid = int(worker_info["pid"])
+        timed_run = time_run
+        if args.core_split:
+            args.core_split.apply(worker_pid)
+            timed_run = args.core_split.time_run
         if worker_info["forward_transport"] != transport:
             notes.append(f"{label}: asked for the {transport} transport, the worker uses "
                          f"{worker_info['forward_transport']}")
@@ -263,14 +303,14 @@ def bench_model(label, preset, args, batching, seed, transport):
             # Baseline right before and right after the timed pass, while the
             # service is idle (same cores); the median over both halves is
             # less at the mercy of one burst of background load.
-            times, cpus = time_run(model, batches[c], layer_ids, args.baseline_seconds,
-                                   args.baseline_calls)
+            times, cpus = timed_run(model, batches[c], layer_ids, args.baseline_seconds,
+                                    args.baseline_calls)
             before, cpu_before = worker_counters(clients[0]), process_cpu_seconds()
             latencies, wall = run_load(server.address, c, requests_each, args.seq, vocab,
                                        seed + 2 + c)
             after, cpu_after = worker_counters(clients[0]), process_cpu_seconds()
-            more_times, more_cpus = time_run(model, batches[c], layer_ids,
-                                             args.baseline_seconds, args.baseline_calls)
+            more_times, more_cpus = timed_run(model, batches[c], layer_ids,
+                                              args.baseline_seconds, args.baseline_calls)
             base_call = statistics.median(times + more_times)
             total = len(latencies)
             service_rate = total / wall
@@ -292,11 +332,11 @@ def bench_model(label, preset, args, batching, seed, transport):
         # One short request at a time, one client; baseline before and after.
         _, wall = run_load(server.address, 1, 10, args.short, vocab, seed + 50)
         requests_each = max(args.min_requests * 4, math.ceil(args.seconds * 10 / wall))
-        times, _ = time_run(model, short_batch, layer_ids, args.baseline_seconds,
-                            args.baseline_calls)
+        times, _ = timed_run(model, short_batch, layer_ids, args.baseline_seconds,
+                             args.baseline_calls)
         latencies, _ = run_load(server.address, 1, requests_each, args.short, vocab, seed + 51)
-        times += time_run(model, short_batch, layer_ids, args.baseline_seconds,
-                          args.baseline_calls)[0]
+        times += timed_run(model, short_batch, layer_ids, args.baseline_seconds,
+                           args.baseline_calls)[0]
         short_row = dict(model=label, transport=transport, requests=len(latencies),
                          service_p50=percentile_ms(latencies, 50),
                          service_p99=percentile_ms(latencies, 99),
@@ -312,6 +352,8 @@ def bench_model(label, preset, args, batching, seed, transport):
         for client in clients:
             client.close()
         server.stop()
+        if args.core_split:
+            args.core_split.release()
     del model
     return rows, short_row, notes
 
@@ -335,6 +377,9 @@ def main():
     parser.add_argument("--clients", default="1,4,16",
                         help="comma-separated concurrency levels")
     parser.add_argument("--seq", type=int, default=128, help="tokens per request")
+    parser.add_argument("--worker-cores", type=int, default=0,
+                        help="pin the worker (and the in-process baseline) to this many "
+                             "cores and everything else to the others; 0: all share all")
     parser.add_argument("--gpus", action="store_true",
                         help="the worker on a GPU from Ray (run with JAX_PLATFORMS=cuda so "
                              "the in-process baseline is on the GPU too)")
@@ -361,6 +406,8 @@ def main():
     for transport in args.transports:
         if transport not in ("direct", "ray"):
             raise SystemExit(f"unknown transport {transport!r}; use direct and/or ray")
+
+    args.core_split = CoreSplit(args.worker_cores) if args.worker_cores else None
 
     global LOAD_PROCESS, LOAD_PID
     LOAD_PROCESS = concurrent.futures.ProcessPoolExecutor(
@@ -401,6 +448,9 @@ def main():
               f"cpu cores: {os.cpu_count()}  jax {jax.__version__} devices: {jax.devices()}  "
               f"ray {ray.__version__}")
         print(f"one worker, mesh 1x1; {batching}")
+        print("cores: " + (str(args.core_split) if args.core_split else
+                           "not pinned: the worker, the coordinator, the clients, Ray and "
+                           "the in-process baseline share all of them"))
         print(f"requests: 1 sequence of {args.seq} tokens, layers [-1], mean pooling; "
               f"short request: {args.short} tokens", flush=True)
         for name in args.models:

@@ -68,6 +68,10 @@ class DynamicBatcher:
         self._loop_task: asyncio.Task | None = None
         self._last_batch_rows = 1
         self._last_batch_seconds = 0.0
+        # (rows, length) bucket -> seconds its latest batch took; a shape's
+        # first batch is left out, since it includes the compilation.
+        self._seconds_by_shape: dict[tuple[int, int], float] = {}
+        self._shapes_seen: set[tuple[int, int]] = set()
         self.stats = BatcherStats()
 
     def start(self) -> None:
@@ -131,16 +135,50 @@ class DynamicBatcher:
         self._pending = kept
         return batch
 
+    def _trim_to_a_cheaper_bucket(self, batch: list[_Row]) -> list[_Row]:
+        """Where a batch's cost grows with its rows (a CPU), padding 10 rows
+        to a bucket of 16 wastes 6 rows of work: run the next smaller bucket
+        full when that costs less per row, the rest first in line for the
+        next batch. Where cost hardly grows (a GPU), padding is nearly free
+        and the batch runs whole. The measured times decide."""
+        cfg, rows = self._config, len(batch)
+        smaller = [b for b in cfg.batch_buckets if b < rows]
+        if not smaller or cfg.batch_bucket(rows) == rows:
+            return batch
+        length = cfg.length_bucket(max(len(r.token_ids) for r in batch))
+        whole = self._seconds_by_shape.get((cfg.batch_bucket(rows), length))
+        part = self._seconds_by_shape.get((smaller[-1], length))
+        if whole is None or part is None or part / smaller[-1] >= whole / rows:
+            return batch
+        self._pending.extendleft(reversed(batch[smaller[-1]:]))
+        return batch[:smaller[-1]]
+
     def _batch_is_full(self) -> bool:
         rows = len(self._pending)
         return rows >= self._config.batch_buckets[-1] or not self._config.fits(
             rows + 1, max(len(r.token_ids) for r in self._pending))
 
-    def _ready_to_run(self) -> bool:
+    def _ready_to_run(self, wait_s: float) -> bool:
         # As many rows as the last batch had means the callers of that batch
         # are back: waiting longer only adds latency. Fewer means some are
-        # probably on their way, so the batch waits for them a little.
-        return len(self._pending) >= self._last_batch_rows or self._batch_is_full()
+        # probably on their way; waiting for them pays only where one batch
+        # costs about what two smaller ones do (a GPU), not where the cost
+        # grows with the rows (a CPU), and the measured times say which.
+        return (len(self._pending) >= self._last_batch_rows or self._batch_is_full()
+                or not self._worth_waiting(wait_s))
+
+    def _worth_waiting(self, wait_s: float) -> bool:
+        """Whether running the pending rows now and the expected stragglers
+        in a batch of their own costs the device more than `wait_s` over one
+        batch of all of them. Shapes not timed yet: wait."""
+        cfg, pending = self._config, len(self._pending)
+        length = cfg.length_bucket(max(len(r.token_ids) for r in self._pending))
+        stragglers = self._last_batch_rows - pending
+        now, later, together = (self._seconds_by_shape.get((cfg.batch_bucket(rows), length))
+                                for rows in (pending, stragglers, pending + stragglers))
+        if now is None or later is None or together is None:
+            return True
+        return now + later - together > wait_s
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -157,14 +195,14 @@ class DynamicBatcher:
             wait_s = max(self._config.max_wait_ms / 1000,
                          min(0.2 * self._last_batch_seconds, _MAX_STRAGGLER_WAIT_S))
             give_up = loop.time() + wait_s
-            while not self._ready_to_run() and loop.time() < give_up:
+            while not self._ready_to_run(wait_s) and loop.time() < give_up:
                 try:
                     await asyncio.wait_for(self._wake.wait(), give_up - loop.time())
                 except asyncio.TimeoutError:
                     break
                 self._wake.clear()
             self._drop_dead_rows()
-            batch = self._take_batch()
+            batch = self._trim_to_a_cheaper_bucket(self._take_batch())
             if self._pending:
                 self._wake.set()
             if batch:
@@ -212,6 +250,9 @@ class DynamicBatcher:
         self.stats.max_adapters_in_a_batch = max(self.stats.max_adapters_in_a_batch,
                                                  len({row.slot for row in batch}))
         self.stats.batch_shapes.add(token_ids.shape)
+        if token_ids.shape in self._shapes_seen:
+            self._seconds_by_shape[token_ids.shape] = self._last_batch_seconds
+        self._shapes_seen.add(token_ids.shape)
         self.stats.batch_size_counts[len(batch)] += 1
         for row, result in zip(batch, results):
             if not row.future.done():

@@ -149,3 +149,65 @@ def test_a_failing_batch_fails_its_rows_and_the_loop_goes_on():
 
     result, _ = run(go, flaky)
     check(result, [[4]], (1,))
+
+
+class CostModel(EncodingModel):
+    """An EncodingModel whose batch takes `cost(rows bucket)` seconds, and
+    which records each batch's real rows."""
+
+    def __init__(self, cost):
+        super().__init__()
+        self.cost, self.real_rows = cost, []
+
+    def __call__(self, token_ids, padding_mask, layer_ids, slot_ids):
+        time.sleep(self.cost(len(token_ids)))
+        self.real_rows.append(int(padding_mask.any(axis=1).sum()))
+        return super().__call__(token_ids, padding_mask, layer_ids, slot_ids)
+
+
+LINEAR = 0.05   # a CPU: each padded row costs the same
+FLAT = 0.2      # a GPU at small batches: a batch costs the same whatever its rows
+
+
+async def time_every_bucket(batcher, model):
+    """Two batches of each bucket (a shape's first is not timed: it would
+    include a compilation); the last has 4 rows."""
+    for rows in (1, 1, 2, 2, 4, 4):
+        await batcher.submit([[7]] * rows, (0,), None)
+    model.real_rows.clear()
+
+
+@pytest.mark.parametrize("cost, expected", [(lambda bucket: LINEAR * bucket, [2, 1]),
+                                            (lambda bucket: FLAT, [3])],
+                         ids=["linear cost: trimmed to a full bucket", "flat cost: padded"])
+def test_a_batch_is_trimmed_to_a_full_bucket_only_where_that_is_cheaper(cost, expected):
+    model = CostModel(cost)
+
+    async def go(batcher):
+        await time_every_bucket(batcher, model)
+        result = await batcher.submit([[1], [2], [3]], (0,), None)  # 3 rows: bucket 4
+        check(result, [[1], [2], [3]], (0,))
+
+    run(go, model)
+    assert model.real_rows == expected
+
+
+@pytest.mark.parametrize("cost, expected", [(lambda bucket: LINEAR * bucket, [2, 2]),
+                                            (lambda bucket: FLAT, [4])],
+                         ids=["linear cost: runs at once", "flat cost: waits"])
+def test_stragglers_are_waited_for_only_where_one_batch_is_cheaper_than_two(cost, expected):
+    """After a batch of 4, 2 rows arrive and 2 more 10 ms later. Waiting for
+    them (up to a fifth of the last batch, 80 ms and 40 ms here) pays only if
+    a second batch would cost more than the wait."""
+    model = CostModel(cost)
+
+    async def go(batcher):
+        await time_every_bucket(batcher, model)
+        first = asyncio.ensure_future(batcher.submit([[1], [2]], (0,), None))
+        await asyncio.sleep(0.01)
+        second = await batcher.submit([[3], [4]], (0,), None)
+        check(await first, [[1], [2]], (0,))
+        check(second, [[3], [4]], (0,))
+
+    run(go, model)
+    assert model.real_rows == expected
