@@ -158,27 +158,29 @@ class DynamicBatcher:
         return rows >= self._config.batch_buckets[-1] or not self._config.fits(
             rows + 1, max(len(r.token_ids) for r in self._pending))
 
-    def _ready_to_run(self, wait_s: float) -> bool:
+    def _ready_to_run(self) -> bool:
         # As many rows as the last batch had means the callers of that batch
         # are back: waiting longer only adds latency. Fewer means some are
-        # probably on their way; waiting for them pays only where one batch
-        # costs about what two smaller ones do (a GPU), not where the cost
-        # grows with the rows (a CPU), and the measured times say which.
-        return (len(self._pending) >= self._last_batch_rows or self._batch_is_full()
-                or not self._worth_waiting(wait_s))
+        # probably on their way, and `_wait_that_can_pay` says how long to
+        # wait for them.
+        return len(self._pending) >= self._last_batch_rows or self._batch_is_full()
 
-    def _worth_waiting(self, wait_s: float) -> bool:
-        """Whether running the pending rows now and the expected stragglers
-        in a batch of their own costs the device more than `wait_s` over one
-        batch of all of them. Shapes not timed yet: wait."""
+    def _wait_that_can_pay(self, wait_s: float) -> float:
+        """How long waiting for the expected stragglers can pay, at most
+        `wait_s`: what running the pending rows now and the stragglers in a
+        batch of their own costs the device over one batch of all of them.
+        That is most of a batch where a batch costs about the same whatever
+        its rows (a GPU), little or nothing where the cost grows with the
+        rows (a CPU); waiting longer than the saving loses even if they come.
+        Shapes not timed yet: `wait_s`."""
         cfg, pending = self._config, len(self._pending)
         length = cfg.length_bucket(max(len(r.token_ids) for r in self._pending))
         stragglers = self._last_batch_rows - pending
         now, later, together = (self._seconds_by_shape.get((cfg.batch_bucket(rows), length))
                                 for rows in (pending, stragglers, pending + stragglers))
         if now is None or later is None or together is None:
-            return True
-        return now + later - together > wait_s
+            return wait_s
+        return min(wait_s, max(0.0, now + later - together))
 
     async def _run_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,10 +196,13 @@ class DynamicBatcher:
             # 2-core host: 16 callers' round trip took longer than it.
             wait_s = max(self._config.max_wait_ms / 1000,
                          min(0.2 * self._last_batch_seconds, _MAX_STRAGGLER_WAIT_S))
-            give_up = loop.time() + wait_s
-            while not self._ready_to_run(wait_s) and loop.time() < give_up:
+            started = loop.time()
+            while not self._ready_to_run():
+                remaining = started + self._wait_that_can_pay(wait_s) - loop.time()
+                if remaining <= 0:
+                    break
                 try:
-                    await asyncio.wait_for(self._wake.wait(), give_up - loop.time())
+                    await asyncio.wait_for(self._wake.wait(), remaining)
                 except asyncio.TimeoutError:
                     break
                 self._wake.clear()

@@ -192,22 +192,27 @@ def test_a_batch_is_trimmed_to_a_full_bucket_only_where_that_is_cheaper(cost, ex
     assert model.real_rows == expected
 
 
-@pytest.mark.parametrize("cost, expected", [(lambda bucket: LINEAR * bucket, [2, 2]),
-                                            (lambda bucket: FLAT, [4])],
-                         ids=["linear cost: runs at once", "flat cost: waits"])
-def test_stragglers_are_waited_for_only_where_one_batch_is_cheaper_than_two(cost, expected):
-    """After a batch of 4, 2 rows arrive and 2 more 10 ms later. Waiting for
-    them (up to a fifth of the last batch, 80 ms and 40 ms here) pays only if
-    a second batch would cost more than the wait."""
+@pytest.mark.parametrize("cost, first, expected", [
+    (lambda bucket: LINEAR * bucket, 2, [2, 2]),
+    (lambda bucket: LINEAR * bucket, 3, [4]),
+    (lambda bucket: FLAT, 2, [4])],
+    ids=["linear cost, 2 + 2: two batches cost what one does, runs at once",
+         "linear cost, 3 + 1: 3 rows pad to 4 anyway, waits a little",
+         "flat cost, 2 + 2: a second batch costs a whole one, waits"])
+def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, first, expected):
+    """After a batch of 4, `first` rows arrive and the rest 10 ms later.
+    Waiting pays up to what a separate batch for the stragglers would cost
+    the device (capped at a fifth of the last batch: 80 ms and 40 ms here)."""
     model = CostModel(cost)
+    rows = [[1], [2], [3], [4]]
 
     async def go(batcher):
         await time_every_bucket(batcher, model)
-        first = asyncio.ensure_future(batcher.submit([[1], [2]], (0,), None))
+        early = asyncio.ensure_future(batcher.submit(rows[:first], (0,), None))
         await asyncio.sleep(0.01)
-        second = await batcher.submit([[3], [4]], (0,), None)
-        check(await first, [[1], [2]], (0,))
-        check(second, [[3], [4]], (0,))
+        late = await batcher.submit(rows[first:], (0,), None)
+        check(await early, rows[:first], (0,))
+        check(late, rows[first:], (0,))
 
     run(go, model)
     assert model.real_rows == expected
