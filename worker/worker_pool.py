@@ -57,6 +57,11 @@ MAX_CHANNEL_RESULT_BYTES = 4 << 20
 # A channel that breaks this often within CHANNEL_BREAK_WINDOW_S while its
 # worker lives (a middlebox cutting connections, say) is given up on.
 MAX_CHANNEL_BREAKS = 3
+# A worker left without a channel (it could not connect, or it broke too
+# often) tries again after this long, twice as long after each failure, up
+# to CHANNEL_RETRY_MAX_S; a restart starts it over.
+CHANNEL_RETRY_S = 30.0
+CHANNEL_RETRY_MAX_S = 600.0
 CHANNEL_BREAK_WINDOW_S = 60.0
 PLACEMENT_TIMEOUT_S = 120
 # A restarted worker reloads its model; give up on it after this long.
@@ -85,7 +90,8 @@ class WorkerPool:
     def __init__(self, spec: WorkerSpec, num_workers: int,
                  max_queued_sequences: int = 512, transport: str = "direct",
                  hidden_dim: int | None = None,
-                 max_channel_result_bytes: int = MAX_CHANNEL_RESULT_BYTES):
+                 max_channel_result_bytes: int = MAX_CHANNEL_RESULT_BYTES,
+                 channel_retry_s: float = CHANNEL_RETRY_S):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
         if transport not in TRANSPORTS:
@@ -94,6 +100,9 @@ class WorkerPool:
         self.transport = transport
         self.hidden_dim = hidden_dim  # to size results; None: every result fits a frame
         self.max_channel_result_bytes = max_channel_result_bytes
+        self.channel_retry_s = channel_retry_s
+        self._channel_retry_delay: dict[str, float] = {}
+        self._channel_retries: dict[str, asyncio.Task] = {}
         self.max_queued_sequences = max_queued_sequences
         # One bundle per worker, spread over distinct nodes where resources
         # allow: a node's loss then takes out as few workers as possible.
@@ -185,7 +194,8 @@ class WorkerPool:
 
     async def _open_channel(self, worker_id: str) -> None:
         """Connects to the worker's forward channel; on failure (a network
-        that only lets Ray's ports through, say) its work stays on Ray calls."""
+        that only lets Ray's ports through, say) its work goes over Ray calls
+        until a later try (`_retry_channel_later`) connects."""
         old, self._channels[worker_id] = self._channels[worker_id], None
         if old is not None:
             old.close()
@@ -199,6 +209,7 @@ class WorkerPool:
         except Exception as error:  # noqa: BLE001 - Ray calls still work
             log.warning("%s: no forward channel (%s: %s); its requests go over Ray calls",
                         worker_id, type(error).__name__, error)
+            self._retry_channel_later(worker_id)
             return
         self._channels[worker_id] = channel
         watcher = self._watchers.get(worker_id)
@@ -236,15 +247,40 @@ class WorkerPool:
         breaks = [t for t in self._channel_breaks[worker_id] if now - t < CHANNEL_BREAK_WINDOW_S]
         self._channel_breaks[worker_id] = breaks + [now]
         if len(breaks) + 1 >= MAX_CHANNEL_BREAKS:
-            log.warning("%s: its forward channel broke %d times in %ds; its requests stay on "
-                        "Ray calls", worker_id, len(breaks) + 1, CHANNEL_BREAK_WINDOW_S)
+            log.warning("%s: its forward channel broke %d times in %ds; its requests go over "
+                        "Ray calls for now", worker_id, len(breaks) + 1, CHANNEL_BREAK_WINDOW_S)
+            self._retry_channel_later(worker_id)
             return
         self._in_background(self._reconnect(worker_id))
 
-    def _in_background(self, coroutine) -> None:
+    def _retry_channel_later(self, worker_id: str) -> None:
+        """One more try at the worker's channel after a delay that doubles
+        with each failure: a network blip must not leave a worker on Ray
+        calls for the rest of its life, nor a flapping one reconnect often."""
+        if self._stopping or self.transport != "direct":
+            return
+        pending = self._channel_retries.get(worker_id)
+        if pending is not None and not pending.done():
+            return
+        delay = self._channel_retry_delay.get(worker_id, self.channel_retry_s)
+        self._channel_retry_delay[worker_id] = min(2 * delay, CHANNEL_RETRY_MAX_S)
+        log.info("%s: next try at its forward channel in %.0fs", worker_id, delay)
+
+        async def retry():
+            await asyncio.sleep(delay)
+            channel = self._channels.get(worker_id)
+            if (self._stopping or (channel is not None and channel.usable)
+                    or worker_id in self._down or worker_id in self._dead):
+                return
+            await self._open_channel(worker_id)
+
+        self._channel_retries[worker_id] = self._in_background(retry())
+
+    def _in_background(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _reconnect(self, worker_id: str) -> None:
         try:
@@ -327,6 +363,7 @@ class WorkerPool:
                     self._dead.add(worker_id)
                     return
                 await asyncio.sleep(0.5)
+        self._channel_retry_delay.pop(worker_id, None)  # a new process: a fresh start
         await self._open_channel(worker_id)
         adapters = list(self._resident[worker_id].values())
         self._resident[worker_id] = {}
@@ -499,8 +536,8 @@ class WorkerPool:
 
     def shutdown(self) -> None:
         self._stopping = True  # what breaks from here on restarts nothing
-        for watcher in self._watchers.values():
-            watcher.cancel()
+        for task in [*self._watchers.values(), *self._channel_retries.values()]:
+            task.cancel()
         for channel in self._channels.values():
             if channel is not None:
                 channel.close()

@@ -145,3 +145,36 @@ def test_big_results_and_a_broken_channel_go_over_ray(ray_session):
     assert counts[2][:2] == (3, 1) and counts[2][2] == "direct"  # reconnected, not restarted
     assert counts[3] == (4, 2, "direct")
     assert restarts == 0
+
+
+def test_a_channel_that_broke_too_often_is_tried_again_later(ray_session):
+    from worker.worker_pool import MAX_CHANNEL_BREAKS
+
+    async def until_direct(pool):
+        for _ in range(300):
+            if (await worker_info(pool))["forward_transport"] == "direct":
+                return pool._channels["worker-0"]
+            await asyncio.sleep(0.1)
+        raise AssertionError("the channel did not come back")
+
+    async def main():
+        pool = WorkerPool(WorkerSpec(preset="default", mesh_shape=(1, 1), batching=BATCHING),
+                          num_workers=1, channel_retry_s=0.5)
+        try:
+            await pool.wait_ready()
+            for _ in range(MAX_CHANNEL_BREAKS):  # the last break gives up reconnecting
+                channel = await until_direct(pool)
+                channel._writer.transport.abort()
+                while channel.usable:  # the pool has seen this break
+                    await asyncio.sleep(0.01)
+            await until_direct(pool)  # ... for a while: the later try brings it back
+            before = (await worker_info(pool))["forward_channel_calls"]
+            await pool.forward(ForwardWork("r", (IDS,), (1,)))
+            after = (await worker_info(pool))["forward_channel_calls"]
+            return after - before, pool.restarts, dict(pool._channel_retry_delay)
+        finally:
+            pool.shutdown()
+
+    over_channel, restarts, next_delays = asyncio.run(main())
+    assert over_channel == 1 and restarts == 0
+    assert next_delays == {"worker-0": 1.0}  # one delayed try; the next would wait twice as long
