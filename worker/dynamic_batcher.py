@@ -11,17 +11,23 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import heapq
+import itertools
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
+from worker.batch_timings import BatchTimings
 from worker.errors import DeadlineExpired
 from worker.worker_config import BatchingConfig
 
 # A first call of a shape includes its compilation: never wait longer than
 # this for stragglers, whatever the last batch took.
 _MAX_STRAGGLER_WAIT_S = 0.2
+# A padded shape the batcher has avoided (by trimming) this long is run
+# whole again, so its time is measured afresh.
+_RETIME_AFTER_S = 30.0
 
 # run(token_ids (B, T), padding_mask (B, T), layer_ids (K,), slot_ids (B,)) -> (K, B, T, d)
 RunBatch = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -34,6 +40,7 @@ class _Row:
     deadline: float | None
     future: asyncio.Future
     slot: int = 0  # adapter slot; 0 is the base model
+    arrival: int = 0  # order of arrival: rows handed back keep their place
 
 
 @dataclasses.dataclass
@@ -68,10 +75,10 @@ class DynamicBatcher:
         self._loop_task: asyncio.Task | None = None
         self._last_batch_rows = 1
         self._last_batch_seconds = 0.0
-        # (rows, length) bucket -> seconds its latest batch took; a shape's
-        # first batch is left out, since it includes the compilation.
-        self._seconds_by_shape: dict[tuple[int, int], float] = {}
-        self._shapes_seen: set[tuple[int, int]] = set()
+        # (rows bucket, length bucket, any adapter row) -> device seconds:
+        # the cost model behind trimming and waiting.
+        self.timings = BatchTimings()
+        self._arrivals = itertools.count()
         self.stats = BatcherStats()
 
     def start(self) -> None:
@@ -94,8 +101,8 @@ class DynamicBatcher:
                 raise ValueError(f"a sequence of {len(sequence)} tokens; this worker takes 1 "
                                  f"to {self._config.max_sequence_length}.")
         loop = asyncio.get_running_loop()
-        rows = [_Row(np.asarray(s, "int32"), layers, deadline, loop.create_future(), slot)
-                for s in sequences]
+        rows = [_Row(np.asarray(s, "int32"), layers, deadline, loop.create_future(), slot,
+                     next(self._arrivals)) for s in sequences]
         self._pending.extend(rows)
         self._wake.set()
         try:
@@ -135,23 +142,36 @@ class DynamicBatcher:
         self._pending = kept
         return batch
 
+    def _seconds(self, rows: int, length: int, adapters: bool,
+                 max_age_s: float | None = None) -> float | None:
+        cfg = self._config
+        return self.timings.seconds((cfg.batch_bucket(rows), cfg.length_bucket(length), adapters),
+                                    max_age_s)
+
     def _trim_to_a_cheaper_bucket(self, batch: list[_Row]) -> list[_Row]:
         """Where a batch's cost grows with its rows (a CPU), padding 10 rows
         to a bucket of 16 wastes 6 rows of work: run the next smaller bucket
-        full when that costs less per row, the rest first in line for the
-        next batch. Where cost hardly grows (a GPU), padding is nearly free
-        and the batch runs whole. The measured times decide."""
+        full when that costs the device less per row, the rest back in line
+        in their order of arrival (ahead of later rows). Per row, because
+        under load the rest join the next batch, which runs anyway; a lone
+        burst may pay for one small extra batch. Where cost hardly grows (a
+        GPU), padding is nearly free and the batch runs whole. The measured times decide; a padded
+        shape not timed for a while runs whole, so one that looked dear
+        once is measured again rather than avoided for good."""
         cfg, rows = self._config, len(batch)
         smaller = [b for b in cfg.batch_buckets if b < rows]
         if not smaller or cfg.batch_bucket(rows) == rows:
             return batch
-        length = cfg.length_bucket(max(len(r.token_ids) for r in batch))
-        whole = self._seconds_by_shape.get((cfg.batch_bucket(rows), length))
-        part = self._seconds_by_shape.get((smaller[-1], length))
-        if whole is None or part is None or part / smaller[-1] >= whole / rows:
+        full = smaller[-1]
+        length = max(len(r.token_ids) for r in batch)
+        adapters = any(r.slot for r in batch)
+        whole = self._seconds(rows, length, adapters, _RETIME_AFTER_S)
+        part = self._seconds(full, length, adapters)
+        if whole is None or part is None or part / full >= whole / rows:
             return batch
-        self._pending.extendleft(reversed(batch[smaller[-1]:]))
-        return batch[:smaller[-1]]
+        self._pending = collections.deque(heapq.merge(
+            batch[full:], self._pending, key=lambda row: row.arrival))
+        return batch[:full]
 
     def _batch_is_full(self) -> bool:
         rows = len(self._pending)
@@ -173,11 +193,12 @@ class DynamicBatcher:
         its rows (a GPU), little or nothing where the cost grows with the
         rows (a CPU); waiting longer than the saving loses even if they come.
         Shapes not timed yet: `wait_s`."""
-        cfg, pending = self._config, len(self._pending)
-        length = cfg.length_bucket(max(len(r.token_ids) for r in self._pending))
+        pending = len(self._pending)
+        length = max(len(r.token_ids) for r in self._pending)
+        adapters = any(r.slot for r in self._pending)
         stragglers = self._last_batch_rows - pending
-        now, later, together = (self._seconds_by_shape.get((cfg.batch_bucket(rows), length))
-                                for rows in (pending, stragglers, pending + stragglers))
+        now, later, together = (self._seconds(n, length, adapters)
+                                for n in (pending, stragglers, pending + stragglers))
         if now is None or later is None or together is None:
             return wait_s
         return min(wait_s, max(0.0, now + later - together))
@@ -231,13 +252,19 @@ class DynamicBatcher:
         layer_ids = np.array(layers + [layers[0]] * (cfg.layer_slots - len(layers)), "int32")
         return token_ids, padding_mask, layer_ids, slot_ids, slot_of
 
+    def _timed_run_batch(self, *args):
+        """`run_batch` and the seconds it took, on the executor's thread: not
+        the time a batch queued there behind other work (fine-tune steps)."""
+        started = time.monotonic()
+        return self._run_batch(*args), time.monotonic() - started
+
     async def _run(self, batch: list[_Row]) -> None:
         self.stats.running = len(batch)
-        started = time.monotonic()
         try:
             token_ids, padding_mask, layer_ids, slot_ids, slot_of = self._pack(batch)
-            hidden = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._run_batch, token_ids, padding_mask, layer_ids, slot_ids)
+            hidden, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._timed_run_batch, token_ids, padding_mask, layer_ids,
+                slot_ids)
             results = [{layer: hidden[slot_of[layer], i, : len(row.token_ids)]
                         for layer in row.layers} for i, row in enumerate(batch)]
         except Exception as error:  # This batch failed: its rows learn why, the loop goes on.
@@ -247,7 +274,8 @@ class DynamicBatcher:
             return
         finally:
             self.stats.running = 0
-            self._last_batch_seconds = time.monotonic() - started
+        self._last_batch_seconds = seconds
+        self.timings.record((*token_ids.shape, bool(slot_ids.any())), seconds)
         self.stats.batches_run += 1
         self.stats.sequences_run += len(batch)
         self.stats.max_sequences_in_a_batch = max(self.stats.max_sequences_in_a_batch,
@@ -255,9 +283,6 @@ class DynamicBatcher:
         self.stats.max_adapters_in_a_batch = max(self.stats.max_adapters_in_a_batch,
                                                  len({row.slot for row in batch}))
         self.stats.batch_shapes.add(token_ids.shape)
-        if token_ids.shape in self._shapes_seen:
-            self._seconds_by_shape[token_ids.shape] = self._last_batch_seconds
-        self._shapes_seen.add(token_ids.shape)
         self.stats.batch_size_counts[len(batch)] += 1
         for row, result in zip(batch, results):
             if not row.future.done():

@@ -27,9 +27,9 @@ class BatchingConfig:
         max_wait_ms: how long a batch smaller than the previous one waits
             for more rows, at least (a fifth of the previous batch's run
             time if that is longer, up to 200 ms); a batch at least as large
-            runs at once, and so does a smaller one where the measured batch
-            times say two batches cost the device no more than one plus the
-            wait (a CPU, whose cost grows with the rows).
+            runs at once, and a smaller one waits no longer than running
+            the stragglers separately would cost the device by the measured
+            batch times (little on a CPU, whose cost grows with the rows).
         layer_slots: how many distinct layers one batch can return.
         coalesce_ms: while a worker is busy with earlier requests, a new one
             waits up to this long in the coordinator so that the requests

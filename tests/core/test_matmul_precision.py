@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fixture_support import TINY_CONFIG
-from gemma_core import GemmaBackbone, LoraSlotTable
+from gemma_core import FineTuneConfig, GemmaBackbone, LoraSlotTable, LoraTrainer
 
 
 def dot_precisions(jitted, *args):
@@ -23,7 +23,8 @@ def dot_precisions(jitted, *args):
 
 
 def programs(backbone):
-    """The forward, the served forward with per-row adapters, and the logits."""
+    """The forward, the served forward with per-row adapters, the logits and
+    a fine-tuning step."""
     values = [v.value for v in backbone.variables]
     ids = np.zeros((2, 8), "int32")
     mask = np.ones((2, 8), "int32")
@@ -39,11 +40,15 @@ def programs(backbone):
             return backbone.logits(hidden)
 
     hidden = np.zeros((2, 8, backbone.hidden_dim), backbone.compute_dtype)
+    trainer = LoraTrainer(backbone, FineTuneConfig(rank=2, steps=1))
     yield "forward", jax.jit(backbone.stateless_hidden_states), (
         values, {"token_ids": ids, "padding_mask": mask})
     yield "served with adapters", jax.jit(served), (
         values, table.zeros(), np.array([1, 0], "int32"))
     yield "logits", jax.jit(logits), (values, hidden)
+    # A fine-tuning step: the forward, the loss through the logits, the gradients.
+    yield "fine-tune step", trainer._jitted, (trainer._params, trainer._optimizer_values,
+                                              values, ids, mask)
 
 
 def test_float32_model_runs_every_dot_in_float32():

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from worker.batch_timings import BatchTimings
 from worker.dynamic_batcher import DynamicBatcher
 from worker.errors import DeadlineExpired
 from worker.worker_config import BatchingConfig
@@ -158,15 +159,18 @@ class CostModel(EncodingModel):
     def __init__(self, cost):
         super().__init__()
         self.cost, self.real_rows = cost, []
+        self.during = None  # called as each batch starts (on the executor's thread)
 
     def __call__(self, token_ids, padding_mask, layer_ids, slot_ids):
+        if self.during is not None:
+            self.during()
         time.sleep(self.cost(len(token_ids)))
         self.real_rows.append(int(padding_mask.any(axis=1).sum()))
         return super().__call__(token_ids, padding_mask, layer_ids, slot_ids)
 
 
-LINEAR = 0.05   # a CPU: each padded row costs the same
-FLAT = 0.2      # a GPU at small batches: a batch costs the same whatever its rows
+LINEAR = 0.15   # a CPU: each padded row costs the same
+FLAT = 0.5      # a GPU at small batches: a batch costs the same whatever its rows
 
 
 async def time_every_bucket(batcher, model):
@@ -181,11 +185,14 @@ async def time_every_bucket(batcher, model):
                                             (lambda bucket: FLAT, [3])],
                          ids=["linear cost: trimmed to a full bucket", "flat cost: padded"])
 def test_a_batch_is_trimmed_to_a_full_bucket_only_where_that_is_cheaper(cost, expected):
+    """3 rows: a bucket of 4, or a full bucket of 2 (cheaper per row where
+    cost grows with the rows) and then 1 row; the request's rows come back
+    whole either way."""
     model = CostModel(cost)
 
     async def go(batcher):
         await time_every_bucket(batcher, model)
-        result = await batcher.submit([[1], [2], [3]], (0,), None)  # 3 rows: bucket 4
+        result = await batcher.submit([[1], [2], [3]], (0,), None)
         check(result, [[1], [2], [3]], (0,))
 
     run(go, model)
@@ -200,19 +207,66 @@ def test_a_batch_is_trimmed_to_a_full_bucket_only_where_that_is_cheaper(cost, ex
          "linear cost, 3 + 1: 3 rows pad to 4 anyway, waits a little",
          "flat cost, 2 + 2: a second batch costs a whole one, waits"])
 def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, first, expected):
-    """After a batch of 4, `first` rows arrive and the rest 10 ms later.
+    """After a batch of 4, `first` rows arrive and the rest 50 ms later.
     Waiting pays up to what a separate batch for the stragglers would cost
-    the device (capped at a fifth of the last batch: 80 ms and 40 ms here)."""
+    the device (capped at a fifth of the last batch: 120 and 100 ms here)."""
     model = CostModel(cost)
     rows = [[1], [2], [3], [4]]
 
     async def go(batcher):
         await time_every_bucket(batcher, model)
         early = asyncio.ensure_future(batcher.submit(rows[:first], (0,), None))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
         late = await batcher.submit(rows[first:], (0,), None)
         check(await early, rows[:first], (0,))
         check(late, rows[first:], (0,))
 
     run(go, model)
     assert model.real_rows == expected
+
+
+def test_rows_trimmed_off_do_not_jump_ahead_of_older_skipped_rows():
+    """A row that cannot share a batch (its layers would exceed the slots)
+    is skipped while older rows run. Here every batch finds 3 rows for layer
+    0, runs 2 (a full bucket) and hands one back: were it put first in line,
+    ahead of the older skipped row, that row would wait as long as the load
+    lasts. Rows handed back keep their place by arrival."""
+    model = CostModel(lambda bucket: 0.01 * bucket)
+
+    async def go(batcher):
+        await time_every_bucket(batcher, model)
+        loop = asyncio.get_running_loop()
+        load = [asyncio.ensure_future(batcher.submit([[5], [6], [7]], (0,), None))]
+        odd = asyncio.ensure_future(batcher.submit([[9]], (1, 2), None))
+        # Two more rows for layer 0 arrive while each batch runs.
+        model.during = lambda: loop.call_soon_threadsafe(lambda: load.append(
+            asyncio.ensure_future(batcher.submit([[5], [6]], (0,), None))))
+        start = batcher.stats.batches_run
+        while not odd.done() and batcher.stats.batches_run < start + 40:
+            await asyncio.sleep(0.005)
+        model.during = None
+        waited = batcher.stats.batches_run - start
+        check(await odd, [[9]], (1, 2))
+        for request in load:
+            await request
+        return waited
+
+    waited, _ = run(go, model)
+    assert waited <= 3
+
+def test_batch_timings_skip_compilation_take_a_median_and_say_how_old_they_are():
+    now = [0.0]
+    timings = BatchTimings(keep=3, clock=lambda: now[0])
+    shape = (8, 128, False)
+    timings.record(shape, 9.0)                 # the compiling run: left out
+    assert timings.seconds(shape) is None
+    for seconds in (0.02, 0.5, 0.03):          # one slow outlier
+        timings.record(shape, seconds)
+    assert timings.seconds(shape) == 0.03
+    timings.record(shape, 0.04)                # keeps the last 3: 0.5, 0.03, 0.04
+    assert timings.seconds(shape) == 0.04
+    now[0] = 11.0                              # not run for a while
+    assert timings.seconds(shape, max_age_s=10.0) is None
+    assert timings.seconds(shape) == 0.04
+    timings.record(shape, 0.05)
+    assert timings.seconds(shape, max_age_s=10.0) == 0.04
