@@ -36,10 +36,12 @@ def tiny_inputs():
 
 
 def pytest_collection_modifyitems(config, items):
-    """JAX_PLATFORMS=cuda (or gpu) runs the tests marked gpu, and only those (the rest
-    expect 8 fake CPU devices); any other run leaves the gpu tests out."""
+    """JAX_PLATFORMS=cuda (or gpu) runs the tests marked gpu, and only those
+    (the rest expect 8 fake CPU devices); any other run leaves them out."""
     on_gpu = any(name in os.environ["JAX_PLATFORMS"] for name in ("cuda", "gpu"))
-    keep = [item for item in items if (item.get_closest_marker("gpu") is not None) == on_gpu]
-    if len(keep) < len(items):
-        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("gpu") is not None) == on_gpu else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -155,9 +155,9 @@ class DynamicBatcher:
         in their order of arrival (ahead of later rows). Per row, because
         under load the rest join the next batch, which runs anyway; a lone
         burst may pay for one small extra batch. Where cost hardly grows (a
-        GPU), padding is nearly free and the batch runs whole. The measured times decide; a padded
-        shape not timed for a while runs whole, so one that looked dear
-        once is measured again rather than avoided for good."""
+        GPU), padding is nearly free and the batch runs whole. The measured
+        times decide; a padded shape not timed for a while runs whole, so
+        one that looked dear once is measured again, not avoided for good."""
         cfg, rows = self._config, len(batch)
         smaller = [b for b in cfg.batch_buckets if b < rows]
         if not smaller or cfg.batch_bucket(rows) == rows:

@@ -57,12 +57,12 @@ MAX_CHANNEL_RESULT_BYTES = 4 << 20
 # A channel that breaks this often within CHANNEL_BREAK_WINDOW_S while its
 # worker lives (a middlebox cutting connections, say) is given up on.
 MAX_CHANNEL_BREAKS = 3
+CHANNEL_BREAK_WINDOW_S = 60.0
 # A worker left without a channel (it could not connect, or it broke too
 # often) tries again after this long, twice as long after each failure, up
 # to CHANNEL_RETRY_MAX_S; a restart starts it over.
 CHANNEL_RETRY_S = 30.0
 CHANNEL_RETRY_MAX_S = 600.0
-CHANNEL_BREAK_WINDOW_S = 60.0
 PLACEMENT_TIMEOUT_S = 120
 # A restarted worker reloads its model; give up on it after this long.
 RESTART_TIMEOUT_S = 600
