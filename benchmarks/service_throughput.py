@@ -188,8 +188,10 @@ class CoreSplit:
     """With --worker-cores K: the worker's process on the last K cores and
     everything else (this coordinator, the clients, Ray's processes) on the
     rest, as in a deployment where clients and the coordinator do not run on
-    the worker's cores. The in-process baseline is timed on the worker's
-    cores, so both sides of the ratio get the same compute."""
+    the worker's cores. The worker is started with `cpus=K` (XLA runs K
+    compute threads) and the in-process baseline is timed on the worker's
+    cores with K threads too, so both sides of the ratio get the same
+    compute."""
 
     def __init__(self, worker_cores):
         cores = sorted(os.sched_getaffinity(0))
@@ -245,7 +247,7 @@ def bench_model(label, preset, args, batching, seed, transport):
     from worker.worker_config import WorkerSpec
 
     spec = WorkerSpec(preset=preset, mesh_shape=(1, 1), batching=batching,
-                      use_gpus=args.gpus)
+                      use_gpus=args.gpus, cpus=args.worker_cores or None)
     _, model_config = read_preset_config(preset)
     vocab, num_layers = model_config["vocabulary_size"], model_config["num_layers"]
     layer_ids = np.full((batching.layer_slots,), num_layers, "int32")  # layers [-1]
@@ -379,7 +381,8 @@ def main():
     parser.add_argument("--seq", type=int, default=128, help="tokens per request")
     parser.add_argument("--worker-cores", type=int, default=0,
                         help="pin the worker (and the in-process baseline) to this many "
-                             "cores and everything else to the others; 0: all share all")
+                             "cores, XLA threads to match, and everything else to the "
+                             "others; 0: all share all")
     parser.add_argument("--gpus", action="store_true",
                         help="the worker on a GPU from Ray (run with JAX_PLATFORMS=cuda so "
                              "the in-process baseline is on the GPU too)")
@@ -408,6 +411,11 @@ def main():
             raise SystemExit(f"unknown transport {transport!r}; use direct and/or ray")
 
     args.core_split = CoreSplit(args.worker_cores) if args.worker_cores else None
+    if args.core_split:
+        # The worker runs XLA with a thread per core it is given
+        # (WorkerSpec.cpus); so does the in-process baseline, before JAX starts.
+        from worker.worker_pool import XLA_CPU_THREADS_ENV
+        os.environ[XLA_CPU_THREADS_ENV] = str(args.worker_cores)
 
     global LOAD_PROCESS, LOAD_PID
     LOAD_PROCESS = concurrent.futures.ProcessPoolExecutor(

@@ -38,6 +38,10 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="per-worker mesh as DATAxMODEL, e.g. 1x2 (devices = product)")
     p.add_argument("--gpus", action="store_true",
                    help="give each worker GPUs from Ray instead of fake CPU devices")
+    p.add_argument("--cpus-per-worker", type=int, default=None,
+                   help="CPU cores each worker reserves from Ray and runs XLA's compute "
+                        "threads on (default: reserves 1, XLA uses every core it sees; set "
+                        "it when several CPU workers share a node)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "mixed_bfloat16"],
                    help="override the preset's dtype policy")
     p.add_argument("--length-buckets", type=_ints, default=BatchingConfig.length_buckets)
@@ -108,7 +112,7 @@ def parse_args(argv=None) -> ServiceConfig:
         layer_slots=args.max_layers_per_request)
     spec = WorkerSpec(preset=args.preset, mesh_shape=tuple(args.mesh), dtype=args.dtype,
                       use_gpus=args.gpus, batching=batching, max_adapters=args.max_adapters,
-                      max_adapter_rank=args.max_adapter_rank)
+                      max_adapter_rank=args.max_adapter_rank, cpus=args.cpus_per_worker)
     return ServiceConfig(worker=spec, num_workers=args.workers, host=args.host,
                          port=args.port, ray_address=args.ray_address,
                          ray_num_cpus=args.ray_num_cpus,

@@ -27,14 +27,23 @@ from worker.worker_config import TRANSPORTS, WorkerSpec
 log = logging.getLogger("gemma_serve.worker_pool")
 
 
+# Read by XLA's CPU runtime when it starts: how many compute threads it runs
+# (its default is one per core the process may use).
+XLA_CPU_THREADS_ENV = "PJRT_NPROC"
+
+
 def worker_resources(spec: WorkerSpec) -> dict:
-    """What one worker reserves: a CPU, and its GPUs when it uses them."""
-    return {"CPU": 1, "GPU": spec.num_devices} if spec.use_gpus else {"CPU": 1}
+    """What one worker reserves: its CPUs (one unless the spec says), and
+    its GPUs when it uses them."""
+    cpus = {"CPU": spec.cpus or 1}
+    return {**cpus, "GPU": spec.num_devices} if spec.use_gpus else cpus
 
 
 def actor_options(spec: WorkerSpec) -> dict:
     """Ray options giving an actor its devices before JAX starts in it."""
     env = {"KERAS_BACKEND": "jax"}
+    if spec.cpus is not None:
+        env[XLA_CPU_THREADS_ENV] = str(spec.cpus)
     for name in (LOG_FORMAT_ENV, LOG_LEVEL_ENV):  # workers log as the coordinator does
         if os.environ.get(name):
             env[name] = os.environ[name]
@@ -43,12 +52,12 @@ def actor_options(spec: WorkerSpec) -> dict:
         # JAX_PLATFORMS=cpu would otherwise put its GPU workers on the CPU,
         # and a worker that finds no GPU should fail, not run slowly.
         env["JAX_PLATFORMS"] = "cuda"
-        return {"num_gpus": spec.num_devices, "num_cpus": 1,
+        return {"num_gpus": spec.num_devices, "num_cpus": spec.cpus or 1,
                 "runtime_env": {"env_vars": env}}
     # A dedicated process with N fake host devices: sharding is real on CPU.
     env.update(JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={spec.num_devices}")
-    return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
+    return {"num_cpus": spec.cpus or 1, "runtime_env": {"env_vars": env}}
 
 
 # Results bigger than this go over Ray calls (the object store) rather than

@@ -256,6 +256,18 @@ def test_coordinators_listen_on_all_interfaces_at_the_grpc_port():
         assert arg_value(args, "--port") == str(GRPC_PORT), where
 
 
+def test_compose_cpu_workers_split_the_worker_nodes_cpus():
+    """Several CPU workers on one node each get their own cores: what they
+    reserve fits the node, and their XLA threads (one per reserved core) do
+    not outnumber its cores."""
+    from coordinator.serve_cli import parse_args
+    services = compose()["services"]
+    config = parse_args(services["coordinator"]["command"][1:])
+    node_cpus = int(arg_value(services["ray-worker"]["command"], "--num-cpus"))
+    assert config.num_workers > 1 and config.worker.cpus is not None
+    assert config.num_workers * config.worker.cpus <= node_cpus
+
+
 def test_compose_publishes_the_grpc_port():
     ports = compose()["services"]["coordinator"]["ports"]
     assert f"{GRPC_PORT}:{GRPC_PORT}" in ports

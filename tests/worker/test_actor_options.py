@@ -1,10 +1,14 @@
 """What a worker actor is given before JAX starts in it: its devices and
 the platform JAX must use, whatever the coordinator's own environment says."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from worker.worker_config import WorkerSpec
-from worker.worker_pool import actor_options, worker_resources
+from worker.worker_pool import XLA_CPU_THREADS_ENV, actor_options, worker_resources
 
 
 def env_of(options):
@@ -39,3 +43,45 @@ def test_workers_log_as_the_coordinator_does(monkeypatch, use_gpus):
     env = env_of(actor_options(WorkerSpec("default", use_gpus=use_gpus)))
     assert env[LOG_LEVEL_ENV] == "WARNING"
     assert env["KERAS_BACKEND"] == "jax"
+
+
+def test_cpus_per_worker_are_reserved_and_size_xlas_thread_pool():
+    from coordinator.serve_cli import parse_args
+    spec = parse_args(["--workers", "2", "--mesh", "1x2", "--cpus-per-worker", "3"]).worker
+    options = actor_options(spec)
+    assert options["num_cpus"] == 3 and worker_resources(spec) == {"CPU": 3}
+    assert env_of(options)[XLA_CPU_THREADS_ENV] == "3"
+    gpu = WorkerSpec("default", use_gpus=True, cpus=2)
+    assert actor_options(gpu)["num_cpus"] == 2 and worker_resources(gpu) == {"CPU": 2, "GPU": 1}
+
+
+def test_without_cpus_a_worker_reserves_one_and_xla_keeps_its_default():
+    options = actor_options(WorkerSpec("default"))
+    assert options["num_cpus"] == 1
+    assert XLA_CPU_THREADS_ENV not in env_of(options)
+    with pytest.raises(ValueError, match="cpus must be >= 1"):
+        WorkerSpec("default", cpus=0)
+
+
+_COUNT_XLA_THREADS = """
+import os
+import jax, jax.numpy as jnp
+jax.jit(lambda x: x @ x)(jnp.ones((256, 256))).block_until_ready()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(names.count("tf_XLAEigen"))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_the_installed_xla_sizes_its_cpu_threads_by_the_variable_workers_get():
+    # The variable is XLA's, not ours: this fails if a JAX upgrade stops
+    # reading it, which would leave every worker with a thread per core.
+    def xla_threads(n):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", XLA_CPU_THREADS_ENV: str(n),
+               # One device: XLA runs at least a thread per device.
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        run = subprocess.run([sys.executable, "-c", _COUNT_XLA_THREADS], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.split()[-1])
+    assert (xla_threads(1), xla_threads(3)) == (1, 3)
