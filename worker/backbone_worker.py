@@ -96,14 +96,14 @@ class BackboneWorker:
         self._batcher = DynamicBatcher(spec.batching, self.model.run, self._executor)
         self._slots = AdapterSlots(spec.max_adapters, self._write_slot)
         self._fine_tunes = FineTuneRunner(self.model, self._executor)
-        self._by_ticket: dict[int, asyncio.Task] = {}  # forward work of forward_many
+        self._by_ticket: dict[int, asyncio.Task] = {}  # requests of start_forward, running
         # Tickets cancelled before their forward_many arrived; bounded, since
         # most are cancels of requests that had already finished.
         self._cancelled_early: set[int] = set()
         self._cancelled_order: collections.deque[int] = collections.deque(maxlen=4096)
         self.forward_calls = 0      # actor calls and channel frames that brought forward work
         self.forward_requests = 0   # the requests they brought
-        self._forward_server = ForwardServer(self.forward_many, self.cancel_forward)
+        self._forward_server = ForwardServer(self.start_forward, self.cancel_forward)
         log.info("%s loaded %s on %s in %.1fs", worker_id, spec.preset,
                  self.model.devices, time.time() - started)
 
@@ -136,25 +136,42 @@ class BackboneWorker:
             "adapter_id": work.adapter.key if work.adapter is not None else ""})
         return ForwardResult(self.worker_id, tensors)
 
+    def start_forward(self, tickets_and_works: list[tuple[int, ForwardWork]]
+                      ) -> list[asyncio.Task]:
+        """Starts several requests (one call, see CallCoalescer); per request
+        a task whose result is what goes back: its ForwardResult or the
+        error it raised, never raising itself. Cancelling a task, or
+        `cancel_forward` with its ticket, drops that request's rows not yet
+        run (a task cancelled before it started ends cancelled)."""
+        self.forward_calls += 1
+        logged: set = set()
+        tasks = []
+        for ticket, work in tickets_and_works:
+            task = asyncio.ensure_future(self._outcome(work, logged))
+            if ticket in self._cancelled_early:  # its cancel overtook it
+                task.cancel()
+            self._by_ticket[ticket] = task
+            task.add_done_callback(functools.partial(self._forget_ticket, ticket))
+            tasks.append(task)
+        return tasks
+
+    async def _outcome(self, work: ForwardWork, logged: set):
+        try:
+            return await self.forward(work)
+        except (Exception, asyncio.CancelledError) as error:
+            return _sendable(error, logged)
+
+    def _forget_ticket(self, ticket: int, task: asyncio.Task) -> None:
+        if self._by_ticket.get(ticket) is task:
+            del self._by_ticket[ticket]
+
     async def forward_many(self, tickets_and_works: list[tuple[int, ForwardWork]]
                            ) -> list[ForwardResult | BaseException]:
-        """Runs several requests (one actor call, see CallCoalescer); returns,
-        in order, each one's result or the error it raised. `cancel_forward`
-        with a ticket drops that request's rows not yet run."""
-        self.forward_calls += 1
-        tasks = {}
-        for ticket, work in tickets_and_works:
-            tasks[ticket] = asyncio.ensure_future(self.forward(work))
-            if ticket in self._cancelled_early:  # its cancel overtook it
-                tasks[ticket].cancel()
-        self._by_ticket.update(tasks)
-        try:
-            outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
-        finally:
-            for ticket in tasks:
-                self._by_ticket.pop(ticket, None)
-        logged = set()
-        return [_sendable(outcome, logged) for outcome in outcomes]
+        """`start_forward` as one actor call: every request's outcome, in
+        order, once all are done (the forward channel sends each as it
+        finishes instead)."""
+        return list(await asyncio.gather(*self.start_forward(tickets_and_works),
+                                         return_exceptions=True))
 
     async def forward_endpoint(self) -> tuple[str, int, bytes]:
         """(host, port, token) of this worker's forward channel, which it

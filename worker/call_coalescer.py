@@ -9,7 +9,9 @@ free only while the worker is busy anyway: a request for a worker with no
 call in flight goes at once; otherwise it waits up to `hold_s` (or until the
 worker's calls have all come back, or a full batch is waiting) and goes with
 whatever arrived meanwhile. The rows of one call join the worker's batcher
-together, so they also share a batch.
+together, so they usually share a batch; where the batcher splits them, each
+request's answer still comes back with its own batch (the forward channel
+answers requests as they finish).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from worker.errors import own_copy
 from worker.forward_work import ForwardResult, ForwardWork
 
 # (ticket, work) pairs in; per pair a ForwardResult or the exception it raised.
-SendGroup = Callable[[list[tuple[int, ForwardWork]]],
+# A send may also hand over outcomes early, deliver(index, outcome), as the
+# worker finishes them; the list it returns still has them all.
+Deliver = Callable[[int, "ForwardResult | BaseException"], None]
+SendGroup = Callable[[list[tuple[int, ForwardWork]], Deliver],
                      Awaitable[list["ForwardResult | BaseException"]]]
 CancelTickets = Callable[[list[int]], None]
 
@@ -30,14 +35,15 @@ CancelTickets = Callable[[list[int]], None]
 class CallCoalescer:
     """Groups `submit`s to one worker into calls of `send`.
 
-    A call carries at most `max_rows` sequences (the worker's largest batch),
-    so no request waits for a second batch because of the others in its
-    call. Work marked `alone` (an adapter the worker may have to load first)
+    A call carries at most `max_rows` sequences (the worker's largest batch).
+    Work marked `alone` (an adapter the worker may have to load first)
     gets a call of its own, so a slow load holds up no other request.
 
     Args:
-        send: the actor call for a group; it raises when the whole call
-            fails (the worker died), and each request then gets that error.
+        send: the call for a group, given the group and `deliver`, through
+            which it may hand over outcomes before it returns; it raises
+            when the call fails (the worker died), and each request not
+            answered yet gets that error.
         cancel: tells the worker to drop the tickets of cancelled requests.
         max_rows: the most sequences one call carries.
         hold_s: how long a request may wait for company while the worker is
@@ -116,19 +122,26 @@ class CallCoalescer:
             self._schedule_flush()
 
     async def _call(self, group) -> None:
+        def deliver(index: int, outcome) -> None:
+            _settle(group[index][2], outcome)
+
         try:
-            outcomes = await self._send([(ticket, work) for ticket, work, _ in group])
-        except BaseException as error:  # the whole call failed: every request learns why
+            outcomes = await self._send([(ticket, work) for ticket, work, _ in group], deliver)
+        except BaseException as error:  # the call failed: every request not answered learns why
             outcomes = [error] * len(group)
         for (_, _, future), outcome in zip(group, outcomes):
-            if future.done():  # its caller gave up
-                continue
-            if isinstance(outcome, asyncio.CancelledError):
-                future.cancel()
-            elif isinstance(outcome, BaseException):
-                # One object may have failed several requests (the whole call,
-                # or one batch): each gets its own copy.
-                future.set_exception(own_copy(outcome))
-            else:
-                future.set_result(outcome)
+            _settle(future, outcome)
+
+
+def _settle(future: asyncio.Future, outcome) -> None:
+    if future.done():  # answered already, or its caller gave up
+        return
+    if isinstance(outcome, asyncio.CancelledError):
+        future.cancel()
+    elif isinstance(outcome, BaseException):
+        # One object may have failed several requests (the whole call, or
+        # one batch): each gets its own copy.
+        future.set_exception(own_copy(outcome))
+    else:
+        future.set_result(outcome)
 

@@ -18,6 +18,9 @@ import logging
 import socket
 from typing import Callable
 
+# (index in the call, its outcome), called as each request's answer arrives.
+Deliver = Callable[[int, object], None]
+
 from worker.channel_handshake import prove_to_worker
 from worker.errors import ChannelBroken
 from worker.frames import FrameError, encode_frame, read_frame
@@ -37,8 +40,31 @@ def _keep_alive(sock: socket.socket | None) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+class _Call:
+    """One call's answers as they arrive, in any order, a frame at a time."""
+
+    _MISSING = object()
+
+    def __init__(self, size: int, deliver: Deliver | None):
+        self.outcomes = [self._MISSING] * size
+        self.unanswered = size
+        self.deliver = deliver
+        self.done = asyncio.get_running_loop().create_future()
+
+    def receive(self, answers: list) -> None:
+        for index, outcome in answers:
+            if self.outcomes[index] is not self._MISSING:
+                continue  # a worker answers once; ignore an echo rather than miscount
+            self.outcomes[index] = outcome
+            self.unanswered -= 1
+            if self.deliver is not None:
+                self.deliver(index, outcome)
+        if not self.unanswered and not self.done.done():
+            self.done.set_result(self.outcomes)
+
+
 class ForwardChannel:
-    """Calls `BackboneWorker.forward_many` over a socket. Make with `open`."""
+    """Calls `BackboneWorker.start_forward` over a socket. Make with `open`."""
 
     def __init__(self, name: str, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, on_lost: Callable[[], None]):
@@ -46,7 +72,7 @@ class ForwardChannel:
         self._reader, self._writer = reader, writer
         self._on_lost = on_lost
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future] = {}
+        self._waiting: dict[int, _Call] = {}
         self._broken: str | None = None  # why, once it is
         self._reading = asyncio.get_running_loop().create_task(self._read_forever())
 
@@ -69,18 +95,19 @@ class ForwardChannel:
     def usable(self) -> bool:
         return self._broken is None
 
-    async def call(self, group: list) -> list:
+    async def call(self, group: list, deliver: Deliver | None = None) -> list:
         """One outcome per (ticket, work) pair of `group`, as forward_many
-        returns them; ChannelBroken if the connection is or goes down."""
+        returns them; ChannelBroken if the connection is or goes down before
+        the last arrives. The worker answers requests as they finish:
+        `deliver(index, outcome)`, if given, hears each as it arrives."""
         if self._broken is not None:
             raise ChannelBroken(f"the forward channel to {self.name} is down: {self._broken}")
         call_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[call_id] = future
+        call = self._waiting[call_id] = _Call(len(group), deliver)
         try:
             self._writer.writelines(encode_frame(("call", call_id, group)))
             await self._writer.drain()
-            return await future
+            return await call.done
         except OSError as error:  # reset, unreachable, keepalive timeout
             self._break(f"{type(error).__name__}: {error}")
             raise ChannelBroken(f"the forward channel to {self.name} broke: "
@@ -97,12 +124,12 @@ class ForwardChannel:
     async def _read_forever(self) -> None:
         try:
             while True:
-                kind, call_id, outcomes = await read_frame(self._reader)
+                kind, call_id, answers = await read_frame(self._reader)
                 if kind != "done":
                     raise FrameError(f"unknown message kind {kind!r}")
-                future = self._waiting.get(call_id)
-                if future is not None and not future.done():
-                    future.set_result(outcomes)
+                call = self._waiting.get(call_id)
+                if call is not None:
+                    call.receive(answers)
         except asyncio.CancelledError:
             self._break("closed")
             raise
@@ -116,9 +143,9 @@ class ForwardChannel:
             return
         self._broken = why
         self._writer.close()
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(ChannelBroken(
+        for call in self._waiting.values():
+            if not call.done.done():
+                call.done.set_exception(ChannelBroken(
                     f"the forward channel to {self.name} broke ({why})"))
         if why != "closed":
             log.warning("forward channel to %s lost: %s", self.name, why)

@@ -7,20 +7,26 @@ the same script). So forward work, the one call made per request, travels
 here; everything else (placement, restarts, adapter payloads, fine-tuning,
 info, and results too large for one frame) stays on Ray.
 
-The protocol, after the handshake (channel_handshake.py), one frame each way
-per group (frames.py):
+The protocol, after the handshake (channel_handshake.py), in frames
+(frames.py):
 
     coordinator -> worker   ("call", call_id, [(ticket, ForwardWork), ...])
                             ("cancel", [ticket, ...])
-    worker -> coordinator   ("done", call_id, [ForwardResult | exception, ...])
+    worker -> coordinator   ("done", call_id, [(index, ForwardResult | exception), ...])
 
-Every call gets its "done", whatever fails on the way; when a connection
-closes, its calls still running are cancelled.
+A call's requests are answered as they finish, those finishing together (one
+batch) in one "done" frame, `index` their place in the call: a call whose
+rows the batcher split over two batches does not hold the first batch's
+answers back for a whole second batch (which kept 16 closed-loop clients
+out of step: half the calls split, batches of 1 to 4 rows among the 8s).
+Every request of every call gets its answer, whatever fails on the way; when
+a connection closes, its requests still running are cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Awaitable, Callable
 
@@ -29,21 +35,23 @@ from worker.frames import FrameError, encode_frame, read_frame
 
 log = logging.getLogger("gemma_serve.worker")
 
-RunGroup = Callable[[list], Awaitable[list]]   # BackboneWorker.forward_many
+StartGroup = Callable[[list], list[asyncio.Future]]   # BackboneWorker.start_forward
 CancelTickets = Callable[[list], Awaitable[None]]
 
 
 class ForwardServer:
-    """Serves `run_group` and `cancel` to connections that pass the handshake.
+    """Serves `start_group` and `cancel` to connections that pass the
+    handshake.
 
     Args:
-        run_group: runs a group of (ticket, work) pairs; returns one outcome
-            (result or exception) per pair, picklable.
+        start_group: starts a group of (ticket, work) pairs; returns a future
+            per pair whose result is its outcome (result or exception),
+            picklable; cancelling a future stops its work.
         cancel: drops the named tickets' rows not yet run.
     """
 
-    def __init__(self, run_group: RunGroup, cancel: CancelTickets):
-        self._run_group = run_group
+    def __init__(self, start_group: StartGroup, cancel: CancelTickets):
+        self._start_group = start_group
         self._cancel = cancel
         self.token = new_token()
         self._server: asyncio.base_events.Server | None = None
@@ -94,16 +102,43 @@ class ForwardServer:
 
     async def _answer(self, call_id: int, group: list, writer: asyncio.StreamWriter) -> None:
         try:
-            outcomes = await self._run_group(group)
-            parts = encode_frame(("done", call_id, outcomes))
-        except asyncio.CancelledError:
-            raise
+            futures = self._start_group(group)
         except Exception as error:  # noqa: BLE001 - the caller must hear back either way
-            log.error("forward call %d failed before its answer was sent", call_id,
+            await self._send(writer, call_id, [(i, error) for i in range(len(group))])
+            return
+        finished: list[tuple[int, object]] = []
+        some_finished = asyncio.Event()
+
+        def on_done(index: int, future: asyncio.Future) -> None:
+            finished.append((index, _outcome(future)))
+            some_finished.set()
+
+        for index, future in enumerate(futures):
+            future.add_done_callback(functools.partial(on_done, index))
+        unanswered = len(futures)
+        try:
+            while unanswered:
+                # Whatever finished in the same turns of the loop (a batch's
+                # requests) goes in one frame.
+                await some_finished.wait()
+                some_finished.clear()
+                ready, finished[:] = finished[:], []
+                unanswered -= len(ready)
+                await self._send(writer, call_id, ready)
+        except asyncio.CancelledError:
+            for future in futures:  # nobody is left to read them
+                future.cancel()
+            raise
+
+    async def _send(self, writer: asyncio.StreamWriter, call_id: int, outcomes: list) -> None:
+        try:
+            parts = encode_frame(("done", call_id, outcomes))
+        except Exception as error:  # noqa: BLE001 - e.g. a result that does not pickle
+            log.error("forward call %d: answers that could not be sent", call_id,
                       exc_info=error)
             failure = RuntimeError(f"the worker could not answer: {type(error).__name__}: "
                                    f"{error}")
-            parts = encode_frame(("done", call_id, [failure] * len(group)))
+            parts = encode_frame(("done", call_id, [(i, failure) for i, _ in outcomes]))
         try:
             # One writelines per frame: frames never interleave on the socket.
             writer.writelines(parts)
@@ -120,3 +155,10 @@ class ForwardServer:
             writer.close()
         if self._server is not None:
             await self._server.wait_closed()
+
+
+def _outcome(future: asyncio.Future):
+    """What a finished future sends back: its result, or what stopped it."""
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception() or future.result()

@@ -147,7 +147,7 @@ class WorkerPool:
         self.on_serving_change: Callable[[bool], None] | None = None
 
     def _coalescer(self, worker_id: str) -> CallCoalescer:
-        async def send(group):
+        async def send(group, deliver):
             # Requests held while the worker's last call failed would wait out
             # its restart; instead each fails over to another worker.
             if worker_id in self._down or worker_id in self._dead:
@@ -156,7 +156,7 @@ class WorkerPool:
             if channel is not None and channel.usable and self._fits_a_frame(group):
                 light = self._without_payloads(worker_id, group)
                 if light is not None:
-                    return await channel.call(light)
+                    return await channel.call(light, deliver)
             return await self._call(worker_id,
                                     self._actors[worker_id].forward_many.remote(group))
 

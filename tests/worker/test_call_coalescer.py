@@ -24,7 +24,7 @@ class Worker:
     def __init__(self):
         self.calls, self.cancelled, self.release = [], [], []
 
-    async def send(self, group):
+    async def send(self, group, deliver):
         self.calls.append([w.request_id for _, w in group])
         self.tickets = getattr(self, "tickets", []) + [[t for t, _ in group]]
         released = asyncio.Event()
@@ -182,10 +182,28 @@ def test_errors_reach_their_own_request_and_a_failed_call_reaches_all():
         with pytest.raises(DeadlineExpired):
             await fail
 
-        async def dead(group):
+        async def dead(group, deliver):
             raise WorkerUnavailable("worker-0 died")
         sender = CallCoalescer(dead, worker.cancel, max_rows=8)
         both = [asyncio.ensure_future(sender.submit(work(n))) for n in ("x", "y")]
         for outcome in await asyncio.gather(*both, return_exceptions=True):
             assert isinstance(outcome, WorkerUnavailable)
+    asyncio.run(main())
+
+
+def test_an_answer_handed_over_early_returns_at_once_and_survives_a_later_failure():
+    async def main():
+        dies = asyncio.Event()
+
+        async def send(group, deliver):
+            deliver(1, ForwardResult("w", [[np.array("second")]]))
+            await dies.wait()
+            raise WorkerUnavailable("worker-0 died")
+        sender = CallCoalescer(send, lambda tickets: None, max_rows=8)
+        first, second = (asyncio.ensure_future(sender.submit(work(n))) for n in ("a", "b"))
+        assert (await asyncio.wait_for(second, 5)).tensors[0][0] == "second"
+        assert not first.done()
+        dies.set()
+        with pytest.raises(WorkerUnavailable):
+            await first
     asyncio.run(main())

@@ -1,7 +1,7 @@
 """The forward channel's two ends on a real loopback socket.
 
 The worker's side runs plain async functions in place of
-BackboneWorker.forward_many / cancel_forward (the real ones are covered
+BackboneWorker.start_forward / cancel_forward (the real ones are covered
 through the service in tests/serving)."""
 
 import asyncio
@@ -24,34 +24,40 @@ def work(name, length=3):
 
 
 class Handler:
-    """Answers a group once the test releases it (or at once); a request
-    named "fail" gets DeadlineExpired; records groups and cancels."""
+    """Answers each request once the test releases it (or at once; a request
+    named "later" waits for `release_later`); a request named "fail" gets
+    DeadlineExpired; records groups and cancels; counts requests running."""
 
     def __init__(self, hold=False):
         self.groups, self.cancelled, self.hold = [], [], hold
-        self.release = asyncio.Event()
+        self.release, self.release_later = asyncio.Event(), asyncio.Event()
         self.running = 0
 
-    async def run_group(self, group):
+    def start_group(self, group):
         self.groups.append(group)
-        if any(w.request_id == "unsendable" for _, w in group):
-            return [ForwardResult("w", [[lambda: None]])]  # pickle refuses a lambda
+        return [asyncio.ensure_future(self._one(ticket, w)) for ticket, w in group]
+
+    async def _one(self, ticket, w):
+        if w.request_id == "unsendable":
+            return ForwardResult("w", [[lambda: None]])  # pickle refuses a lambda
         self.running += 1
         try:
             if self.hold:
                 await self.release.wait()
+            if w.request_id == "later":
+                await self.release_later.wait()
         finally:
             self.running -= 1
-        return [DeadlineExpired(w.request_id) if w.request_id == "fail" else
-                ForwardResult("w", [[np.full((len(w.sequences[0]), 4), t, "float32")]])
-                for t, w in group]
+        if w.request_id == "fail":
+            return DeadlineExpired(w.request_id)
+        return ForwardResult("w", [[np.full((len(w.sequences[0]), 4), ticket, "float32")]])
 
     async def cancel(self, tickets):
         self.cancelled += tickets
 
 
 async def serve(handler):
-    server = ForwardServer(handler.run_group, handler.cancel)
+    server = ForwardServer(handler.start_group, handler.cancel)
     host, port = await server.start("127.0.0.1")
     return server, host, port
 
@@ -133,6 +139,44 @@ def test_calls_share_one_connection_and_get_their_own_outcomes():
         await until(lambda: handler.cancelled == [3, 4])
         channel.close()
         await server.close()
+    asyncio.run(main())
+
+
+def test_each_request_is_answered_when_it_finishes_not_with_its_call():
+    # A call whose rows the batcher split over two batches: the first
+    # batch's answers must not wait for the second.
+    async def main():
+        handler = Handler()
+        server, channel, _ = await connected(handler)
+        heard = []
+        call = asyncio.ensure_future(channel.call(
+            [(1, work("now")), (2, work("later")), (3, work("now too"))],
+            deliver=lambda index, outcome: heard.append(index)))
+        await until(lambda: sorted(heard) == [0, 2])
+        assert not call.done() and handler.running == 1
+        handler.release_later.set()
+        outcomes = await call
+        assert heard[-1] == 1 and sorted(heard) == [0, 1, 2]
+        assert [int(o.tensors[0][0][0, 0]) for o in outcomes] == [1, 2, 3]
+        channel.close()
+        await server.close()
+    asyncio.run(main())
+
+
+def test_a_broken_channel_keeps_the_answers_already_given():
+    async def main():
+        handler = Handler()
+        server, channel, _ = await connected(handler)
+        heard = {}
+        call = asyncio.ensure_future(channel.call(
+            [(1, work("now")), (2, work("later"))],
+            deliver=lambda index, outcome: heard.setdefault(index, outcome)))
+        await until(lambda: 0 in heard)
+        await server.close()
+        with pytest.raises(ChannelBroken):
+            await call
+        assert list(heard) == [0] and (heard[0].tensors[0][0] == 1).all()
+        await until(lambda: handler.running == 0)  # the unanswered one was stopped
     asyncio.run(main())
 
 
