@@ -414,7 +414,7 @@ def main():
     if args.core_split:
         # The worker runs XLA with a thread per core it is given
         # (WorkerSpec.cpus); so does the in-process baseline, before JAX starts.
-        from worker.worker_pool import XLA_CPU_THREADS_ENV
+        from worker.worker_config import XLA_CPU_THREADS_ENV
         os.environ[XLA_CPU_THREADS_ENV] = str(args.worker_cores)
 
     global LOAD_PROCESS, LOAD_PID
@@ -443,7 +443,8 @@ def main():
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     # Ray first: it forks its processes before JAX starts threads here.
     # address="local": always a private cluster, never one found on the machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
+    # Ray's CPUs are counts for placement: the worker reserves its cores.
+    ray.init(address="local", num_cpus=max(2, args.worker_cores + 1), include_dashboard=False,
              logging_level=logging.WARNING)
     logging.getLogger("gemma_serve.server").setLevel(logging.ERROR)  # "no tokenizer"
     logging.getLogger("gemma_serve.requests").setLevel(

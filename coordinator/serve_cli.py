@@ -39,9 +39,10 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--gpus", action="store_true",
                    help="give each worker GPUs from Ray instead of fake CPU devices")
     p.add_argument("--cpus-per-worker", type=int, default=None,
-                   help="CPU cores each worker reserves from Ray and runs XLA's compute "
-                        "threads on (default: reserves 1, XLA uses every core it sees; set "
-                        "it when several CPU workers share a node)")
+                   help="CPUs each worker reserves from Ray (a count for placement, not "
+                        "pinned cores) and the number of XLA compute threads it runs "
+                        "(default: reserves 1, XLA runs a thread per core it sees; set it "
+                        "when several CPU workers share a node)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "mixed_bfloat16"],
                    help="override the preset's dtype policy")
     p.add_argument("--length-buckets", type=_ints, default=BatchingConfig.length_buckets)

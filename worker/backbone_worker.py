@@ -97,7 +97,8 @@ class BackboneWorker:
         self._slots = AdapterSlots(spec.max_adapters, self._write_slot)
         self._fine_tunes = FineTuneRunner(self.model, self._executor)
         self._by_ticket: dict[int, asyncio.Task] = {}  # requests of start_forward, running
-        # Tickets cancelled before their forward_many arrived; bounded, since
+        # Tickets cancelled before start_forward saw them (their call frame or
+        # actor call came second); bounded, since
         # most are cancels of requests that had already finished.
         self._cancelled_early: set[int] = set()
         self._cancelled_order: collections.deque[int] = collections.deque(maxlen=4096)

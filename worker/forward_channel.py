@@ -18,14 +18,14 @@ import logging
 import socket
 from typing import Callable
 
-# (index in the call, its outcome), called as each request's answer arrives.
-Deliver = Callable[[int, object], None]
-
 from worker.channel_handshake import prove_to_worker
 from worker.errors import ChannelBroken
 from worker.frames import FrameError, encode_frame, read_frame
 
 log = logging.getLogger("gemma_serve.worker_pool")
+
+# (index in the call, its outcome), called as each request's answer arrives.
+Deliver = Callable[[int, object], None]
 
 CONNECT_TIMEOUT_S = 10.0
 KEEPALIVE = {"TCP_KEEPIDLE": 20, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 6}  # seconds, probes
@@ -50,15 +50,23 @@ class _Call:
         self.unanswered = size
         self.deliver = deliver
         self.done = asyncio.get_running_loop().create_future()
+        if not size:
+            self.done.set_result([])  # a worker sends nothing for an empty call
 
     def receive(self, answers: list) -> None:
         for index, outcome in answers:
+            if not 0 <= index < len(self.outcomes):
+                raise FrameError(f"an answer for request {index} of a call of "
+                                 f"{len(self.outcomes)}")
             if self.outcomes[index] is not self._MISSING:
                 continue  # a worker answers once; ignore an echo rather than miscount
             self.outcomes[index] = outcome
             self.unanswered -= 1
             if self.deliver is not None:
-                self.deliver(index, outcome)
+                try:
+                    self.deliver(index, outcome)
+                except Exception:  # noqa: BLE001 - one caller's bug must not break the channel
+                    log.exception("delivering an answer failed")
         if not self.unanswered and not self.done.done():
             self.done.set_result(self.outcomes)
 

@@ -18,7 +18,7 @@ A call's requests are answered as they finish, those finishing together (one
 batch) in one "done" frame, `index` their place in the call: a call whose
 rows the batcher split over two batches does not hold the first batch's
 answers back for a whole second batch (which kept 16 closed-loop clients
-out of step: half the calls split, batches of 1 to 4 rows among the 8s).
+out of step: a third of the calls split, batches of 1 to 4 rows among the 8s).
 Every request of every call gets its answer, whatever fails on the way; when
 a connection closes, its requests still running are cancelled.
 """
@@ -133,12 +133,10 @@ class ForwardServer:
     async def _send(self, writer: asyncio.StreamWriter, call_id: int, outcomes: list) -> None:
         try:
             parts = encode_frame(("done", call_id, outcomes))
-        except Exception as error:  # noqa: BLE001 - e.g. a result that does not pickle
-            log.error("forward call %d: answers that could not be sent", call_id,
-                      exc_info=error)
-            failure = RuntimeError(f"the worker could not answer: {type(error).__name__}: "
-                                   f"{error}")
-            parts = encode_frame(("done", call_id, [(i, failure) for i, _ in outcomes]))
+        except Exception:  # noqa: BLE001 - e.g. a result that does not pickle
+            # Only the answers that do not encode become errors.
+            parts = encode_frame(("done", call_id,
+                                  [(i, _encodable(call_id, outcome)) for i, outcome in outcomes]))
         try:
             # One writelines per frame: frames never interleave on the socket.
             writer.writelines(parts)
@@ -161,4 +159,15 @@ def _outcome(future: asyncio.Future):
     """What a finished future sends back: its result, or what stopped it."""
     if future.cancelled():
         return asyncio.CancelledError()
-    return future.exception() or future.result()
+    error = future.exception()
+    return error if error is not None else future.result()
+
+
+def _encodable(call_id: int, outcome):
+    """`outcome`, or an error saying why it could not be sent."""
+    try:
+        encode_frame(outcome)
+        return outcome
+    except Exception as error:  # noqa: BLE001
+        log.error("forward call %d: an answer that could not be sent", call_id, exc_info=error)
+        return RuntimeError(f"the worker could not answer: {type(error).__name__}: {error}")

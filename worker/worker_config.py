@@ -6,6 +6,10 @@ import dataclasses
 import math
 
 
+# Read by XLA's CPU runtime when it starts: how many compute threads it runs
+# (its default is one per core the process may use; at least one per device).
+XLA_CPU_THREADS_ENV = "PJRT_NPROC"
+
 # How forward work reaches workers: "direct" over a socket each worker opens
 # (Ray calls where that fails), "ray" over actor calls only.
 TRANSPORTS = ("direct", "ray")
@@ -96,8 +100,9 @@ class WorkerSpec:
         max_adapter_rank: the largest LoRA rank a slot holds; smaller ranks
             are zero-padded. Slots cost max_adapters x max_adapter_rank x
             (query + value heads) x hidden_dim floats per block.
-        cpus: CPU cores per worker: Ray reserves them and the worker's XLA
-            CPU runtime runs that many compute threads. XLA's threads spin
+        cpus: CPUs per worker: Ray counts them against the node (a count for
+            placement, not pinned cores) and the worker's XLA CPU runtime
+            runs that many compute threads. XLA's threads spin
             while they wait for each other, so more of them than cores fight
             for the cores (one worker's 8x128 batches ran 24 ms instead of
             20 ms on one core with two threads); XLA keeps at least one per

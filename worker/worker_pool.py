@@ -22,14 +22,9 @@ from worker.fine_tune_runner import FineTuneWork
 from worker.forward_channel import ForwardChannel
 from worker.forward_work import OUTPUT_DTYPES, AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV
-from worker.worker_config import TRANSPORTS, WorkerSpec
+from worker.worker_config import TRANSPORTS, XLA_CPU_THREADS_ENV, WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker_pool")
-
-
-# Read by XLA's CPU runtime when it starts: how many compute threads it runs
-# (its default is one per core the process may use).
-XLA_CPU_THREADS_ENV = "PJRT_NPROC"
 
 
 def worker_resources(spec: WorkerSpec) -> dict:
@@ -308,7 +303,7 @@ class WorkerPool:
             raise WorkerUnavailable(
                 f"the cluster cannot place {len(self._actors)} workers of "
                 f"{worker_resources(self.spec)} each within {PLACEMENT_TIMEOUT_S}s; add "
-                "nodes or lower --workers / --mesh.") from None
+                "nodes or lower --workers / --mesh / --cpus-per-worker.") from None
         try:
             infos = list(await asyncio.gather(*(a.info.remote() for a in self._actors.values())))
         except RayActorError as error:

@@ -266,6 +266,8 @@ def test_compose_cpu_workers_split_the_worker_nodes_cpus():
     node_cpus = int(arg_value(services["ray-worker"]["command"], "--num-cpus"))
     assert config.num_workers > 1 and config.worker.cpus is not None
     assert config.num_workers * config.worker.cpus <= node_cpus
+    # XLA runs at least a thread per device of the mesh, whatever cpus says.
+    assert config.worker.cpus >= config.worker.num_devices
 
 
 def test_compose_publishes_the_grpc_port():

@@ -227,6 +227,9 @@ def test_a_result_that_cannot_be_sent_still_gets_an_answer():
         assert channel.usable  # and the channel goes on
         (ok,) = await channel.call([(2, work("fine"))])
         assert (ok.tensors[0][0] == 2).all()
+        # In one frame with a good answer: only the bad one becomes an error.
+        bad, good = await channel.call([(3, work("unsendable")), (4, work("fine"))])
+        assert isinstance(bad, RuntimeError) and (good.tensors[0][0] == 4).all()
         channel.close()
         await server.close()
     asyncio.run(main())
