@@ -104,7 +104,7 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions",
                 "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen",
                 "compiled_slot_writers", "pid", "forward_calls", "forward_requests",
-                "forward_channel_calls")}
+                "forward_channel_calls", "cpus", "xla_cpu_threads")}
             info.workers.add(
                 worker_id=worker["worker_id"], node_id=worker.get("node_id", ""),
                 mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],

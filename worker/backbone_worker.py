@@ -22,7 +22,7 @@ from worker.forward_server import ForwardServer
 from worker.forward_work import OUTPUT_DTYPES, AdapterRef, ForwardResult, ForwardWork
 from worker.log_format import configure_logging
 from worker.fine_tune_runner import FineTuneRunner, FineTuneWork
-from worker.worker_config import WorkerSpec
+from worker.worker_config import XLA_CPU_THREADS_ENV, WorkerSpec
 
 log = logging.getLogger("gemma_serve.worker")
 
@@ -60,6 +60,17 @@ def _sendable(outcome, logged: set):
         return RuntimeError(f"{type(outcome).__name__}: {outcome}")
 
 
+def _xla_cpu_threads(spec: WorkerSpec) -> int:
+    """How many compute threads XLA's CPU runtime started here: what the
+    pool told it, else one per core this process may use, and at least one
+    per CPU device; 0 for a GPU worker, which runs no CPU backend."""
+    if spec.use_gpus:
+        return 0
+    told = os.environ.get(XLA_CPU_THREADS_ENV)
+    threads = int(told) if told else len(os.sched_getaffinity(0))
+    return max(threads, spec.num_devices)
+
+
 def _undo_ray_niceness() -> None:
     """Ray starts worker processes at niceness 15, so on a shared host the
     device-feeding worker would yield to every client and the coordinator.
@@ -87,6 +98,7 @@ class BackboneWorker:
         self.worker_id = worker_id
         self.spec = spec
         self.model = ShardedBackbone(spec)
+        self._xla_cpu_threads = _xla_cpu_threads(spec)  # as XLA saw the process start
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{worker_id}-device")
         # Slot writes run on their own thread, one at a time, so batches keep
@@ -239,6 +251,8 @@ class BackboneWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "mesh_shape": list(self.spec.mesh_shape),
+            "cpus": self.spec.cpus or 1,
+            "xla_cpu_threads": self._xla_cpu_threads,
             "devices": [str(d) for d in self.model.devices],
             "in_flight_sequences": self._batcher.in_flight(),
             "forward_calls": self.forward_calls,

@@ -1,6 +1,7 @@
 """Hidden states over gRPC equal the in-process backbone's."""
 
 import concurrent.futures
+import os
 import threading
 
 import ml_dtypes
@@ -143,3 +144,18 @@ def test_random_lengths_compile_no_more_than_the_buckets(service, client, local_
     assert buckets == 12
     for worker in info["workers"]:
         assert 1 <= int(worker["compiled_functions"]) <= buckets
+
+
+def test_workers_report_the_xla_threads_they_run(client):
+    # Counted in each worker's process (local Ray: the same host): what
+    # GetModelInfo says is what XLA started, so oversubscription shows.
+    for worker in client.model_info()["workers"]:
+        names = []
+        for thread in os.listdir(f"/proc/{worker['pid']}/task"):
+            try:
+                with open(f"/proc/{worker['pid']}/task/{thread}/comm") as comm:
+                    names.append(comm.read().strip())
+            except OSError:  # the thread ended meanwhile
+                pass
+        assert int(worker["cpus"]) == 1
+        assert int(worker["xla_cpu_threads"]) == names.count("tf_XLAEigen") >= 2  # 1x2 mesh

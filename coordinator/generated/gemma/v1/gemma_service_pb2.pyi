@@ -140,7 +140,7 @@ class ModelInfo(_message.Message):
     def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., base_fingerprint: _Optional[str] = ..., auth_enabled: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled", "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen", "compiled_slot_writers", "pid", "state", "forward_calls", "forward_requests", "forward_transport", "forward_channel_calls")
+    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled", "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen", "compiled_slot_writers", "pid", "state", "forward_calls", "forward_requests", "forward_transport", "forward_channel_calls", "cpus", "xla_cpu_threads")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MESH_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,8 @@ class WorkerInfo(_message.Message):
     FORWARD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_CHANNEL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    XLA_CPU_THREADS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     node_id: str
     mesh_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -193,7 +195,9 @@ class WorkerInfo(_message.Message):
     forward_requests: int
     forward_transport: str
     forward_channel_calls: int
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_calls: _Optional[int] = ..., forward_requests: _Optional[int] = ..., forward_transport: _Optional[str] = ..., forward_channel_calls: _Optional[int] = ...) -> None: ...
+    cpus: int
+    xla_cpu_threads: int
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_calls: _Optional[int] = ..., forward_requests: _Optional[int] = ..., forward_transport: _Optional[str] = ..., forward_channel_calls: _Optional[int] = ..., cpus: _Optional[int] = ..., xla_cpu_threads: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes")
