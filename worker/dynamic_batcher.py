@@ -75,6 +75,7 @@ class DynamicBatcher:
         self._loop_task: asyncio.Task | None = None
         self._last_batch_rows = 1
         self._last_batch_seconds = 0.0
+        self._last_batch_ended = float("-inf")  # loop time
         # (rows bucket, length bucket, any adapter row) -> device seconds:
         # the cost model behind trimming and waiting.
         self.timings = BatchTimings()
@@ -217,7 +218,10 @@ class DynamicBatcher:
             # 2-core host: 16 callers' round trip took longer than it.
             wait_s = max(self._config.max_wait_ms / 1000,
                          min(0.2 * self._last_batch_seconds, _MAX_STRAGGLER_WAIT_S))
-            started = loop.time()
+            # The last batch's callers are expected back within the wait of
+            # its end, not of this row's arrival: after an idle spell, a lone
+            # request runs at once instead of waiting for callers long gone.
+            started = min(loop.time(), self._last_batch_ended)
             while not self._ready_to_run():
                 remaining = started + self._wait_that_can_pay(wait_s) - loop.time()
                 if remaining <= 0:
@@ -234,6 +238,7 @@ class DynamicBatcher:
             if batch:
                 self._last_batch_rows = len(batch)
                 await self._run(batch)
+                self._last_batch_ended = loop.time()
 
     def _pack(self, batch: list[_Row]):
         cfg = self._config

@@ -225,6 +225,24 @@ def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, first, expec
     assert model.real_rows == expected
 
 
+def test_after_an_idle_spell_a_lone_request_does_not_wait_for_the_last_batchs_callers():
+    """As the flat-cost case above, but the rows come 0.3 s after the batch
+    of 4 ended, longer than its callers were waited for (100 ms): nobody is
+    on their way, so the first 2 run at once and the other 2 separately."""
+    model = CostModel(lambda bucket: FLAT)
+
+    async def go(batcher):
+        await time_every_bucket(batcher, model)
+        await asyncio.sleep(0.3)
+        early = asyncio.ensure_future(batcher.submit([[1], [2]], (0,), None))
+        await asyncio.sleep(0.05)
+        await batcher.submit([[3], [4]], (0,), None)
+        await early
+
+    run(go, model)
+    assert model.real_rows == [2, 2]
+
+
 def test_rows_trimmed_off_do_not_jump_ahead_of_older_skipped_rows():
     """A row that cannot share a batch (its layers would exceed the slots)
     is skipped while older rows run. Here every batch finds 3 rows for layer
