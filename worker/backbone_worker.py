@@ -61,13 +61,19 @@ def _sendable(outcome, logged: set):
 
 
 def _xla_cpu_threads(spec: WorkerSpec) -> int:
-    """How many compute threads XLA's CPU runtime started here: what the
-    pool told it, else one per core this process may use, and at least one
-    per CPU device; 0 for a GPU worker, which runs no CPU backend."""
+    """How many compute threads XLA's CPU runtime started here, read as it
+    reads them: the first of PJRT_NPROC and NPROC that is an integer, else
+    one per core this process may use; at least one per CPU device. 0 for a
+    GPU worker, which runs no CPU backend."""
     if spec.use_gpus:
         return 0
-    told = os.environ.get(XLA_CPU_THREADS_ENV)
-    threads = int(told) if told else len(os.sched_getaffinity(0))
+    threads = len(os.sched_getaffinity(0))
+    for name in (XLA_CPU_THREADS_ENV, "NPROC"):
+        try:
+            threads = max(0, int(os.environ.get(name, "")))
+            break
+        except ValueError:
+            continue
     return max(threads, spec.num_devices)
 
 
@@ -251,7 +257,7 @@ class BackboneWorker:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "mesh_shape": list(self.spec.mesh_shape),
-            "cpus": self.spec.cpus or 1,
+            "cpus": self.spec.cpus or 0,
             "xla_cpu_threads": self._xla_cpu_threads,
             "devices": [str(d) for d in self.model.devices],
             "in_flight_sequences": self._batcher.in_flight(),

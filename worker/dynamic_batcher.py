@@ -25,6 +25,9 @@ from worker.worker_config import BatchingConfig
 # A first call of a shape includes its compilation: never wait longer than
 # this for stragglers, whatever the last batch took.
 _MAX_STRAGGLER_WAIT_S = 0.2
+# The last batch's callers come back within a round trip of its end (a few
+# ms); a device idle longer than this since has nobody on the way.
+_CALLERS_RETURN_WITHIN_S = 0.2
 # A padded shape the batcher has avoided (by trimming) this long is run
 # whole again, so its time is measured afresh.
 _RETIME_AFTER_S = 30.0
@@ -218,11 +221,11 @@ class DynamicBatcher:
             # 2-core host: 16 callers' round trip took longer than it.
             wait_s = max(self._config.max_wait_ms / 1000,
                          min(0.2 * self._last_batch_seconds, _MAX_STRAGGLER_WAIT_S))
-            # The last batch's callers are expected back within the wait of
-            # its end, not of this row's arrival: after an idle spell, a lone
-            # request runs at once instead of waiting for callers long gone.
-            started = min(loop.time(), self._last_batch_ended)
-            while not self._ready_to_run():
+            started = loop.time()
+            # After an idle spell a lone request runs at once instead of
+            # waiting for the last batch's callers, who are long gone.
+            callers_may_return = started - self._last_batch_ended <= _CALLERS_RETURN_WITHIN_S
+            while callers_may_return and not self._ready_to_run():
                 remaining = started + self._wait_that_can_pay(wait_s) - loop.time()
                 if remaining <= 0:
                     break

@@ -34,8 +34,8 @@ class BatchingConfig:
             runs at once, and a smaller one waits no longer than running
             the stragglers separately would cost the device by the measured
             batch times (little on a CPU, whose cost grows with the rows).
-            Waits count from the end of the previous batch: after an idle
-            spell longer than the wait, nobody is waited for.
+            After the device was idle 200 ms, nobody is waited for: the
+            previous batch's callers would have come back by then.
         layer_slots: how many distinct layers one batch can return.
         coalesce_ms: while a worker is busy with earlier requests, a new one
             waits up to this long in the coordinator so that the requests

@@ -157,5 +157,5 @@ def test_workers_report_the_xla_threads_they_run(client):
                     names.append(comm.read().strip())
             except OSError:  # the thread ended meanwhile
                 pass
-        assert int(worker["cpus"]) == 1
+        assert int(worker.get("cpus", 0)) == 0  # not set: reserves 1, XLA sizes itself
         assert int(worker["xla_cpu_threads"]) == names.count("tf_XLAEigen") >= 2  # 1x2 mesh

@@ -85,3 +85,19 @@ def test_the_installed_xla_sizes_its_cpu_threads_by_the_variable_workers_get():
         assert run.returncode == 0, run.stderr
         return int(run.stdout.split()[-1])
     assert (xla_threads(1), xla_threads(3)) == (1, 3)
+
+
+def test_a_worker_reads_its_xla_thread_count_as_xla_does(monkeypatch):
+    from worker.backbone_worker import _xla_cpu_threads
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv(XLA_CPU_THREADS_ENV, raising=False)
+    monkeypatch.delenv("NPROC", raising=False)
+    assert _xla_cpu_threads(WorkerSpec("default")) == cores
+    assert _xla_cpu_threads(WorkerSpec("default", mesh_shape=(1, cores + 2))) == cores + 2
+    monkeypatch.setenv("NPROC", "3")
+    assert _xla_cpu_threads(WorkerSpec("default")) == 3
+    monkeypatch.setenv(XLA_CPU_THREADS_ENV, "not a number")  # XLA skips it, so do we
+    assert _xla_cpu_threads(WorkerSpec("default")) == 3
+    monkeypatch.setenv(XLA_CPU_THREADS_ENV, "5")
+    assert _xla_cpu_threads(WorkerSpec("default")) == 5
+    assert _xla_cpu_threads(WorkerSpec("default", use_gpus=True)) == 0

@@ -226,14 +226,14 @@ def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, first, expec
 
 
 def test_after_an_idle_spell_a_lone_request_does_not_wait_for_the_last_batchs_callers():
-    """As the flat-cost case above, but the rows come 0.3 s after the batch
-    of 4 ended, longer than its callers were waited for (100 ms): nobody is
+    """As the flat-cost case above, but the rows come 0.5 s after the batch
+    of 4 ended, longer than its callers take to come back (0.2 s): nobody is
     on their way, so the first 2 run at once and the other 2 separately."""
     model = CostModel(lambda bucket: FLAT)
 
     async def go(batcher):
         await time_every_bucket(batcher, model)
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         early = asyncio.ensure_future(batcher.submit([[1], [2]], (0,), None))
         await asyncio.sleep(0.05)
         await batcher.submit([[3], [4]], (0,), None)
