@@ -104,6 +104,7 @@ class ForwardServer:
         try:
             futures = self._start_group(group)
         except Exception as error:  # noqa: BLE001 - the caller must hear back either way
+            log.error("forward call %d could not start", call_id, exc_info=error)
             await self._send(writer, call_id, [(i, error) for i in range(len(group))])
             return
         finished: list[tuple[int, object]] = []
