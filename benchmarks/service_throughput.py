@@ -56,7 +56,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proc_table import cpu_seconds, descendants, pin_process  # noqa: E402  (benchmarks/, beside this)
+# benchmarks/, beside this file
+from proc_table import cpu_seconds, descendants, pin_process  # noqa: E402
 
 THROUGHPUT_TARGET = 0.9   # service req/s / in-process req/s at 16 clients
 LATENCY_TARGET_MS = 5.0   # added p50 latency of one short request

@@ -21,12 +21,11 @@ import itertools
 from typing import Awaitable, Callable
 
 from worker.errors import own_copy
-from worker.forward_work import ForwardResult, ForwardWork
+from worker.forward_work import Deliver, ForwardResult, ForwardWork
 
 # (ticket, work) pairs in; per pair a ForwardResult or the exception it raised.
-# A send may also hand over outcomes early, deliver(index, outcome), as the
-# worker finishes them; the list it returns still has them all.
-Deliver = Callable[[int, "ForwardResult | BaseException"], None]
+# A send may also hand over outcomes early through `deliver`, as the worker
+# finishes them; the list it returns still has them all.
 SendGroup = Callable[[list[tuple[int, ForwardWork]], Deliver],
                      Awaitable[list["ForwardResult | BaseException"]]]
 CancelTickets = Callable[[list[int]], None]

@@ -20,12 +20,10 @@ from typing import Callable
 
 from worker.channel_handshake import prove_to_worker
 from worker.errors import ChannelBroken
+from worker.forward_work import Deliver
 from worker.frames import FrameError, encode_frame, read_frame
 
 log = logging.getLogger("gemma_serve.worker_pool")
-
-# (index in the call, its outcome), called as each request's answer arrives.
-Deliver = Callable[[int, object], None]
 
 CONNECT_TIMEOUT_S = 10.0
 KEEPALIVE = {"TCP_KEEPIDLE": 20, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 6}  # seconds, probes

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -61,3 +61,8 @@ class ForwardResult:
 
     worker_id: str
     tensors: list[list[np.ndarray]]
+
+
+# How a caller hears one request of a group answered as soon as it is:
+# deliver(index in the group, its ForwardResult or the exception it raised).
+Deliver = Callable[[int, "ForwardResult | BaseException"], None]

@@ -104,11 +104,11 @@ class WorkerSpec:
             (query + value heads) x hidden_dim floats per block.
         cpus: CPUs per worker: Ray counts them against the node (a count for
             placement, not pinned cores) and the worker's XLA CPU runtime
-            runs that many compute threads. XLA's threads spin
-            while they wait for each other, so more of them than cores fight
-            for the cores (on one core under load, a worker's 8x128 batches
-            took 24 ms with two threads, 19.7 ms with one); XLA keeps at least one per
-            device, so a CPU mesh of N fake devices runs N at least. None:
+            runs that many compute threads. XLA's threads spin while they
+            wait for each other, so more of them than cores fight for the
+            cores (on one core under load, a worker's 8x128 batches took
+            24 ms with two threads, 19.7 ms with one); XLA keeps at least
+            one per device, so a CPU mesh of N fake devices runs N at least. None:
             Ray reserves one and XLA starts a thread per core it may run on,
             right for one worker per host, not for several CPU workers
             sharing one.
