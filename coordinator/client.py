@@ -175,6 +175,21 @@ def assemble(responses) -> ForwardResult:
         hidden_states=tensors, adapter_id=header.adapter_id)
 
 
+def forward_request(texts: Sequence[str] | None = None,
+                    token_ids: Sequence[Sequence[int]] | None = None, *,
+                    layers: Sequence[int] = (), pooling: str = "none", dtype: str = "float32",
+                    adapter_id: str = "", add_bos: bool | None = None) -> pb.ForwardRequest:
+    """The ForwardRequest `GemmaClient.forward` sends (pooling and dtype by
+    name: "none" / "last_token" / "mean", "float32" / "bfloat16" / "float16")."""
+    request = pb.ForwardRequest(
+        texts=texts or [], layers=layers, pooling=_POOLING[pooling], dtype=_DTYPE[dtype],
+        adapter_id=adapter_id,
+        sequences=[pb.TokenSequence(ids=list(map(int, ids))) for ids in token_ids or []])
+    if add_bos is not None:
+        request.add_bos = add_bos
+    return request
+
+
 def tls_credentials(ca: str | None = None, cert: str | None = None,
                     key: str | None = None) -> grpc.ChannelCredentials:
     """Channel credentials from PEM files: `ca` to trust the server (None:
@@ -207,12 +222,8 @@ class GemmaClient:
                 layers: Sequence[int] = (), pooling: str = "none", dtype: str = "float32",
                 adapter_id: str = "", add_bos: bool | None = None,
                 timeout: float | None = None) -> ForwardResult:
-        request = pb.ForwardRequest(
-            texts=texts or [], layers=layers, pooling=_POOLING[pooling], dtype=_DTYPE[dtype],
-            adapter_id=adapter_id,
-            sequences=[pb.TokenSequence(ids=list(map(int, ids))) for ids in token_ids or []])
-        if add_bos is not None:
-            request.add_bos = add_bos
+        request = forward_request(texts, token_ids, layers=layers, pooling=pooling,
+                                  dtype=dtype, adapter_id=adapter_id, add_bos=add_bos)
         return assemble(self._stub.Forward(request, timeout=timeout, metadata=self._metadata))
 
     def model_info(self, timeout: float | None = None) -> dict:

@@ -1,6 +1,7 @@
 """A cancelled call and an expired deadline stop their work: their
 sequences are dropped before they reach the device."""
 
+import asyncio
 import threading
 import time
 
@@ -8,7 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service_support import keyed_channel
+from service_support import ACME_KEY, keyed_channel
+from coordinator.async_client import AsyncGemmaClient
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 
 
@@ -50,21 +52,35 @@ def wait_until_idle(client, bound_s=120):
 VICTIM = pb.ForwardRequest(sequences=[pb.TokenSequence(ids=[2, 3, 4])] * 3)
 
 
-@pytest.mark.parametrize("how", ["deadline", "cancel"])
+async def cancelled_async_call(address):
+    """The victim from AsyncGemmaClient, its awaiting task cancelled."""
+    async with AsyncGemmaClient(address, api_key=ACME_KEY) as client:
+        task = asyncio.create_task(client.forward(
+            token_ids=[list(s.ids) for s in VICTIM.sequences], timeout=60))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel", "async task cancelled"])
 def test_abandoned_call_does_no_work(service, stub, client, how):
     wait_until_idle(client)
     run_before, cancelled_before = totals(client)
     busy = keep_workers_busy(service.address)
-    with pytest.raises(grpc.RpcError) as raised:
-        if how == "deadline":
-            list(stub.Forward(VICTIM, timeout=0.3))
-        else:
-            call = stub.Forward(VICTIM, timeout=60)
-            threading.Timer(0.3, call.cancel).start()
-            list(call)
-    expected = (grpc.StatusCode.DEADLINE_EXCEEDED if how == "deadline"
-                else grpc.StatusCode.CANCELLED)
-    assert raised.value.code() == expected
+    if how == "async task cancelled":
+        asyncio.run(cancelled_async_call(service.address))
+    else:
+        with pytest.raises(grpc.RpcError) as raised:
+            if how == "deadline":
+                list(stub.Forward(VICTIM, timeout=0.3))
+            else:
+                call = stub.Forward(VICTIM, timeout=60)
+                threading.Timer(0.3, call.cancel).start()
+                list(call)
+        expected = (grpc.StatusCode.DEADLINE_EXCEEDED if how == "deadline"
+                    else grpc.StatusCode.CANCELLED)
+        assert raised.value.code() == expected
     for thread in busy:
         thread.join(300)
     wait_until_idle(client)
