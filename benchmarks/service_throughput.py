@@ -6,9 +6,10 @@ benchmark config (the one forward_throughput.py times, random weights,
 saved as a preset in a temporary directory), measures:
 
 * for 1, 4 and 16 concurrent clients (coroutines on one event loop in a
-  separate process, one AsyncGemmaClient each, each sending requests back to back, one 128-token sequence per request,
-  layers [-1], mean pooling so the response is small): service requests/s,
-  tokens/s, p50 and p99 latency as the client sees it;
+  separate process, one AsyncGemmaClient each, each sending requests back
+  to back, one 128-token sequence per request, layers [-1], mean pooling so
+  the response is small): service requests/s, tokens/s, p50 and p99
+  latency as the client sees it;
 * in the same run, right before and right after each service measurement
   (while the service is idle, since both share the same cores), the in-process
   `ShardedBackbone.run` -- the exact jitted function the worker calls -- on
@@ -21,7 +22,14 @@ saved as a preset in a temporary directory), measures:
   (the worker, the coordinator, the clients, Ray's own), read from /proc,
   next to the in-process run's CPU time per row, and how many requests each
   actor call carried (the coordinator groups requests that arrive while the
-  worker is busy).
+  worker is busy);
+* at the most clients, the gRPC floor (grpc_floor.py): the same clients
+  against a bare grpc.aio Forward that only waits the service's mean
+  latency and returns the same answer. Its CPU per request, server and
+  clients, is what any Python gRPC service answering this way pays; where
+  it shares the forward's cores, in-proc / (in-proc + floor) is the most of
+  the in-process rate such a service could reach at the baseline's core use
+  (`ceiling`).
 
 With --transports direct,ray the whole set runs once per way forward work
 reaches the worker: the worker's socket (the default) and Ray actor calls,
@@ -57,6 +65,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # benchmarks/, beside this file
+from grpc_floor import FloorServer  # noqa: E402
 from proc_table import cpu_seconds, descendants, pin_process  # noqa: E402
 
 THROUGHPUT_TARGET = 0.9   # service req/s / in-process req/s at 16 clients
@@ -152,14 +161,14 @@ async def _load_async(address, count, requests_each, length, vocabulary_size, se
     return [x for per_client in latencies for x in per_client], wall
 
 
-def close_load_channels():
-    LOAD_PROCESS.submit(_close_channels).result()
+def close_load_channels(address=None):
+    """Closes the clients' channels to `address` (None: to every address)."""
+    LOAD_PROCESS.submit(_close_channels, address).result()
 
 
-def _close_channels():
-    for client in _CHANNELS.values():
-        _LOOP.run_until_complete(client.close())
-    _CHANNELS.clear()
+def _close_channels(address):
+    for key in [key for key in _CHANNELS if address in (None, key[0])]:
+        _LOOP.run_until_complete(_CHANNELS.pop(key).close())
 
 
 # ---- where the CPU goes -----------------------------------------------------------
@@ -322,6 +331,7 @@ def bench_model(label, preset, args, batching, seed, transport):
                 model=label, transport=transport, clients=c, requests=total, rate=service_rate,
                 tokens=service_rate * args.seq, p50=percentile_ms(latencies, 50),
                 p99=percentile_ms(latencies, 99),
+                mean_latency=statistics.fmean(latencies),
                 rows_per_batch=(after[1] - before[1]) / max(1, batches_run),
                 requests_per_call=(after[4] - before[4]) / max(1, after[3] - before[3]),
                 cpu_ms={role: 1e3 * seconds / total for role, seconds in cpu.items()},
@@ -329,6 +339,8 @@ def bench_model(label, preset, args, batching, seed, transport):
                 base_shape=batches[c][0].shape, base_ms=1e3 * base_call,
                 base_rate=c / base_call, ratio=service_rate / (c / base_call)))
             print(f"[{label}] {c:>2} clients: {total} requests in {wall:.1f}s", flush=True)
+
+        floor_pass(rows[-1], server.address, args, vocab, model_config, seed)
 
         # One short request at a time, one client; baseline before and after.
         _, wall = run_load(server.address, 1, 10, args.short, vocab, seed + 50)
@@ -357,6 +369,28 @@ def bench_model(label, preset, args, batching, seed, transport):
             args.core_split.release()
     del model
     return rows, short_row, notes
+
+
+def floor_pass(row, address, args, vocabulary_size, model_config, seed):
+    """The gRPC floor at the row's client count and rate: the same clients
+    against a bare server that only waits the service's mean latency and
+    answers the same bytes. Adds its CPU per request, server and clients, to
+    the row."""
+    floor = FloorServer(model_config["hidden_dim"], model_config["num_layers"])
+    try:
+        floor.delay_s = row["mean_latency"]
+        count, requests_each = row["clients"], row["requests"] // row["clients"]
+        run_load(floor.address, count, 2, args.seq, vocabulary_size, seed + 90)
+        before = process_cpu_seconds()
+        latencies, wall = run_load(floor.address, count, requests_each, args.seq,
+                                   vocabulary_size, seed + 91)
+        cpu = cpu_split(before, process_cpu_seconds(),
+                        {os.getpid(): "server", LOAD_PID: "clients"})
+    finally:
+        close_load_channels(floor.address)
+        floor.stop()
+    row.update(floor_rate=len(latencies) / wall,
+               floor_ms={role: 1e3 * cpu[role] / len(latencies) for role in ("server", "clients")})
 
 
 def make_mid_preset(directory):
@@ -498,6 +532,24 @@ def main():
               f"{cpu['worker']:>8.2f} {cpu['coordinator']:>8.2f} {cpu['clients']:>8.2f} "
               f"{cpu['ray']:>8.2f} {sum(cpu.values()):>8.2f} {r['base_cpu_ms']:>8.2f} "
               f"{sum(cpu.values()) * r['rate'] / 1e3:>6.2f}")
+    print()
+    # The least a Python gRPC service answering like this one pays per call,
+    # measured here at the same rate, next to what the forward costs.
+    print(f"gRPC floor: a bare grpc.aio Forward that waits the service's mean latency and "
+          f"returns the same answer, the same clients (CPU ms per request)")
+    print(f"{'model':<8} {'via':<6} {'clients':>7} {'req/s':>8} {'server':>8} {'clients':>8} "
+          f"{'floor':>8} {'in-proc':>8} {'ceiling':>8}")
+    for r in rows:
+        if "floor_ms" not in r:
+            continue
+        floor = sum(r["floor_ms"].values())
+        # Sharing the forward's cores, the floor alone leaves at most this
+        # share of them to the forward; on cores of its own it takes none.
+        ceiling = ("-" if args.core_split else
+                   f"{r['base_cpu_ms'] / (r['base_cpu_ms'] + floor):.2f}")
+        print(f"{r['model']:<8} {r['transport']:<6} {r['clients']:>7} {r['floor_rate']:>8.1f} "
+              f"{r['floor_ms']['server']:>8.2f} {r['floor_ms']['clients']:>8.2f} {floor:>8.2f} "
+              f"{r['base_cpu_ms']:>8.2f} {ceiling:>8}")
     print()
     for s in shorts:
         shape = "x".join(map(str, s["shape"]))
