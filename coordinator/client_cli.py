@@ -195,8 +195,10 @@ def _parser() -> argparse.ArgumentParser:
     forward.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          default="float32")
     forward.add_argument("--adapter", default="", help="a LoRA adapter id (name or name@N)")
-    forward.add_argument("--save", default=None,
-                         help="write the arrays to this .npz (key seq{i}_layer{l})")
+    forward.add_argument("--save", default=None, metavar="PATH",
+                         help="FILE.npz: every array (keys seq{i}_layer{l}); FILE.npy: the "
+                              "one array a single sequence and layer gives; a directory: "
+                              "one seq{i}_layer{l}.npy per array (bfloat16 saved as float32)")
     commands.add_parser("info", help="the model, workers and limits")
 
     adapters = commands.add_parser("adapters", help="your LoRA adapters").add_subparsers(
@@ -257,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _forward(client: GemmaClient, args) -> int:
+    if args.save:  # before the call: its work would be thrown away
+        _check_npy_count(args.save, (len(args.text) + len(args.ids)) * max(1, len(args.layers)))
     result = client.forward(texts=args.text, token_ids=args.ids, layers=args.layers,
                             pooling=args.pooling, dtype=args.dtype, adapter_id=args.adapter,
                             timeout=args.timeout)
@@ -271,9 +275,32 @@ def _forward(client: GemmaClient, args) -> int:
                   f"std {values.std():.4f}")
             arrays[f"seq{i}_layer{layer}"] = tensor
     if args.save:
-        np.savez(args.save, **{k: v.astype(np.float32) for k, v in arrays.items()})
-        print(f"saved {len(arrays)} arrays to {args.save}")
+        print(save_arrays(args.save, arrays))
     return 0
+
+
+def _check_npy_count(path: str, count: int) -> None:
+    if path.endswith(".npy") and count != 1:
+        raise ValueError(f"an .npy file holds one array and this request returns {count} "
+                         "(sequences x layers); save to a .npz or a directory instead.")
+
+
+def save_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
+    """Writes `arrays` as `path` asks (see --save) and says what it wrote.
+    bfloat16 becomes float32: numpy files cannot name it portably."""
+    arrays = {name: a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+              for name, a in arrays.items()}
+    if path.endswith(".npz"):
+        np.savez(path, **arrays)
+        return f"saved {len(arrays)} arrays to {path}"
+    if path.endswith(".npy"):
+        _check_npy_count(path, len(arrays))
+        np.save(path, next(iter(arrays.values())))
+        return f"saved 1 array to {path}"
+    os.makedirs(path, exist_ok=True)
+    for name, array in arrays.items():
+        np.save(os.path.join(path, f"{name}.npy"), array)
+    return f"saved {len(arrays)} arrays to {path}{os.sep}seq*_layer*.npy"
 
 
 def _adapters(client: GemmaClient, args) -> int:

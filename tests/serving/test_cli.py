@@ -28,6 +28,29 @@ def test_forward_prints_shapes_and_saves_arrays(service, client, tmp_path):
     np.testing.assert_array_equal(saved["seq0_layer4"], expected.hidden_states[0][1])
 
 
+def test_save_as_npy_file_or_directory(service, client, tmp_path):
+    one = tmp_path / "final.npy"
+    run = gemma_client(service, "forward", "--ids", "2,5,7", "--pooling", "mean",
+                       "--dtype", "bfloat16", "--save", str(one))
+    assert run.returncode == 0, run.stderr
+    expected = client.forward(token_ids=[[2, 5, 7]], pooling="mean", dtype="bfloat16")
+    np.testing.assert_array_equal(np.load(one), expected.hidden_states[0][0].astype(np.float32))
+
+    run = gemma_client(service, "forward", "--ids", "2,5,7", "--ids", "9", "--layers", "0,-1",
+                       "--save", str(one))
+    assert run.returncode != 0 and "holds one array" in run.stderr and ".npz" in run.stderr
+
+    directory = tmp_path / "states"
+    run = gemma_client(service, "forward", "--ids", "2,5,7", "--ids", "9", "--layers", "0,-1",
+                       "--save", str(directory))
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "seq0_layer0.npy", "seq0_layer4.npy", "seq1_layer0.npy", "seq1_layer4.npy"]
+    expected = client.forward(token_ids=[[2, 5, 7], [9]], layers=[0, -1])
+    np.testing.assert_array_equal(np.load(directory / "seq1_layer4.npy"),
+                                  expected.hidden_states[1][1])
+
+
 def test_errors_are_reported_with_their_code(service):
     run = gemma_client(service, "forward", "--ids", "1,2,999999")
     assert run.returncode != 0
