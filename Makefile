@@ -50,8 +50,8 @@ protos: setup
 
 bench: setup
 	$(BIN)/python benchmarks/forward_throughput.py
-	$(BIN)/python benchmarks/service_throughput.py
 	$(BIN)/python benchmarks/service_throughput.py --worker-cores 1
+	$(BIN)/python benchmarks/service_throughput.py
 	$(BIN)/python benchmarks/adapter_throughput.py
 
 soak: setup
