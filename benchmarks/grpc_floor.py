@@ -13,10 +13,10 @@ class FloorServer(pb_grpc.GemmaServiceServicer):
     """A bare `grpc.aio` server on its own event-loop thread whose Forward
     waits `delay_s` and then answers as the service does for one mean-pooled
     sequence: a header and one chunk of `hidden_dim` float32 zeros. No
-    validation, no worker, no interceptor. Driven by the same clients at the
-    same rate as the service (the delay is the service's latency), the CPU it
-    and its clients spend per call is the least any Python gRPC service
-    answering in this shape pays."""
+    validation, no worker, no interceptor. Driven by the same clients at
+    about the service's rate (the delay is the service's latency; its own
+    overhead comes on top), the CPU it and its clients spend per call is the
+    least any Python gRPC service answering in this shape pays."""
 
     def __init__(self, hidden_dim: int, layer: int):
         self.delay_s = 0.0
@@ -55,3 +55,4 @@ class FloorServer(pb_grpc.GemmaServiceServicer):
         self._call(self._server.stop(None))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()

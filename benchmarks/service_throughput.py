@@ -142,21 +142,24 @@ async def _load_async(address, count, requests_each, length, vocabulary_size, se
         if (address, i) not in _CHANNELS:
             _CHANNELS[(address, i)] = AsyncGemmaClient(address)
     clients = [_CHANNELS[(address, i)] for i in range(count)]
+    # Made up front, so that all clients start sending together.
+    sequences = [np.random.default_rng([seed, i]).integers(
+        0, vocabulary_size, (requests_each, length)).tolist() for i in range(count)]
     latencies = [[] for _ in clients]
     spans = [None] * count
 
     async def work(index, client):
-        rng = np.random.default_rng([seed, index])
-        sequences = rng.integers(0, vocabulary_size, (requests_each, length)).tolist()
         mine = latencies[index]
         start = time.perf_counter()
-        for ids in sequences:
+        for ids in sequences[index]:
             t0 = time.perf_counter()
             await client.forward(token_ids=[ids], layers=[-1], pooling="mean", timeout=120)
             mine.append(time.perf_counter() - t0)
         spans[index] = (start, time.perf_counter())
 
-    await asyncio.gather(*(work(i, c) for i, c in enumerate(clients)))
+    async with asyncio.TaskGroup() as group:  # one failure stops the others
+        for index, client in enumerate(clients):
+            group.create_task(work(index, client))
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     return [x for per_client in latencies for x in per_client], wall
 
@@ -340,7 +343,7 @@ def bench_model(label, preset, args, batching, seed, transport):
                 base_rate=c / base_call, ratio=service_rate / (c / base_call)))
             print(f"[{label}] {c:>2} clients: {total} requests in {wall:.1f}s", flush=True)
 
-        floor_pass(rows[-1], server.address, args, vocab, model_config, seed)
+        floor_pass(max(rows, key=lambda row: row["clients"]), args, vocab, model_config, seed)
 
         # One short request at a time, one client; baseline before and after.
         _, wall = run_load(server.address, 1, 10, args.short, vocab, seed + 50)
@@ -371,7 +374,7 @@ def bench_model(label, preset, args, batching, seed, transport):
     return rows, short_row, notes
 
 
-def floor_pass(row, address, args, vocabulary_size, model_config, seed):
+def floor_pass(row, args, vocabulary_size, model_config, seed):
     """The gRPC floor at the row's client count and rate: the same clients
     against a bare server that only waits the service's mean latency and
     answers the same bytes. Adds its CPU per request, server and clients, to
@@ -534,22 +537,28 @@ def main():
               f"{sum(cpu.values()) * r['rate'] / 1e3:>6.2f}")
     print()
     # The least a Python gRPC service answering like this one pays per call,
-    # measured here at the same rate, next to what the forward costs.
+    # measured here at about the service's rate, next to what the forward costs.
+    cores = len(os.sched_getaffinity(0))
     print(f"gRPC floor: a bare grpc.aio Forward that waits the service's mean latency and "
-          f"returns the same answer, the same clients (CPU ms per request)")
-    print(f"{'model':<8} {'via':<6} {'clients':>7} {'req/s':>8} {'server':>8} {'clients':>8} "
-          f"{'floor':>8} {'in-proc':>8} {'ceiling':>8}")
+          f"returns the same answer, the same clients (CPU ms per request); `ceiling`: "
+          f"in-proc / (in-proc + floor), at the baseline's core use; `{cores} cores`: the "
+          f"same with all {cores} cores busy")
+    print(f"{'model':<8} {'via':<6} {'clients':>7} {'req/s':>8} {'service':>8} {'server':>8} "
+          f"{'clients':>8} {'floor':>8} {'in-proc':>8} {'ceiling':>8} {f'{cores} cores':>8}")
     for r in rows:
         if "floor_ms" not in r:
             continue
         floor = sum(r["floor_ms"].values())
         # Sharing the forward's cores, the floor alone leaves at most this
         # share of them to the forward; on cores of its own it takes none.
-        ceiling = ("-" if args.core_split else
-                   f"{r['base_cpu_ms'] / (r['base_cpu_ms'] + floor):.2f}")
+        ceiling, all_cores = "-", "-"
+        if not args.core_split:
+            ceiling = f"{r['base_cpu_ms'] / (r['base_cpu_ms'] + floor):.2f}"
+            all_cores = f"{cores * 1e3 / (r['base_cpu_ms'] + floor) / r['base_rate']:.2f}"
         print(f"{r['model']:<8} {r['transport']:<6} {r['clients']:>7} {r['floor_rate']:>8.1f} "
-              f"{r['floor_ms']['server']:>8.2f} {r['floor_ms']['clients']:>8.2f} {floor:>8.2f} "
-              f"{r['base_cpu_ms']:>8.2f} {ceiling:>8}")
+              f"{r['rate']:>8.1f} {r['floor_ms']['server']:>8.2f} "
+              f"{r['floor_ms']['clients']:>8.2f} {floor:>8.2f} {r['base_cpu_ms']:>8.2f} "
+              f"{ceiling:>8} {all_cores:>8}")
     print()
     for s in shorts:
         shape = "x".join(map(str, s["shape"]))

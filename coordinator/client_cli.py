@@ -259,8 +259,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _forward(client: GemmaClient, args) -> int:
-    if args.save:  # before the call: its work would be thrown away
-        _check_npy_count(args.save, (len(args.text) + len(args.ids)) * max(1, len(args.layers)))
+    save_as = _save_kind(args.save, args) if args.save else None  # before the call
     result = client.forward(texts=args.text, token_ids=args.ids, layers=args.layers,
                             pooling=args.pooling, dtype=args.dtype, adapter_id=args.adapter,
                             timeout=args.timeout)
@@ -274,33 +273,50 @@ def _forward(client: GemmaClient, args) -> int:
                   f"shape {tensor.shape} {tensor.dtype} mean {values.mean():+.4f} "
                   f"std {values.std():.4f}")
             arrays[f"seq{i}_layer{layer}"] = tensor
-    if args.save:
-        print(save_arrays(args.save, arrays))
+    if save_as:
+        print(_save_arrays(args.save, save_as, arrays))
     return 0
 
 
-def _check_npy_count(path: str, count: int) -> None:
-    if path.endswith(".npy") and count != 1:
-        raise ValueError(f"an .npy file holds one array and this request returns {count} "
-                         "(sequences x layers); save to a .npz or a directory instead.")
+def _save_kind(path: str, args) -> str:
+    """"npz", "npy" or "dir" for --save PATH, checked before the call so that
+    a path that cannot take the answer does not throw the work away."""
+    kind = {".npz": "npz", ".npy": "npy"}.get(os.path.splitext(path)[1].lower(), "dir")
+    if kind == "dir":
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--save {path}: exists and is not a directory; name a .npz or "
+                             ".npy file, or a directory.")
+        os.makedirs(path, exist_ok=True)
+    elif not os.path.isdir(os.path.dirname(path) or "."):
+        raise ValueError(f"--save {path}: no directory {os.path.dirname(path)!r} to write in.")
+    # Only a request the server would accept (texts or ids, not both) has a
+    # count to check; the server answers the others.
+    sequences = len(args.text) if not args.ids else len(args.ids) if not args.text else 0
+    arrays = sequences * max(1, len(set(args.layers)))
+    if kind == "npy" and arrays > 1:
+        raise ValueError(f"--save {path}: an .npy file holds one array and this request asks "
+                         f"for {arrays} (sequences x layers); name a .npz file or a "
+                         "directory instead.")
+    return kind
 
 
-def save_arrays(path: str, arrays: dict[str, np.ndarray]) -> str:
-    """Writes `arrays` as `path` asks (see --save) and says what it wrote.
-    bfloat16 becomes float32: numpy files cannot name it portably."""
+def _save_arrays(path: str, kind: str, arrays: dict[str, np.ndarray]) -> str:
+    """Writes `arrays` as `kind` says and says what it wrote. bfloat16
+    becomes float32: numpy files cannot name it portably."""
     arrays = {name: a.astype(np.float32) if a.dtype.name == "bfloat16" else a
               for name, a in arrays.items()}
-    if path.endswith(".npz"):
-        np.savez(path, **arrays)
-        return f"saved {len(arrays)} arrays to {path}"
-    if path.endswith(".npy"):
-        _check_npy_count(path, len(arrays))
-        np.save(path, next(iter(arrays.values())))
-        return f"saved 1 array to {path}"
+    if kind in ("npz", "npy"):
+        with open(path, "wb") as file:  # numpy would add its own lower-case suffix to a name
+            if kind == "npz":
+                np.savez(file, **arrays)
+            else:
+                (array,) = arrays.values()
+                np.save(file, array)
+        return f"saved {len(arrays)} array{'s' * (len(arrays) != 1)} to {path}"
     os.makedirs(path, exist_ok=True)
     for name, array in arrays.items():
         np.save(os.path.join(path, f"{name}.npy"), array)
-    return f"saved {len(arrays)} arrays to {path}{os.sep}seq*_layer*.npy"
+    return f"saved {len(arrays)} arrays to {os.path.join(path, 'seq*_layer*.npy')}"
 
 
 def _adapters(client: GemmaClient, args) -> int:

@@ -52,8 +52,16 @@ def wait_until_idle(client, bound_s=120):
 VICTIM = pb.ForwardRequest(sequences=[pb.TokenSequence(ids=[2, 3, 4])] * 3)
 
 
-async def cancelled_async_call(address):
-    """The victim from AsyncGemmaClient, its awaiting task cancelled."""
+def drain(busy, client):
+    for thread in busy:
+        thread.join(300)
+    wait_until_idle(client)
+
+
+async def cancelled_async_call(address, then):
+    """The victim from AsyncGemmaClient, its awaiting task cancelled; `then`
+    runs before the channel closes: closing it cancels every call still
+    open, which would hide a call the cancelled task left running."""
     async with AsyncGemmaClient(address, api_key=ACME_KEY) as client:
         task = asyncio.create_task(client.forward(
             token_ids=[list(s.ids) for s in VICTIM.sequences], timeout=60))
@@ -61,6 +69,7 @@ async def cancelled_async_call(address):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        await asyncio.to_thread(then)
 
 
 @pytest.mark.parametrize("how", ["deadline", "cancel", "async task cancelled"])
@@ -69,7 +78,7 @@ def test_abandoned_call_does_no_work(service, stub, client, how):
     run_before, cancelled_before = totals(client)
     busy = keep_workers_busy(service.address)
     if how == "async task cancelled":
-        asyncio.run(cancelled_async_call(service.address))
+        asyncio.run(cancelled_async_call(service.address, lambda: drain(busy, client)))
     else:
         with pytest.raises(grpc.RpcError) as raised:
             if how == "deadline":
@@ -81,9 +90,7 @@ def test_abandoned_call_does_no_work(service, stub, client, how):
         expected = (grpc.StatusCode.DEADLINE_EXCEEDED if how == "deadline"
                     else grpc.StatusCode.CANCELLED)
         assert raised.value.code() == expected
-    for thread in busy:
-        thread.join(300)
-    wait_until_idle(client)
+    drain(busy, client)
     run_after, cancelled_after = totals(client)
     assert run_after - run_before == 4 * 16      # only the heavy rows ran
     assert cancelled_after - cancelled_before == 3  # the victim's were dropped

@@ -34,11 +34,26 @@ def test_save_as_npy_file_or_directory(service, client, tmp_path):
                        "--dtype", "bfloat16", "--save", str(one))
     assert run.returncode == 0, run.stderr
     expected = client.forward(token_ids=[[2, 5, 7]], pooling="mean", dtype="bfloat16")
-    np.testing.assert_array_equal(np.load(one), expected.hidden_states[0][0].astype(np.float32))
+    saved = np.load(one)
+    assert saved.dtype == np.float32  # numpy files cannot name bfloat16
+    np.testing.assert_array_equal(saved, expected.hidden_states[0][0].astype(np.float32))
+
+    half = tmp_path / "half.NPY"
+    run = gemma_client(service, "forward", "--ids", "2,5,7", "--dtype", "float16",
+                       "--save", str(half))
+    assert run.returncode == 0, run.stderr
+    assert np.load(half).dtype == np.float16
 
     run = gemma_client(service, "forward", "--ids", "2,5,7", "--ids", "9", "--layers", "0,-1",
                        "--save", str(one))
     assert run.returncode != 0 and "holds one array" in run.stderr and ".npz" in run.stderr
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    for target, says in ((plain, "is not a directory"), (one / "x", "Not a directory"),
+                         (tmp_path / "none" / "x.npz", "no directory")):
+        run = gemma_client(service, "forward", "--ids", "2,5,7", "--save", str(target))
+        assert run.returncode != 0 and says in run.stderr
+        assert "request" not in run.stdout  # refused before the call
 
     directory = tmp_path / "states"
     run = gemma_client(service, "forward", "--ids", "2,5,7", "--ids", "9", "--layers", "0,-1",
