@@ -26,12 +26,17 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.replace("x", ",").split(",") if part)
 
 
+def _joined(values) -> str:
+    return ",".join(map(str, values))
+
+
 def parse_args(argv=None) -> ServiceConfig:
     p = argparse.ArgumentParser(prog="gemma-serve", description=__doc__)
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help="built-in name, kaggle://..., hf://org/repo, or a local keras_hub or "
                         "Hugging Face directory; default: the built-in random-weight model")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to serve on (default %(default)s; 0.0.0.0 or [::] for all)")
     p.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     p.add_argument("--workers", type=int, default=1, help="worker actors")
     p.add_argument("--mesh", type=_ints, default=(1, 1),
@@ -45,10 +50,22 @@ def parse_args(argv=None) -> ServiceConfig:
                         "when several CPU workers share a node)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "mixed_bfloat16"],
                    help="override the preset's dtype policy")
-    p.add_argument("--length-buckets", type=_ints, default=BatchingConfig.length_buckets)
-    p.add_argument("--batch-buckets", type=_ints, default=BatchingConfig.batch_buckets)
-    p.add_argument("--max-batch-tokens", type=int, default=BatchingConfig.max_batch_tokens)
-    p.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms)
+    p.add_argument("--length-buckets", type=_ints, default=BatchingConfig.length_buckets,
+                   help="comma-separated padded lengths (default "
+                        f"{_joined(BatchingConfig.length_buckets)}); the last is the longest "
+                        "sequence accepted. Each (batch, length) bucket pair is one compiled "
+                        "function")
+    p.add_argument("--batch-buckets", type=_ints, default=BatchingConfig.batch_buckets,
+                   help="comma-separated padded batch sizes (default "
+                        f"{_joined(BatchingConfig.batch_buckets)}); the last is the most rows "
+                        "a batch holds")
+    p.add_argument("--max-batch-tokens", type=int, default=BatchingConfig.max_batch_tokens,
+                   help="padded rows x length a batch may hold (default %(default)s; bounds "
+                        "activation memory)")
+    p.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms,
+                   help="least time a batch waits for the rows expected to join it "
+                        "(default %(default)s); under load the batcher waits up to a fifth of "
+                        "the last batch's time, and only as long as waiting can pay")
     p.add_argument("--coalesce-ms", type=float, default=BatchingConfig.coalesce_ms,
                    help="while a worker is busy, hold a request up to this long so that "
                         "concurrent ones share one call (0: send each at once)")
@@ -56,9 +73,13 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="how forward work reaches workers: direct (a socket per worker, "
                         "token-authenticated, falling back to Ray calls where it cannot "
                         "connect) or ray (actor calls only; slower by ~1 ms per call)")
-    p.add_argument("--max-layers-per-request", type=int, default=BatchingConfig.layer_slots)
-    p.add_argument("--max-sequences-per-request", type=int, default=64)
-    p.add_argument("--max-text-bytes", type=int, default=16384)
+    p.add_argument("--max-layers-per-request", type=int, default=BatchingConfig.layer_slots,
+                   help="distinct layers a request (and a batch) may ask for "
+                        "(default %(default)s)")
+    p.add_argument("--max-sequences-per-request", type=int, default=64,
+                   help="texts or token sequences in one Forward request (default %(default)s)")
+    p.add_argument("--max-text-bytes", type=int, default=16384,
+                   help="UTF-8 bytes of one text before tokenizing (default %(default)s)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. 10.0.0.1:6379); default: start a local one")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of a local Ray")
