@@ -29,7 +29,8 @@ saved as a preset in a temporary directory), measures:
   clients, is what any Python gRPC service answering this way pays; where
   it shares the forward's cores, in-proc / (in-proc + floor) is the most of
   the in-process rate such a service could reach at the baseline's core use
-  (`ceiling`).
+  (`ceiling`), and N / (in-proc + floor) over the in-process rate the most
+  with all N cores busy (`N cores`).
 
 With --transports direct,ray the whole set runs once per way forward work
 reaches the worker: the worker's socket (the default) and Ray actor calls,
@@ -136,8 +137,8 @@ async def _load_async(address, count, requests_each, length, vocabulary_size, se
     # Clients keep their channels between passes, as real ones do: the
     # untimed pass connects them, the timed pass pays no handshakes. Each is
     # a coroutine with its own channel on one event loop: a blocking client
-    # per thread costs twice the CPU per call in interpreter-lock hand-offs,
-    # all of it taken from the cores the service shares.
+    # per thread costs up to twice the CPU per call in interpreter-lock
+    # hand-offs, all of it taken from the cores the service shares.
     for i in range(count):
         if (address, i) not in _CHANNELS:
             _CHANNELS[(address, i)] = AsyncGemmaClient(address)

@@ -16,7 +16,7 @@ class AsyncGemmaClient:
     """`GemmaClient`'s forward and model_info as coroutines, over one
     `grpc.aio` channel. Many calls in flight cost one event loop instead of a
     thread each (a blocking client per thread pays for the threads' hand-offs
-    of the interpreter lock: about twice the CPU per call).
+    of the interpreter lock: up to twice the CPU per call).
 
     >>> async with AsyncGemmaClient("127.0.0.1:50051") as client:
     ...     results = await asyncio.gather(*(client.forward(texts=[t]) for t in texts))
