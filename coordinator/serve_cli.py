@@ -119,8 +119,9 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="log lines as text or JSON objects (env GEMMA_SERVE_LOG_FORMAT); "
                         "workers follow")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None,
-                   help="INFO (default) logs one line per request in the coordinator and the "
-                        "worker, with its request id (env GEMMA_SERVE_LOG_LEVEL)")
+                   help="INFO (default) logs one line per request in the coordinator, with its "
+                        "request id and its time in the worker; DEBUG adds the worker's own "
+                        "line (env GEMMA_SERVE_LOG_LEVEL)")
     args = p.parse_args(argv)
     # Through the environment, so the worker actors follow.
     if args.log_format:

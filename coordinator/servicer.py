@@ -68,7 +68,8 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
             log.info("forward %s", work.request_id, extra={
                 "request_id": work.request_id, "tenant": tenant, "worker_id": result.worker_id,
                 "adapter_id": adapter_id, "sequences": len(work.sequences), "tokens": tokens,
-                "ms": round(1e3 * (time.perf_counter() - started), 2)})
+                "ms": round(1e3 * (time.perf_counter() - started), 2),
+                "worker_ms": result.worker_ms})
             for response in response_stream(work, result, self._config.worker.preset,
                                             self._limits.hidden_dim, self._config.chunk_bytes,
                                             adapter_id):

@@ -149,11 +149,15 @@ class BackboneWorker:
         dtype = OUTPUT_DTYPES[work.dtype]
         tensors = [[_pool(hidden[layer], work.pooling).astype(dtype) for layer in work.layers]
                    for hidden in per_sequence]
-        log.info("forward %s", work.request_id, extra={
+        worker_ms = round(1e3 * (time.time() - started), 2)
+        # DEBUG: the coordinator's INFO line for the request carries worker_ms.
+        # A line per request here would cross Ray's log forwarding as well,
+        # which costs more CPU than the request's own bookkeeping.
+        log.debug("forward %s", work.request_id, extra={
             "request_id": work.request_id, "worker_id": self.worker_id,
-            "sequences": len(work.sequences), "ms": round(1e3 * (time.time() - started), 2),
+            "sequences": len(work.sequences), "ms": worker_ms,
             "adapter_id": work.adapter.key if work.adapter is not None else ""})
-        return ForwardResult(self.worker_id, tensors)
+        return ForwardResult(self.worker_id, tensors, worker_ms)
 
     def start_forward(self, tickets_and_works: list[tuple[int, ForwardWork]]
                       ) -> list[asyncio.Task]:

@@ -57,10 +57,13 @@ class AdapterRef:
 
 @dataclasses.dataclass(frozen=True)
 class ForwardResult:
-    """`tensors[i][j]`: sequence i at layer `layers[j]`, pooled and cast."""
+    """`tensors[i][j]`: sequence i at layer `layers[j]`, pooled and cast;
+    `worker_ms`: the request's time inside the worker (queue, batch, pooling),
+    for the coordinator's log line."""
 
     worker_id: str
     tensors: list[list[np.ndarray]]
+    worker_ms: float = 0.0
 
 
 # How a caller hears one request of a group answered as soon as it is:

@@ -16,8 +16,8 @@ import time
 LOG_FORMAT_ENV = "GEMMA_SERVE_LOG_FORMAT"
 LOG_LEVEL_ENV = "GEMMA_SERVE_LOG_LEVEL"
 # Fields a record may carry through `extra=` that belong in the output.
-CONTEXT_FIELDS = ("request_id", "tenant", "rpc", "code", "ms", "worker_id", "job_id",
-                  "adapter_id", "sequences", "tokens")
+CONTEXT_FIELDS = ("request_id", "tenant", "rpc", "code", "ms", "worker_ms", "worker_id",
+                  "job_id", "adapter_id", "sequences", "tokens")
 
 
 class JsonFormatter(logging.Formatter):

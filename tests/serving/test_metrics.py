@@ -61,3 +61,16 @@ def test_json_log_lines_carry_the_request_id():
     entry = json.loads(JsonFormatter().format(record))
     assert entry["message"] == "forward abc123" and entry["request_id"] == "abc123"
     assert entry["level"] == "INFO" and entry["ms"] == 1.5
+
+
+def test_a_requests_log_line_names_its_worker_and_the_time_there(client, caplog):
+    with caplog.at_level(logging.INFO, logger="gemma_serve.requests"):
+        result = client.forward(token_ids=[[2, 3, 4, 5]], pooling="mean")
+    lines = [r for r in caplog.records if getattr(r, "request_id", None) == result.request_id]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    line = lines[0]
+    assert line.name == "gemma_serve.requests" and line.worker_id == result.worker_id
+    assert line.tenant == "acme" and line.sequences == 1 and line.tokens == 4
+    assert 0 < line.worker_ms <= line.ms  # the worker's share of the call's time
+    entry = json.loads(JsonFormatter().format(line))
+    assert entry["worker_ms"] == line.worker_ms and entry["request_id"] == result.request_id
