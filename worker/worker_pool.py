@@ -35,7 +35,9 @@ def worker_resources(spec: WorkerSpec) -> dict:
 
 
 def actor_options(spec: WorkerSpec) -> dict:
-    """Ray options giving an actor its devices before JAX starts in it."""
+    """Ray options giving an actor its devices before JAX starts in it: what
+    `worker_resources` reserves, and the environment JAX starts with."""
+    resources = worker_resources(spec)
     env = {"KERAS_BACKEND": "jax"}
     if spec.cpus is not None:
         env[XLA_CPU_THREADS_ENV] = str(spec.cpus)
@@ -47,12 +49,12 @@ def actor_options(spec: WorkerSpec) -> dict:
         # JAX_PLATFORMS=cpu would otherwise put its GPU workers on the CPU,
         # and a worker that finds no GPU should fail, not run slowly.
         env["JAX_PLATFORMS"] = "cuda"
-        return {"num_gpus": spec.num_devices, "num_cpus": spec.cpus or 1,
+        return {"num_gpus": resources["GPU"], "num_cpus": resources["CPU"],
                 "runtime_env": {"env_vars": env}}
     # A dedicated process with N fake host devices: sharding is real on CPU.
     env.update(JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={spec.num_devices}")
-    return {"num_cpus": spec.cpus or 1, "runtime_env": {"env_vars": env}}
+    return {"num_cpus": resources["CPU"], "runtime_env": {"env_vars": env}}
 
 
 # Results bigger than this go over Ray calls (the object store) rather than
