@@ -71,6 +71,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -145,9 +146,10 @@ class MemorySample:
 class Monitor:
     """Samples the server's processes' memory, and GetModelInfo."""
 
-    def __init__(self, server_pid: int, admin: GemmaClient):
+    def __init__(self, server_pid: int, admin: GemmaClient, metrics_url: str):
         self.server_pid = server_pid
         self.admin = admin
+        self.metrics_url = metrics_url
         self.samples: list[MemorySample] = []   # full ones: printed, with GetModelInfo
         self.fine: list[MemorySample] = []      # every one, /proc only in between
         self.worker_names: list[str] = []
@@ -157,6 +159,9 @@ class Monitor:
     def sample(self, t: float, label: str, full: bool = True) -> MemorySample:
         if full:
             workers = self.admin.model_info(timeout=60)["workers"]
+            operator = operator_counters(self.metrics_url)
+            for worker in workers:  # a tenant's GetModelInfo hides others' adapter activity
+                worker.update(operator.get(worker["worker_id"], {}))
             pids = {f"worker-{i}": int(w.get("pid", 0)) for i, w in enumerate(workers)}
         else:
             workers, pids = None, self.samples[-1].worker_pids
@@ -189,6 +194,24 @@ class Monitor:
         print(f"  memory {sample.label:>9} t={sample.t:6.1f}s  VmRSS MiB: {parts}", flush=True)
 
 
+def operator_counters(metrics_url: str) -> dict[str, dict[str, float]]:
+    """worker id -> the adapter counters GetModelInfo shows only to their
+    tenant, from the operator's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"gemma_worker_adapter_loads_total": "adapter_loads",
+             "gemma_worker_adapter_evictions_total": "adapter_evictions",
+             "gemma_worker_max_adapters_in_a_batch": "max_adapters_in_a_batch"}
+    text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
+    found: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in names:
+                found.setdefault(sample.labels["worker"], {})[names[sample.name]] = \
+                    int(sample.value)
+    return found
+
+
 # ---- the server ------------------------------------------------------------------
 
 
@@ -198,7 +221,7 @@ def start_server(args, workdir: pathlib.Path, keys: dict[str, str], limits: dict
     for name in ("XLA_FLAGS", "GEMMA_SERVE_API_KEY", "KERAS_BACKEND", "JAX_PLATFORMS"):
         env.pop(name, None)
     command = [str(BIN / "gemma-serve"), "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "-1", "--workers", str(args.workers), "--mesh", args.mesh,
+               "--metrics-port", "0", "--workers", str(args.workers), "--mesh", args.mesh,
                "--data-dir", str(workdir / "data"),
                "--ray-num-cpus", str(max(os.cpu_count() or 1, args.workers)),
                "--tenant-max-requests", str(limits["requests"]),
@@ -732,7 +755,8 @@ def main():
     print(ready, flush=True)
     print(f"[soak] server up in {time.monotonic() - started:.1f}s, pid {process.pid}", flush=True)
     tenant_clients = {t: GemmaClient(address, api_key=k) for t, k in keys.items()}
-    monitor = Monitor(process.pid, tenant_clients[POLITE[0]])
+    monitor = Monitor(process.pid, tenant_clients[POLITE[0]],
+                      ready.split("metrics=")[1].split()[0])
     try:
         from gemma_core import GemmaConfig
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 from typing import AsyncIterator
 
 import ray
 
 from coordinator.adapter_record import AdapterRecord, check_name
 from coordinator.adapter_registry import AdapterRegistry
-from coordinator.errors import InvalidArgument, ResourceExhausted
+from coordinator.errors import InvalidArgument
+from coordinator.stream_guard import receive_to_file
 from worker.forward_work import AdapterRef
 from worker.worker_pool import WorkerPool
 
@@ -32,6 +32,11 @@ _REF_CACHE_SIZE = 256
 def adapter_key(record: AdapterRecord) -> str:
     """The workers' slot key: unique per tenant, name and version."""
     return f"{record.tenant}/{record.name}@{record.version}"
+
+
+def key_tenant(key: str) -> str:
+    """The tenant whose adapter a slot key (from `adapter_key`) names."""
+    return key.partition("/")[0]
 
 
 class AdapterManager:
@@ -84,15 +89,10 @@ class AdapterManager:
         check_name("name", name)
         path = self.registry.new_upload_path()
         try:
-            size = 0
-            with open(path, "wb") as handle:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.max_upload_bytes:
-                        raise ResourceExhausted(
-                            f"the upload is larger than the {self.max_upload_bytes} byte limit "
-                            "(--max-upload-mib); LoRA adapters are usually far smaller.")
-                    handle.write(chunk)
+            size = await receive_to_file(
+                chunks, path, self.max_upload_bytes,
+                f"the upload is larger than the {self.max_upload_bytes} byte limit "
+                "(--max-upload-mib); LoRA adapters are usually far smaller.")
             if size == 0:
                 raise InvalidArgument("data", "the upload holds no bytes after the header.")
             adapter = await asyncio.to_thread(self.registry.read_file, path, fmt)
@@ -135,11 +135,8 @@ class AdapterManager:
         return where
 
     async def export_lora_h5(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, bytes]:
+        """The adapter as a keras_hub `.lora.h5` file's bytes. Built in memory,
+        not in a temporary file: a cancelled call leaves its thread running,
+        and that thread would write the file after any cleanup here."""
         record = self.registry.resolve(tenant, adapter_id)
-        path = self.registry.new_upload_path(".lora.h5")
-        try:
-            await asyncio.to_thread(self.registry.export_lora_h5, record, path)
-            return record, path.read_bytes()
-        finally:
-            if os.path.exists(path):
-                path.unlink()
+        return record, await asyncio.to_thread(self.registry.export_lora_h5, record)

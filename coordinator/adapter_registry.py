@@ -13,7 +13,8 @@ temporary directory, and disappears by one rename into `.incoming/`, so a
 reader, or a restart after a crash, sees a whole adapter or none of it.
 Startup empties `.incoming/` and indexes every version whose checksum holds.
 Version numbers are never reused, even after a delete, so "name@N" always
-means the same weights.
+means the same weights. Each tenant's versions and bytes are held to its
+`StorageQuota`, checked under the lock that numbers a publish.
 One registry object owns a root; processes must not share one.
 """
 
@@ -33,13 +34,15 @@ import threading
 import uuid
 from pathlib import Path
 
-import safetensors
 import safetensors.numpy
 
+from coordinator.adapter_files import another_base, lora_h5_bytes, read_adapter_file
 from coordinator.adapter_record import (FORMAT, NAME_PATTERN, AdapterRecord, check_name,
                                         parse_adapter_id, shown)
-from coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
-from gemma_core.errors import AdapterMismatch, PresetError
+from coordinator.durable_files import fsync_dir, make_dirs, write_durably
+from coordinator.errors import FailedPrecondition, NotFound
+from coordinator.storage_quota import AdapterUsage, StorageQuota
+from gemma_core.errors import AdapterMismatch
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.lora_adapter import LoraAdapter, MalformedAdapter
 
@@ -47,8 +50,6 @@ log = logging.getLogger("gemma_serve.adapters")
 
 TENSORS_FILE = "adapter.safetensors"
 MANIFEST_FILE = "manifest.json"
-IMPORT_FORMATS = ("lora.h5", "safetensors")
-_REQUIRED_METADATA = ("rank", "alpha", "base_fingerprint")
 
 
 class AdapterRegistry:
@@ -63,6 +64,7 @@ class AdapterRegistry:
         base_fingerprint: identifies the base model's weights; adapters
             made for another one are refused on import and on load.
         cache_size: how many loaded adapters to keep in memory.
+        quota: what each tenant may store (default: StorageQuota()).
 
     Example:
     >>> registry = AdapterRegistry("/var/lib/gemma-serve/adapters", config, "gemma2-2b:1f3a")
@@ -73,7 +75,8 @@ class AdapterRegistry:
     """
 
     def __init__(self, root: str | os.PathLike, base_config: GemmaConfig,
-                 base_fingerprint: str, cache_size: int = 64):
+                 base_fingerprint: str, cache_size: int = 64,
+                 quota: StorageQuota | None = None):
         self.root = Path(root)
         self.base_config = base_config
         self.base_fingerprint = base_fingerprint
@@ -85,6 +88,10 @@ class AdapterRegistry:
         self._cache: collections.OrderedDict[tuple[str, str, int], tuple[str, LoraAdapter]] = \
             collections.OrderedDict()
         self._cache_size = cache_size
+        self._usage = AdapterUsage(quota or StorageQuota())
+        # The highest version deleted per name, for when `.last_version`
+        # could not be written yet (a full disk): never hand it out again.
+        self._deleted: dict[tuple[str, str], int] = {}
         self._rebuild()
 
     # ---- writing -------------------------------------------------------------
@@ -96,13 +103,15 @@ class AdapterRegistry:
         Raises:
             InvalidArgument: a tenant or adapter name of the wrong form.
             FailedPrecondition: the adapter does not fit the base model.
+            ResourceExhausted: the tenant's quota is used up.
+            OSError: the disk is full (ENOSPC); nothing is stored.
         """
         check_name("tenant", tenant)
         check_name("name", name)
         try:
             adapter.check_fits(self.base_config)
         except AdapterMismatch as error:
-            raise _another_base(None, error) from error
+            raise another_base(None, error) from error
         payload = safetensors.numpy.save(adapter.tensors(), metadata={
             "format": FORMAT, "rank": str(adapter.rank), "alpha": repr(float(adapter.alpha)),
             "base_fingerprint": self.base_fingerprint})
@@ -113,10 +122,12 @@ class AdapterRegistry:
             sha256=hashlib.sha256(payload).hexdigest(), size_bytes=len(payload),
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             source=str(source), num_parameters=int(adapter.num_parameters()))
+        with self._lock:  # early, to write nothing when refused; _place checks again
+            self._usage.check(tenant, len(payload))
         self._incoming.mkdir(exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="publish-", dir=self._incoming))
         try:
-            _write_durably(staging / TENSORS_FILE, payload)
+            write_durably(staging / TENSORS_FILE, payload)
             return self._place(staging, fields)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # already gone once placed
@@ -127,14 +138,15 @@ class AdapterRegistry:
         name_dir = self.root / fields["tenant"] / fields["name"]
         floor = 1
         with self._lock:
+            self._usage.check(fields["tenant"], fields["size_bytes"])
             while True:
                 version = self._next_version(fields["tenant"], fields["name"], floor)
                 record = AdapterRecord(version=version, adapter_id=f"{fields['name']}@{version}",
                                        path=name_dir / str(version), **fields)
-                _write_durably(staging / MANIFEST_FILE,
-                               json.dumps(record.to_manifest(), indent=2).encode())
-                _fsync_dir(staging)
-                _make_dirs(name_dir, self.root)
+                write_durably(staging / MANIFEST_FILE,
+                              json.dumps(record.to_manifest(), indent=2).encode())
+                fsync_dir(staging)
+                make_dirs(name_dir, self.root)
                 try:
                     os.rename(staging, record.path)
                 except OSError as error:  # the version exists on disk: take the next
@@ -142,8 +154,9 @@ class AdapterRegistry:
                         raise
                     floor = version + 1
                     continue
-                _fsync_dir(name_dir)
+                fsync_dir(name_dir)
                 self._index.setdefault((record.tenant, record.name), {})[version] = record
+                self._usage.add(record.tenant, record.size_bytes)
                 self._cache.pop((record.tenant, record.name, version), None)
                 return record
 
@@ -151,7 +164,7 @@ class AdapterRegistry:
         """One above every version in the index, on disk or deleted, at least
         `floor`."""
         versions = set(self._index.get((tenant, name), {}))
-        versions.add(self._deleted_up_to(tenant, name))
+        versions.add(max(self._deleted_up_to(tenant, name), self._deleted.get((tenant, name), 0)))
         name_dir = self.root / tenant / name
         if name_dir.is_dir():
             versions.update(int(entry.name) for entry in name_dir.iterdir()
@@ -165,29 +178,25 @@ class AdapterRegistry:
             return 0
 
     def _remember_deleted(self, tenant: str, name: str, version: int) -> None:
-        """Records (durably, before the delete) that `version` was used, so a
-        later publish does not hand the number to different weights."""
+        """Records durably that `version` was used, so a later publish does
+        not hand the number to different weights."""
         if self._deleted_up_to(tenant, name) >= version:
             return
         path = self._last_version / tenant / name
-        _make_dirs(path.parent, self.root)
+        make_dirs(path.parent, self.root)
         staging = self._incoming / f"last-version-{uuid.uuid4().hex}"
-        _write_durably(staging, str(version).encode())
+        write_durably(staging, str(version).encode())
         os.rename(staging, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def import_file(self, tenant: str, name: str, path: str | os.PathLike, fmt: str,
                     source: str | None = None) -> AdapterRecord:
-        """Reads an adapter file and publishes it as the next version of `name`.
-
-        Args:
-            fmt: "lora.h5" (keras_hub's LoRA file; alpha is its rank) or
-                "safetensors" (this registry's own format, with metadata).
-            source: recorded provenance; defaults to "upload:<fmt>".
+        """Reads an adapter file (see `read_file`) and publishes it as the next
+        version of `name`; `source` (recorded provenance) defaults to
+        "upload:<fmt>".
 
         Raises:
-            InvalidArgument: an unknown format, or a file that is not one.
-            FailedPrecondition: the adapter was made for another base model.
+            InvalidArgument, FailedPrecondition: as `read_file` and `publish`.
         """
         check_name("tenant", tenant)
         check_name("name", name)
@@ -195,54 +204,10 @@ class AdapterRegistry:
         return self.publish(tenant, name, adapter, source or f"upload:{fmt}")
 
     def read_file(self, path: str | os.PathLike, fmt: str) -> LoraAdapter:
-        """Reads an adapter file without storing it (see `import_file`).
-
-        Raises:
-            InvalidArgument: an unknown format, or a file that is not one.
-            FailedPrecondition: a safetensors file made for another base model,
-                or a lora.h5 file that does not fit this one.
-        """
-        if fmt == "lora.h5":
-            return self._read_lora_h5(Path(path))
-        if fmt == "safetensors":
-            return self._read_safetensors(Path(path))
-        raise InvalidArgument("format", f"{fmt!r} is not an adapter file format; "
-                                        f"use one of {list(IMPORT_FORMATS)}.")
-
-    def _read_lora_h5(self, path: Path) -> LoraAdapter:
-        try:
-            return LoraAdapter.from_lora_file(path, self.base_config)
-        except MalformedAdapter as error:
-            raise _not_valid("lora.h5", path, error) from error
-        except AdapterMismatch as error:
-            raise _another_base(path, error) from error
-        except (PresetError, OSError, KeyError, ValueError, TypeError) as error:
-            raise _not_valid("lora.h5", path, error) from error
-
-    def _read_safetensors(self, path: Path) -> LoraAdapter:
-        try:
-            with safetensors.safe_open(path, framework="numpy") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (safetensors.SafetensorError, OSError, ValueError, TypeError) as error:
-            raise _not_valid("safetensors", path, error) from error
-        missing = [key for key in _REQUIRED_METADATA if key not in metadata]
-        if missing:
-            raise _not_valid("safetensors", path, f"its metadata lacks {missing}; "
-                             f"adapter files carry {list(_REQUIRED_METADATA)}")
-        if metadata.get("format", FORMAT) != FORMAT:
-            raise _not_valid("safetensors", path, f"its format is {metadata['format']!r}, "
-                             f"not {FORMAT!r}")
-        if metadata["base_fingerprint"] != self.base_fingerprint:
-            raise FailedPrecondition(
-                f"adapter: it was made for base model {metadata['base_fingerprint']!r} but "
-                f"this server runs base model {self.base_fingerprint!r}; import an adapter "
-                "made for this base model.")
-        try:
-            return LoraAdapter.from_tensors(tensors, int(metadata["rank"]),
-                                            float(metadata["alpha"]))
-        except ValueError as error:  # AdapterMismatch included: malformed factors
-            raise _not_valid("safetensors", path, error) from error
+        """Reads an adapter file without storing it: `fmt` "lora.h5" (keras_hub's
+        LoRA file; alpha is its rank) or "safetensors" (this registry's own
+        format, with metadata). See coordinator/adapter_files.py."""
+        return read_adapter_file(path, fmt, self.base_config, self.base_fingerprint)
 
     def new_upload_path(self, suffix: str = "") -> Path:
         """A fresh file path in `.incoming/` to stream an upload into. The
@@ -252,13 +217,13 @@ class AdapterRegistry:
 
     def delete(self, tenant: str, adapter_id: str) -> list[AdapterRecord]:
         """Deletes "name" (every version) or "name@N" (that one); returns the
-        deleted records.
+        deleted records. Needs no new disk space before it has freed some,
+        so it works on a full disk (see `_empty_trash`).
 
         Raises:
             NotFound: no such adapter for this tenant.
         """
         parsed = parse_adapter_id(adapter_id)
-        trash = self._incoming / f"trash-{uuid.uuid4().hex}"
         with self._lock:
             versions = self._index.get((tenant, parsed[0])) if parsed else None
             if not versions or (parsed[1] is not None and parsed[1] not in versions):
@@ -270,15 +235,19 @@ class AdapterRegistry:
             else:
                 removed = [versions[parsed[1]]]
                 target = removed[0].path
+            trash = self._incoming / "@".join(
+                ("trash", tenant, parsed[0], str(removed[-1].version), uuid.uuid4().hex))
             self._incoming.mkdir(exist_ok=True)
-            self._remember_deleted(tenant, parsed[0], removed[-1].version)
             os.rename(target, trash)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
+            key = (tenant, parsed[0])
+            self._deleted[key] = max(self._deleted.get(key, 0), removed[-1].version)
             for record in removed:
                 del versions[record.version]
+                self._usage.remove(tenant, record.size_bytes)
                 self._cache.pop((tenant, record.name, record.version), None)
             if not versions:
-                del self._index[(tenant, parsed[0])]
+                del self._index[key]
                 for empty in (name_dir, name_dir.parent):
                     try:
                         empty.rmdir()
@@ -286,8 +255,30 @@ class AdapterRegistry:
                         continue
                     except OSError:  # not empty
                         break
-        shutil.rmtree(trash, ignore_errors=True)
+        self._empty_trash(trash)
         return removed
+
+    def _empty_trash(self, trash: Path) -> None:
+        """Frees what a delete renamed into `trash`, then records the highest
+        version it held in `.last_version` and removes it. Until then the
+        trash's name (trash@tenant@name@version@id) holds that number, so a
+        crash in between never lets it be reused; a failure (a full disk
+        taken again meanwhile) leaves the trash for the next start."""
+        _, tenant, name, version, _ = trash.name.split("@")
+        try:
+            for entry in list(trash.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            with self._lock:
+                self._deleted[(tenant, name)] = max(self._deleted.get((tenant, name), 0),
+                                                    int(version))
+                self._remember_deleted(tenant, name, int(version))
+            trash.rmdir()
+        except OSError as error:
+            log.warning("could not finish deleting %s/%s@%s (%s); the next start will",
+                        tenant, name, version, error)
 
     # ---- reading -------------------------------------------------------------
 
@@ -346,8 +337,12 @@ class AdapterRegistry:
             raise FailedPrecondition(
                 f"adapter_id: adapter {record.adapter_id!r} is corrupt on disk (checksum "
                 "mismatch); delete and re-upload it.")
-        adapter = LoraAdapter.from_tensors(safetensors.numpy.load(payload), record.rank,
-                                           record.alpha)
+        try:
+            adapter = LoraAdapter.from_tensors(safetensors.numpy.load(payload), record.rank,
+                                               record.alpha)
+        except MalformedAdapter as error:  # stored before a check refused such adapters
+            raise FailedPrecondition(f"adapter_id: adapter {record.adapter_id!r} cannot be "
+                                     f"served: {error} Delete it.") from error
         for pair in adapter.kernels.values():
             for factor in pair:
                 factor.setflags(write=False)
@@ -358,25 +353,10 @@ class AdapterRegistry:
                 self._cache.popitem(last=False)
         return adapter
 
-    def export_lora_h5(self, record: AdapterRecord, path: str | os.PathLike) -> None:
-        """Writes `record`'s adapter as a keras_hub `.lora.h5` file (alpha/rank
-        folded into b), atomically.
-
-        Raises:
-            InvalidArgument: `path` does not end in ".lora.h5".
-        """
-        path = Path(path)
-        if not path.name.endswith(".lora.h5"):
-            raise InvalidArgument("path", f"LoRA files end in '.lora.h5', got {path.name!r}.")
-        adapter = self.load(record)
-        staging = path.with_name(f".{uuid.uuid4().hex}.tmp.lora.h5")
-        try:
-            adapter.write_lora_file(staging, self.base_config)
-            with open(staging, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(staging, path)
-        finally:
-            staging.unlink(missing_ok=True)
+    def export_lora_h5(self, record: AdapterRecord) -> bytes:
+        """`record`'s adapter as the bytes of a keras_hub `.lora.h5` file
+        (alpha/rank folded into b), built in memory."""
+        return lora_h5_bytes(self.load(record), self.base_config)
 
     # ---- startup -------------------------------------------------------------
 
@@ -385,8 +365,11 @@ class AdapterRegistry:
         quarantines the rest."""
         self._incoming.mkdir(parents=True, exist_ok=True)
         for leftover in self._incoming.iterdir():
-            log.info("removing %s, left over from an interrupted upload or publish", leftover)
-            if leftover.is_dir() and not leftover.is_symlink():
+            log.info("removing %s, left over from an interrupted upload, publish or delete",
+                     leftover)
+            if _is_trash(leftover):  # a delete cut short: its version stays used
+                self._empty_trash(leftover)
+            elif leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
             else:
                 leftover.unlink()
@@ -408,6 +391,7 @@ class AdapterRegistry:
                         continue
                     versions = self._index.setdefault((record.tenant, record.name), {})
                     versions[record.version] = record
+                    self._usage.add(record.tenant, record.size_bytes)
         log.info("adapter registry %s: %d adapter versions", self.root,
                  sum(len(versions) for versions in self._index.values()))
 
@@ -443,7 +427,7 @@ class AdapterRegistry:
                   / f"{relative.name}.{stamp}.{uuid.uuid4().hex[:8]}")
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(entry, target)
-        _fsync_dir(entry.parent)
+        fsync_dir(entry.parent)
         log.warning("quarantined %s to %s: %s", entry, target, reason)
 
 
@@ -451,45 +435,13 @@ def _is_name_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and bool(NAME_PATTERN.fullmatch(path.name))
 
 
+def _is_trash(path: Path) -> bool:
+    """Whether `path` is a trash directory `delete` made."""
+    parts = path.name.split("@")
+    return (len(parts) == 5 and parts[0] == "trash" and path.is_dir() and not path.is_symlink()
+            and all(NAME_PATTERN.fullmatch(part) for part in parts[1:3])
+            and parts[3].isdigit())
+
+
 def _not_found(adapter_id: object) -> NotFound:
     return NotFound(f"adapter_id: no adapter {shown(adapter_id)} for this tenant.")
-
-
-def _hide(path: Path, error: object) -> str:
-    """The error's text without the server-side file path or a final period."""
-    text = str(error).removeprefix(f"{os.fspath(path)}: ")
-    return text.replace(os.fspath(path), "it").rstrip(".")
-
-
-def _another_base(path: Path | None, error: object) -> FailedPrecondition:
-    detail = _hide(path, error) if path else str(error).rstrip(".")
-    return FailedPrecondition(f"adapter: it was made for another base model ({detail}).")
-
-
-def _not_valid(fmt: str, path: Path, error: object) -> InvalidArgument:
-    return InvalidArgument("adapter", f"the file is not a valid {fmt} LoRA file: "
-                                      f"{_hide(path, error)}.")
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _make_dirs(path: Path, root: Path) -> None:
-    """mkdir -p below `root`, fsyncing the parent of each directory made."""
-    if path == root or path.is_dir():
-        return
-    _make_dirs(path.parent, root)
-    path.mkdir(exist_ok=True)
-    _fsync_dir(path.parent)

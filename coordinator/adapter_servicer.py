@@ -7,6 +7,8 @@ from coordinator.adapter_record import AdapterRecord
 from coordinator.errors import InvalidArgument
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as pb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as pb_grpc
+from coordinator.paging import page_of
+from coordinator.stream_guard import UploadGuard
 from coordinator.tenant_auth import TenantAuth
 
 FORMATS = {pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5: "lora.h5",
@@ -24,32 +26,34 @@ def adapter_message(record: AdapterRecord, resident_on=()) -> pb.Adapter:
 
 
 class AdapterServicer(pb_grpc.AdapterServiceServicer):
-    def __init__(self, auth: TenantAuth, adapters: AdapterManager):
+    def __init__(self, auth: TenantAuth, adapters: AdapterManager, uploads: UploadGuard):
         self._auth = auth
         self._adapters = adapters
+        self._uploads = uploads
 
     def _tenant(self, context) -> str:
         return self._auth.tenant_for_metadata(context.invocation_metadata())
 
     async def UploadAdapter(self, request_iterator, context):
         tenant = self._tenant(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("kind") != "header":
-            raise InvalidArgument("header", "the first message must carry the header (name "
-                                            "and format), the rest the file's bytes.")
-        header = first.header
-        if header.format not in FORMATS:
-            raise InvalidArgument("header.format", "say which format the file is in: "
-                                                   "KERAS_HUB_LORA_H5 or SAFETENSORS.")
+        with self._uploads.upload(tenant, request_iterator) as messages:
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise InvalidArgument("header", "the first message must carry the header "
+                                                "(name and format), the rest the file's bytes.")
+            header = first.header
+            if header.format not in FORMATS:
+                raise InvalidArgument("header.format", "say which format the file is in: "
+                                                       "KERAS_HUB_LORA_H5 or SAFETENSORS.")
 
-        async def chunks():
-            async for message in request_iterator:
-                if message.WhichOneof("kind") != "data":
-                    raise InvalidArgument("header", "send the header once, first.")
-                yield message.data
+            async def chunks():
+                async for message in messages:
+                    if message.WhichOneof("kind") != "data":
+                        raise InvalidArgument("header", "send the header once, first.")
+                    yield message.data
 
-        record = await self._adapters.upload(tenant, header.name, FORMATS[header.format],
-                                             chunks())
+            record = await self._adapters.upload(tenant, header.name, FORMATS[header.format],
+                                                 chunks())
         return adapter_message(record)
 
     async def LoadAdapter(self, request, context):
@@ -64,10 +68,13 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
 
     async def ListAdapters(self, request, context):
         tenant = self._tenant(context)
+        records, next_token = page_of(self._adapters.registry.list(tenant),
+                                      lambda record: (record.name, record.version),
+                                      request.page_size, request.page_token)
         where = await self._adapters.resident_on()
         return pb.ListAdaptersResponse(adapters=[
             adapter_message(record, where.get(adapter_key(record), []))
-            for record in self._adapters.registry.list(tenant)])
+            for record in records], next_page_token=next_token)
 
     async def DeleteAdapter(self, request, context):
         records = await self._adapters.delete(self._tenant(context), request.adapter_id)

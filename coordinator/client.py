@@ -251,10 +251,17 @@ class GemmaClient:
                                                      metadata=self._metadata))
 
     def list_adapters(self, *, timeout: float | None = None) -> list[dict]:
-        """The caller's adapters, every version."""
-        response = self._adapters.ListAdapters(adapter_pb.ListAdaptersRequest(),
-                                               timeout=timeout, metadata=self._metadata)
-        return [_to_dict(adapter) for adapter in response.adapters]
+        """The caller's adapters, every version, by name then version (every
+        page of ListAdapters; `timeout` applies to each page's call)."""
+        adapters, token = [], ""
+        while True:
+            response = self._adapters.ListAdapters(
+                adapter_pb.ListAdaptersRequest(page_size=1000, page_token=token),
+                timeout=timeout, metadata=self._metadata)
+            adapters += [_to_dict(adapter) for adapter in response.adapters]
+            token = response.next_page_token
+            if not token:
+                return adapters
 
     def load_adapter(self, adapter_id: str, *, timeout: float | None = None) -> dict:
         """Makes an adapter resident on the workers now: {"adapter": {...},

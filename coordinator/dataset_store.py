@@ -3,51 +3,82 @@
 `<root>/<tenant>/<name>.npz` holds the sequences concatenated (`ids`) and
 where each starts (`offsets`). Written to a temporary file, fsynced and
 renamed, so a dataset is there whole or not at all; uploading a name again
-replaces it.
+replaces it. A tenant holds at most `StorageQuota.max_datasets` of them.
+An upload streams into `<root>/.incoming/` before it is parsed.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tempfile
+import threading
+import uuid
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from coordinator.adapter_record import check_name, shown
 from coordinator.errors import NotFound
+from coordinator.storage_quota import StorageQuota, check_dataset_count
+from worker.packed_sequences import PackedSequences
+
+log = logging.getLogger("gemma_serve.datasets")
+
+# Datasets are written under this prefix, then renamed into place.
+TEMPORARY_PREFIX = ".upload-"
 
 
 class DatasetStore:
-    """Datasets of every tenant under `root`; a tenant reaches only its own."""
+    """Datasets of every tenant under `root`; a tenant reaches only its own.
+    One store owns a root: at start it removes the temporary files a killed
+    process left (nobody else can be writing them)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, quota: StorageQuota | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.quota = quota or StorageQuota()
+        self._lock = threading.Lock()  # a count check and the rename it admits: one step
+        for leftover in self.root.glob(f"*/{TEMPORARY_PREFIX}*"):
+            log.info("removing %s, left over from an interrupted dataset upload", leftover)
+            leftover.unlink(missing_ok=True)
 
     def _path(self, tenant: str, name: str) -> Path:
         return self.root / check_name("tenant", tenant) / f"{check_name('name', name)}.npz"
 
-    def save(self, tenant: str, name: str, sequences: list[np.ndarray]) -> tuple[int, int]:
+    def new_upload_path(self) -> Path:
+        """A fresh path in `.incoming/` (no tenant can have that name) to
+        stream an upload into. The caller removes the file; a restart removes
+        leftovers, its name starting with TEMPORARY_PREFIX."""
+        incoming = self.root / ".incoming"
+        incoming.mkdir(exist_ok=True)
+        return incoming / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}.jsonl"
+
+    def save(self, tenant: str, name: str,
+             sequences: PackedSequences | Sequence[np.ndarray]) -> tuple[int, int]:
         """Stores `sequences` as dataset `name`; returns (examples, tokens)."""
         path = self._path(tenant, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lengths = np.array([len(s) for s in sequences], "int64")
+        if not isinstance(sequences, PackedSequences):
+            sequences = PackedSequences.pack(sequences)
         buffer = io.BytesIO()
-        np.savez(buffer, ids=np.concatenate(sequences).astype("int32"),
-                 offsets=np.concatenate([[0], np.cumsum(lengths)]))
-        handle, temporary = tempfile.mkstemp(prefix=".upload-", dir=path.parent)
+        np.savez(buffer, ids=sequences.ids, offsets=sequences.offsets)
+        handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(buffer.getvalue())
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temporary, path)
+            with self._lock:
+                if not path.exists():  # a new name, not a replacement
+                    check_dataset_count(self.quota, len(list(path.parent.glob("*.npz"))))
+                os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        return len(sequences), int(lengths.sum())
+        return len(sequences), sequences.num_tokens
 
     def list(self, tenant: str) -> list[tuple[str, int, int]]:
         """(name, examples, tokens) of each of the tenant's datasets, by name."""
@@ -75,7 +106,7 @@ class DatasetStore:
             raise _unknown(dataset_id) from None
         return counts
 
-    def load(self, tenant: str, dataset_id: str) -> tuple[np.ndarray, ...]:
+    def load(self, tenant: str, dataset_id: str) -> PackedSequences:
         """The sequences of the caller's dataset `dataset_id`.
 
         Raises:
@@ -85,10 +116,9 @@ class DatasetStore:
         try:
             path = self._path(tenant, dataset_id)
             with np.load(path) as data:
-                ids, offsets = data["ids"], data["offsets"]
+                return PackedSequences(data["ids"], data["offsets"])
         except Exception:  # noqa: BLE001 - malformed, missing, unreadable: all unknown
             raise _unknown(dataset_id) from None
-        return tuple(ids[start:end] for start, end in zip(offsets[:-1], offsets[1:]))
 
 
 def _counts(path: Path) -> tuple[int, int] | None:

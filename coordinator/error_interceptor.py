@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from typing import Callable
@@ -11,8 +12,10 @@ from typing import Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from coordinator.errors import InvalidArgument, ServiceError, Unavailable
+from coordinator.errors import (InvalidArgument, ServiceError, StorageFull, Unavailable,
+                                is_storage_full)
 from coordinator.service_metrics import ServiceMetrics
+from coordinator.stream_guard import ResponseWatch
 from worker.errors import (AdapterRejected, AdapterSlotsBusy, DeadlineExpired,
                            PoolSaturated, WorkerUnavailable)
 
@@ -34,6 +37,8 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 def _status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, ServiceError):
         return error.code, str(error)
+    if is_storage_full(error):  # the caller can free space, or tell the operator
+        return _status_of(StorageFull())
     if isinstance(error, (DeadlineExpired, asyncio.TimeoutError)):
         return grpc.StatusCode.DEADLINE_EXCEEDED, (
             f"deadline exceeded: {error}" if str(error) else "deadline exceeded")
@@ -50,12 +55,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Wraps unary, server-streaming and client-streaming handlers so any
     exception ends the call with the mapped status instead of a bare
     INTERNAL; with `metrics`, records every call's status code and latency.
+    A response stream whose client takes no message for `write_timeout_s`
+    ends DEADLINE_EXCEEDED (see coordinator/stream_guard.py).
     """
 
     def __init__(self, metrics: ServiceMetrics | None = None,
-                 draining: Callable[[], bool] = lambda: False):
+                 draining: Callable[[], bool] = lambda: False,
+                 write_timeout_s: float | None = None):
         self._metrics = metrics
         self._draining = draining
+        self._write_timeout_s = write_timeout_s
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -112,10 +121,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_stream(self, behavior, method, parse):
+        """Server-streaming. The wrapper writes each message itself (an async
+        generator's messages are written by gRPC, with no bound on how long
+        a client that does not read may block it) and closes the handler's
+        generator at once when the call ends, releasing what it holds."""
+        if inspect.iscoroutinefunction(behavior):  # writes by itself (health's Watch)
+            return self._wrap_unary(behavior, method, parse)
+
         async def wrapped(request, context):
-            async with self._outcome(method, context):
-                async for response in behavior(parse(request), context):
-                    yield response
+            async with (self._outcome(method, context),
+                        ResponseWatch(self._write_timeout_s) as watch):
+                responses = behavior(parse(request), context)
+                try:
+                    async for response in responses:
+                        await watch.write(context, response)
+                finally:
+                    await responses.aclose()
         return wrapped
 
 
@@ -125,6 +146,8 @@ async def _abort(context, error: BaseException, method: str):
     code, message = status_of(error)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("unhandled error in %s", method, exc_info=error)
+    elif is_storage_full(error):  # the operator must hear of it; the caller sees no path
+        log.error("%s: the data directory's storage is full: %s", method, error)
     retry_after_ms = getattr(error, "retry_after_ms", None)
     if retry_after_ms is not None:
         context.set_trailing_metadata((("grpc-retry-pushback-ms", str(retry_after_ms)),))

@@ -1,6 +1,11 @@
 """Errors a request can end with, each carrying its gRPC status code."""
 
+import errno
+
 import grpc
+
+# What a write gets from a full disk, or from a full disk quota.
+_STORAGE_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ServiceError(Exception):
@@ -39,6 +44,28 @@ class ResourceExhausted(ServiceError):
     def __init__(self, message: str, retry_after_ms: int | None = None):
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+
+class StorageFull(ResourceExhausted):
+    """The server's disk (or its disk quota) is full: nothing was stored."""
+
+    def __init__(self):
+        super().__init__(
+            "the server's storage is full, so nothing was stored; delete adapters or "
+            "datasets you no longer need (DeleteAdapter, DeleteDataset) and retry, or ask "
+            "the server's operator to free or add space.")
+
+
+def is_storage_full(error: BaseException) -> bool:
+    """Whether `error` is a write refused for want of space (ENOSPC, EDQUOT)."""
+    return isinstance(error, OSError) and error.errno in _STORAGE_FULL_ERRNOS
+
+
+class DeadlineExceeded(ServiceError):
+    """A bound on the call's time ran out (a stream idle too long, an upload
+    past its time limit); the message says which."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class Unavailable(ServiceError):

@@ -7,7 +7,8 @@ journal directory, every job is also a small JSON file there, rewritten
 a restarted coordinator still lists and answers for its jobs: those that
 were queued or running when it stopped end "interrupted" (training does not
 resume; a job whose adapter reached the registry before the stop comes back
-"succeeded").
+"succeeded"). A job's final state reaches the journal even on a full disk
+(see coordinator/job_journal.py).
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import AsyncIterator
 
 from coordinator.adapter_manager import AdapterManager
 from coordinator.adapter_record import shown
-from coordinator.errors import NotFound, ResourceExhausted
+from coordinator.errors import NotFound, ResourceExhausted, StorageFull, is_storage_full
+from coordinator.job_journal import JobJournal
 from worker.fine_tune_runner import FineTuneWork
 from worker.worker_pool import WorkerPool
 
@@ -36,6 +36,10 @@ ENDED = ("succeeded", "failed", "cancelled", "interrupted")
 JOURNAL_INTERVAL_S = 1.0
 # Ended jobs kept per tenant (listed, watchable); older ones are forgotten.
 KEPT_ENDED_PER_TENANT = 100
+# A job's error text is cut to this, so that a record fits its journal
+# reserve and ListFineTunes (100 ended jobs and the active ones) stays far
+# below gRPC's 4 MiB message limit.
+MAX_ERROR_CHARS = 2000
 
 
 @dataclasses.dataclass
@@ -72,23 +76,20 @@ class FineTuneJobs:
         self._changed: dict[str, asyncio.Condition] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._interrupted: set[str] = set()
-        self._journal = None if journal is None else Path(journal)
+        self._journal = None if journal is None else JobJournal(journal)
         self._journaled_at: dict[str, float] = {}
         if self._journal is not None:
-            self._journal.mkdir(parents=True, exist_ok=True)
             self._read_journal()
+            self._journal.drop_reserves()  # every job read back has ended
 
     def _read_journal(self) -> None:
         """Loads the jobs a previous run left; unfinished ones end "interrupted",
         or "succeeded" if the registry shows they published before it stopped."""
-        for leftover in self._journal.glob("*.tmp"):  # a write cut short
-            leftover.unlink(missing_ok=True)
         fields = {f.name for f in dataclasses.fields(FineTuneJob)}
-        for path in sorted(self._journal.glob("ft-*.json")):
+        for path, record in self._journal.records():
             try:
-                record = json.loads(path.read_text())
                 job = FineTuneJob(**{k: v for k, v in record.items() if k in fields})
-            except (OSError, ValueError, TypeError) as error:
+            except TypeError as error:
                 log.warning("ignoring unreadable job record %s: %s", path, error)
                 continue
             # Unfinished, or interrupted at shutdown while its publish was
@@ -118,22 +119,15 @@ class FineTuneJobs:
         return next((r.adapter_id for r in records if r.source == f"finetune:{job.job_id}"), "")
 
     def _write(self, job: FineTuneJob, durable: bool = False) -> None:
+        """Records `job`: durably at state changes (what a restart must not
+        lose), into its reserved space once it has ended."""
         if self._journal is None:
             return
-        path = self._journal / f"{job.job_id}.json"
-        temporary = path.with_suffix(".tmp")
-        with open(temporary, "w") as out:
-            out.write(json.dumps(dataclasses.asdict(job), default=float))
-            if durable:  # state changes: what a restart must not lose
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(temporary, path)  # a reader sees the old record or the new, whole
-        if durable:  # and the rename itself
-            directory = os.open(self._journal, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+        record = dataclasses.asdict(job)
+        if job.state in ENDED:
+            self._journal.write_final(job.job_id, record)
+        else:
+            self._journal.write(job.job_id, record, durable)
         self._journaled_at[job.job_id] = time.monotonic()
 
     def _write_or_warn(self, job: FineTuneJob, durable: bool = True) -> None:
@@ -151,7 +145,7 @@ class FineTuneJobs:
             for table in (self._jobs, self._changed, self._tasks, self._journaled_at):
                 table.pop(job.job_id, None)
             if self._journal is not None:
-                (self._journal / f"{job.job_id}.json").unlink(missing_ok=True)
+                self._journal.remove(job.job_id)
 
     def start(self, tenant: str, adapter_name: str, work_for_job) -> FineTuneJob:
         """Queues a job; `work_for_job(job_id)` builds its FineTuneWork.
@@ -169,7 +163,8 @@ class FineTuneJobs:
         job_id = f"ft-{uuid.uuid4().hex[:12]}"
         job = FineTuneJob(job_id=job_id, tenant=tenant, adapter_name=adapter_name)
         self._forget_old_jobs(tenant)
-        self._write(job, durable=True)  # no record, no job: the caller hears why
+        if self._journal is not None:  # no record, no job: the caller hears why
+            self._journal.create(job_id, dataclasses.asdict(job))
         self._jobs[job_id] = job
         self._changed[job_id] = asyncio.Condition()
         self._tasks[job_id] = asyncio.get_running_loop().create_task(
@@ -245,6 +240,8 @@ class FineTuneJobs:
         if job.job_id in self._interrupted and fields.get("state") == "cancelled":
             fields["state"] = "interrupted"
             fields.setdefault("error", "interrupted: the server shut down")
+        if len(fields.get("error", "")) > MAX_ERROR_CHARS:
+            fields["error"] = fields["error"][:MAX_ERROR_CHARS - 3] + "..."
         for key, value in fields.items():
             setattr(job, key, value)
         if ("state" in fields or time.monotonic() - self._journaled_at.get(job.job_id, 0.0)
@@ -280,6 +277,8 @@ class FineTuneJobs:
             raise
         except Exception as error:  # noqa: BLE001 - the job fails, the server goes on
             log.warning("fine-tune job %s failed: %s", job.job_id, error)
+            if is_storage_full(error):  # say what to do, not the server's paths
+                error = StorageFull()
             await self._update(job, state="failed", eta_seconds=0.0,
                                error=str(error) or type(error).__name__)
         finally:

@@ -1,13 +1,18 @@
 """Fine-tune requests and training data: proto in, validated plain data out.
 
 The one place StartFineTuneRequest messages and uploaded datasets are read;
-every rule names the field (or line) to fix.
+every rule names the field (or line) to fix. Parsing takes up to seconds of
+CPU, so callers run it off the event loop (coordinator/off_loop.py); it
+works in short steps (a text, a line, a sequence) so that the loop keeps
+its turns meanwhile.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -18,11 +23,19 @@ from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
 from gemma_core.fine_tune_config import FineTuneConfig
 from gemma_core.lora_trainer import total_steps
+from worker.packed_sequences import PackedSequences
 
 DEFAULT_RANK = 8
 DEFAULT_SEQUENCE_LENGTH = 128
 MAX_STEPS = 1_000_000
 MAX_TRAINING_SEQUENCES = 1_000_000
+# Inline training data (StartFineTune texts or sequences): more goes through
+# UploadDataset. The count is checked before any item is read, so an
+# oversized request costs nothing but its decoding.
+MAX_INLINE_SEQUENCES = 10_000
+MAX_INLINE_TOKENS = 1_000_000
+_UPLOAD_HINT = ("upload larger training data with UploadDataset (`gemma-client datasets "
+                "upload NAME data.jsonl`) and start the job from its dataset_id.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +52,7 @@ class FineTuneRequest:
 
     adapter_name: str
     config: FineTuneConfig
-    sequences: tuple[np.ndarray, ...] | None
+    sequences: PackedSequences | None
     dataset_id: str
     initial_adapter_id: str
 
@@ -73,30 +86,64 @@ def _tokenize(text: str, field: str, limits: ServiceLimits,
     if not isinstance(text, str) or not text:
         raise InvalidArgument(field, "must be a non-empty string.")
     try:
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError as error:  # a lone surrogate from a JSON "\ud800" escape
         raise InvalidArgument(field, f"holds {text[error.start]!r} at character {error.start}, "
                                      "half of a surrogate pair, which is not text; send "
                                      "valid Unicode.") from None
+    # One tokenizer call holds the GIL throughout: the same bound as Forward's.
+    if size > limits.max_text_bytes:
+        raise InvalidArgument(field, f"is {size} bytes; the limit is {limits.max_text_bytes} "
+                                     "(--max-text-bytes). Training reads at most "
+                                     "sequence_length tokens of it anyway; split long "
+                                     "documents into several examples.")
     return training_ids(tokenizer.tokenize(text, add_bos=True), f"{field} (tokenized)", limits)
 
 
-def parse_dataset_lines(data: bytes, limits: ServiceLimits,
-                        tokenizer: GemmaTokenizer | None) -> list[np.ndarray]:
+def max_line_bytes(limits: ServiceLimits) -> int:
+    """The longest dataset line read: room for a text of `max_text_bytes`
+    with every byte JSON-escaped (\\u00XX: 6 bytes) and for the ids of the
+    longest sequence (up to 8 bytes each). Longer lines are refused before
+    `json.loads`, one C call that holds the GIL throughout."""
+    return 6 * limits.max_text_bytes + 8 * limits.max_sequence_length + 64
+
+
+def parse_dataset_file(path: str | os.PathLike, limits: ServiceLimits,
+                       tokenizer: GemmaTokenizer | None) -> PackedSequences:
     """JSON Lines, one {"text": "..."} or {"ids": [...]} per line, to token ids.
 
     Lines end at "\\n" only (as JSON Lines says), so a text may hold any other
-    line separator; a UTF-8 byte order mark at the start is skipped.
+    line separator; a UTF-8 byte order mark at the start is skipped. Read a
+    line at a time: memory holds the result, not the file.
+
+    Raises:
+        InvalidArgument: naming the line at fault.
     """
-    try:
-        text = data.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as error:
-        raise InvalidArgument("data", f"is not UTF-8 JSON Lines ({error}).") from None
-    sequences = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    with open(path, "rb") as lines:
+        sequences = PackedSequences.pack(_dataset_sequences(lines, limits, tokenizer))
+    if not len(sequences):
+        raise InvalidArgument("data", "holds no examples; send one JSON object per line.")
+    return sequences
+
+
+def _dataset_sequences(lines, limits: ServiceLimits,
+                       tokenizer: GemmaTokenizer | None) -> Iterator[np.ndarray]:
+    longest, count = max_line_bytes(limits), 0
+    for number, raw in enumerate(iter(lambda: lines.readline(longest + 2), b""), start=1):
+        field = f"data line {number}"
+        raw = raw.removesuffix(b"\n")
+        if len(raw) > longest:
+            raise InvalidArgument(field, f"is longer than {longest} bytes, the most a line "
+                                         "may hold here (a text of --max-text-bytes, or the "
+                                         "ids of the longest sequence); split it.")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidArgument(field, f"is not UTF-8 JSON Lines ({error}).") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
-        field = f"data line {number}"
         try:
             item = json.loads(line)
         except json.JSONDecodeError as error:
@@ -111,18 +158,27 @@ def parse_dataset_lines(data: bytes, limits: ServiceLimits,
             raise InvalidArgument(field, 'must be an object with exactly one of "text" and '
                                          '"ids".')
         if "text" in item:
-            sequences.append(_tokenize(item["text"], field, limits, tokenizer))
+            yield _tokenize(item["text"], field, limits, tokenizer)
         else:
             ids = item["ids"]
             if not isinstance(ids, list) or not all(
                     isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise InvalidArgument(field, '"ids" must be a list of integers.')
-            sequences.append(training_ids(ids, field, limits))
-        if len(sequences) > MAX_TRAINING_SEQUENCES:
+            yield training_ids(ids, field, limits)
+        count += 1
+        if count > MAX_TRAINING_SEQUENCES:
             raise InvalidArgument("data", f"more than {MAX_TRAINING_SEQUENCES} examples.")
-    if not sequences:
-        raise InvalidArgument("data", "holds no examples; send one JSON object per line.")
-    return sequences
+
+
+def _inline(sequences: Iterable[np.ndarray], field: str) -> Iterator[np.ndarray]:
+    """`sequences`, refused once they pass MAX_INLINE_TOKENS in all."""
+    tokens = 0
+    for sequence in sequences:
+        tokens += sequence.size
+        if tokens > MAX_INLINE_TOKENS:
+            raise InvalidArgument(field, f"hold more than {MAX_INLINE_TOKENS} tokens, the most "
+                                         f"accepted inline; {_UPLOAD_HINT}")
+        yield sequence
 
 
 def check_training_length(num_sequences: int, config: FineTuneConfig) -> None:
@@ -154,6 +210,11 @@ def parse_fine_tune_request(message: ft_pb.StartFineTuneRequest, limits: Service
         raise InvalidArgument("texts, sequences, dataset_id",
                               "send the training data one way: texts, token sequences, or "
                               "the id of an uploaded dataset.")
+    count = len(message.texts) + len(message.sequences)
+    if count > MAX_INLINE_SEQUENCES:
+        raise InvalidArgument("texts" if message.texts else "sequences",
+                              f"{count} items; at most {MAX_INLINE_SEQUENCES} are accepted "
+                              f"inline; {_UPLOAD_HINT}")
     rank = message.rank or DEFAULT_RANK
     if not 1 <= rank <= max_rank:
         raise InvalidArgument("rank", f"{rank} is outside 1..{max_rank} (this server's "
@@ -189,11 +250,13 @@ def parse_fine_tune_request(message: ft_pb.StartFineTuneRequest, limits: Service
         batch_size=batch_size, sequence_length=sequence_length, seed=int(message.seed))
     sequences = None
     if message.texts:
-        sequences = tuple(_tokenize(text, f"texts[{i}]", limits, tokenizer)
-                          for i, text in enumerate(message.texts))
+        sequences = PackedSequences.pack(_inline(
+            (_tokenize(text, f"texts[{i}]", limits, tokenizer)
+             for i, text in enumerate(message.texts)), "texts"))
     elif message.sequences:
-        sequences = tuple(training_ids(s.ids, f"sequences[{i}]", limits)
-                          for i, s in enumerate(message.sequences))
+        sequences = PackedSequences.pack(_inline(
+            (training_ids(s.ids, f"sequences[{i}]", limits)
+             for i, s in enumerate(message.sequences)), "sequences"))
     if sequences is not None:
         check_training_length(len(sequences), config)
     return FineTuneRequest(adapter_name=name, config=config, sequences=sequences,

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from coordinator import off_loop
 from coordinator.adapter_manager import AdapterManager
+from coordinator.adapter_record import check_name
 from coordinator.dataset_store import DatasetStore
-from coordinator.errors import InvalidArgument, ResourceExhausted
+from coordinator.errors import InvalidArgument
 from coordinator.fine_tune_jobs import FineTuneJob, FineTuneJobs
-from coordinator.fine_tune_request import (check_training_length, parse_dataset_lines,
+from coordinator.fine_tune_request import (check_training_length, parse_dataset_file,
                                            parse_fine_tune_request)
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as pb
 from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceLimits
+from coordinator.stream_guard import UploadGuard, receive_to_file
 from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from worker.fine_tune_runner import FineTuneWork
@@ -37,7 +40,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
     def __init__(self, auth: TenantAuth, jobs: FineTuneJobs, adapters: AdapterManager,
                  datasets: DatasetStore, limits: ServiceLimits,
                  tokenizer: GemmaTokenizer | None, max_upload_bytes: int,
-                 max_batch_tokens: int):
+                 max_batch_tokens: int, uploads: UploadGuard):
         self._auth = auth
         self._jobs = jobs
         self._adapters = adapters
@@ -46,29 +49,40 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         self._tokenizer = tokenizer
         self._max_upload_bytes = max_upload_bytes
         self._max_batch_tokens = max_batch_tokens
+        self._uploads = uploads
 
     def _tenant(self, context) -> str:
         return self._auth.tenant_for_metadata(context.invocation_metadata())
 
     async def UploadDataset(self, request_iterator, context):
         tenant = self._tenant(context)
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("kind") != "name":
-            raise InvalidArgument("name", "the first message must carry the dataset name, "
-                                          "the rest its JSON Lines bytes.")
-        data = bytearray()
-        async for message in request_iterator:
-            if message.WhichOneof("kind") != "data":
-                raise InvalidArgument("name", "send the name once, first.")
-            data += message.data
-            if len(data) > self._max_upload_bytes:
-                raise ResourceExhausted(f"the dataset is larger than the "
-                                        f"{self._max_upload_bytes} byte upload limit.")
-        sequences = await asyncio.to_thread(parse_dataset_lines, bytes(data), self._limits,
-                                            self._tokenizer)
-        examples, tokens = await asyncio.to_thread(self._datasets.save, tenant, first.name,
-                                                   sequences)
-        return pb.Dataset(dataset_id=first.name, num_examples=examples, num_tokens=tokens)
+        with self._uploads.upload(tenant, request_iterator) as messages:
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("kind") != "name":
+                raise InvalidArgument("name", "the first message must carry the dataset "
+                                              "name, the rest its JSON Lines bytes.")
+            name = check_name("name", first.name)
+
+            async def chunks():
+                async for message in messages:
+                    if message.WhichOneof("kind") != "data":
+                        raise InvalidArgument("name", "send the name once, first.")
+                    yield message.data
+
+            # To disk as it comes, parsed from there: memory holds the
+            # result, never the upload.
+            path = self._datasets.new_upload_path()
+            try:
+                await receive_to_file(chunks(), path, self._max_upload_bytes,
+                                      f"the dataset is larger than the {self._max_upload_bytes} "
+                                      "byte upload limit (--max-upload-mib).")
+                sequences = await off_loop.TRAINING_DATA.run(parse_dataset_file, path,
+                                                             self._limits, self._tokenizer)
+            finally:
+                path.unlink(missing_ok=True)
+            examples, tokens = await asyncio.to_thread(self._datasets.save, tenant, name,
+                                                       sequences)
+        return pb.Dataset(dataset_id=name, num_examples=examples, num_tokens=tokens)
 
     async def ListDatasets(self, request, context):
         found = await asyncio.to_thread(self._datasets.list, self._tenant(context))
@@ -84,8 +98,9 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
 
     async def StartFineTune(self, request, context):
         tenant = self._tenant(context)
-        parsed = parse_fine_tune_request(request, self._limits, self._tokenizer,
-                                         self._adapters.max_rank, self._max_batch_tokens)
+        parsed = await off_loop.TRAINING_DATA.run(
+            parse_fine_tune_request, request, self._limits, self._tokenizer,
+            self._adapters.max_rank, self._max_batch_tokens)
         sequences = parsed.sequences
         if sequences is None:
             sequences = await asyncio.to_thread(self._datasets.load, tenant, parsed.dataset_id)
@@ -103,7 +118,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             initial = ref.payload
         check_training_length(len(sequences), config)
         job = self._jobs.start(tenant, parsed.adapter_name, lambda job_id: FineTuneWork(
-            job_id=job_id, sequences=tuple(sequences), config=config, initial=initial))
+            job_id=job_id, sequences=sequences, config=config, initial=initial))
         return job_message(job)
 
     async def WatchFineTune(self, request, context):

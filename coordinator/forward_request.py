@@ -18,6 +18,9 @@ POOLING_NAMES = {pb.POOLING_UNSPECIFIED: "none", pb.POOLING_NONE: "none",
                  pb.POOLING_LAST_TOKEN: "last_token", pb.POOLING_MEAN: "mean"}
 DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
                pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_FLOAT16: "float16"}
+# Texts of up to this many characters in all are tokenized on the event loop
+# (a few milliseconds at most); longer ones beside it (coordinator/off_loop.py).
+LOOP_TOKENIZE_CHARS = 16 << 10
 
 
 def _enum(value: int, names: dict, field: str, enum) -> str:
@@ -56,6 +59,15 @@ def _check_ids(ids: np.ndarray, field: str, limits: ServiceLimits) -> np.ndarray
         raise InvalidArgument(field, f"token id {int(ids[position])} at position {position} "
                                      f"is outside [0, {limits.vocabulary_size}).")
     return ids
+
+
+def cheap_to_parse(message: pb.ForwardRequest, limits: ServiceLimits) -> bool:
+    """Whether `parse_forward_request(message)` is quick enough for the event
+    loop: token ids, short texts, or more texts than are allowed (refused
+    before any is tokenized)."""
+    texts = message.texts
+    return (len(texts) > limits.max_sequences_per_request
+            or sum(len(text) for text in texts) <= LOOP_TOKENIZE_CHARS)
 
 
 def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,

@@ -16,6 +16,8 @@ import sys
 from coordinator.admission_control import AdmissionLimits
 from coordinator.server import GemmaServer
 from coordinator.service_config import ServiceConfig
+from coordinator.storage_quota import StorageQuota
+from coordinator.stream_guard import StreamLimits
 from gemma_core import DEFAULT_PRESET
 from worker.errors import WorkerError
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
@@ -89,7 +91,8 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="largest LoRA rank served (smaller ranks are zero-padded)")
     p.add_argument("--data-dir", default=ServiceConfig.__dataclass_fields__["data_dir"]
                    .default_factory(),
-                   help="where adapters and datasets are stored (env GEMMA_SERVE_DATA)")
+                   help="where adapters and datasets are stored (env GEMMA_SERVE_DATA); "
+                        "one server per directory")
     p.add_argument("--api-keys-file", default=None,
                    help='JSON {"<key>": "<tenant>"}; default: env GEMMA_SERVE_API_KEYS '
                         "(tenant=key,...), else auth off with one tenant 'default'")
@@ -108,7 +111,34 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="queued or running fine-tune jobs per tenant")
     p.add_argument("--max-queued-sequences", type=int,
                    default=limits.max_queued_sequences_per_worker,
-                   help="sequences a worker may hold before new requests are refused")
+                   help="sequences of one tenant a worker may hold before that tenant's new "
+                        "requests are refused (a share per tenant: one tenant's load never "
+                        "refuses another's calls)")
+    quota = StorageQuota()
+    p.add_argument("--tenant-max-adapter-versions", type=int,
+                   default=quota.max_adapter_versions,
+                   help="adapter versions a tenant may store, all names together "
+                        "(default %(default)s; beyond: RESOURCE_EXHAUSTED)")
+    p.add_argument("--tenant-max-adapter-mib", type=float,
+                   default=quota.max_adapter_bytes / (1 << 20),
+                   help="MiB of adapter files a tenant may store (default %(default)g)")
+    p.add_argument("--tenant-max-datasets", type=int, default=quota.max_datasets,
+                   help="uploaded datasets a tenant may store (default %(default)s)")
+    streams = StreamLimits()
+    p.add_argument("--stream-idle-timeout-s", type=float, default=streams.idle_timeout_s,
+                   help="an upload that sends no message, or a response stream whose client "
+                        "takes none, for this long ends DEADLINE_EXCEEDED, releasing what it "
+                        "holds (default %(default)g)")
+    p.add_argument("--upload-timeout-s", type=float, default=streams.upload_timeout_s,
+                   help="most seconds one adapter or dataset upload may take, start to end "
+                        "(default %(default)g; beyond: DEADLINE_EXCEEDED)")
+    p.add_argument("--tenant-max-uploads", type=int, default=streams.max_uploads_per_tenant,
+                   help="adapter and dataset uploads a tenant may have open at once "
+                        "(default %(default)s; beyond: RESOURCE_EXHAUSTED)")
+    p.add_argument("--compilation-cache-dir", default=None,
+                   help="where workers keep their compiled bucket programs (JAX's persistent "
+                        "compilation cache, a directory on each worker's node), so a restart "
+                        "loads them instead of compiling; default <data-dir>/compilation-cache")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
     p.add_argument("--metrics-port", type=int, default=9090,
@@ -135,7 +165,8 @@ def parse_args(argv=None) -> ServiceConfig:
         layer_slots=args.max_layers_per_request)
     spec = WorkerSpec(preset=args.preset, mesh_shape=tuple(args.mesh), dtype=args.dtype,
                       use_gpus=args.gpus, batching=batching, max_adapters=args.max_adapters,
-                      max_adapter_rank=args.max_adapter_rank, cpus=args.cpus_per_worker)
+                      max_adapter_rank=args.max_adapter_rank, cpus=args.cpus_per_worker,
+                      compilation_cache_dir=args.compilation_cache_dir)
     return ServiceConfig(worker=spec, num_workers=args.workers, host=args.host,
                          port=args.port, ray_address=args.ray_address,
                          ray_num_cpus=args.ray_num_cpus,
@@ -149,6 +180,14 @@ def parse_args(argv=None) -> ServiceConfig:
                          tls_client_ca=args.tls_client_ca,
                          shutdown_grace_s=args.shutdown_grace_s,
                          forward_transport=args.forward_transport,
+                         storage_quota=StorageQuota(
+                             max_adapter_versions=args.tenant_max_adapter_versions,
+                             max_adapter_bytes=int(args.tenant_max_adapter_mib * (1 << 20)),
+                             max_datasets=args.tenant_max_datasets),
+                         streams=StreamLimits(
+                             idle_timeout_s=args.stream_idle_timeout_s,
+                             upload_timeout_s=args.upload_timeout_s,
+                             max_uploads_per_tenant=args.tenant_max_uploads),
                          admission=AdmissionLimits(
                              max_requests=args.tenant_max_requests,
                              max_tokens=args.tenant_max_tokens,

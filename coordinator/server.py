@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 
@@ -24,11 +25,16 @@ from coordinator.generated.gemma.v1 import finetune_service_pb2 as finetune_pb
 from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as finetune_grpc
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
+from coordinator.local_ray import start_local_ray
 from coordinator.service_config import ServiceConfig, ServiceLimits
 from coordinator.service_metrics import ServiceMetrics
+from coordinator.single_instance import (NO_PORT_REUSE, DataDirLock, listen,
+                                         refuse_if_port_in_use)
 from coordinator.servicer import GemmaServicer
+from coordinator.stream_guard import UploadGuard
 from coordinator.tenant_auth import TenantAuth
 from worker.errors import WorkerUnavailable
+from worker.worker_config import WorkerSpec
 from gemma_core import DEFAULT_PRESET, GemmaConfig, GemmaTokenizer, PresetError
 from gemma_core import read_preset_config
 
@@ -51,11 +57,16 @@ def connect_ray(config: ServiceConfig) -> None:
     if config.ray_address:  # the cluster's own auth settings apply
         ray.init(address=config.ray_address, logging_level=logging.WARNING)
     else:
-        # A private instance for this process: no token needed unless the
-        # user asks for one; "local" never joins another instance on the host.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", num_cpus=config.ray_num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING)
+        start_local_ray(config.ray_num_cpus)  # loopback only, token auth on
+
+
+def worker_spec(config: ServiceConfig) -> WorkerSpec:
+    """The spec workers start from: the configured one, its compiled
+    programs kept under the data directory unless it names a cache."""
+    if config.worker.compilation_cache_dir:
+        return config.worker
+    return dataclasses.replace(config.worker, compilation_cache_dir=os.path.join(
+        config.data_dir, "compilation-cache"))
 
 
 def server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
@@ -88,8 +99,20 @@ class GemmaServer:
         self.metrics_port: int | None = None
         self.draining = False
         self._jobs: FineTuneJobs | None = None
+        self._data_lock: DataDirLock | None = None
 
     async def start(self) -> None:
+        """Starts everything, or refuses when another server holds the data
+        directory or the port (AlreadyInUse), before touching either."""
+        self._data_lock = DataDirLock(self.config.data_dir)
+        try:
+            refuse_if_port_in_use(self.config.host, self.config.port)
+            await self._start()
+        except BaseException:
+            self._data_lock.release()
+            raise
+
+    async def _start(self) -> None:
         from worker.worker_pool import WorkerPool
 
         config = self.config
@@ -114,7 +137,7 @@ class GemmaServer:
             max_text_bytes=config.max_text_bytes)
 
         connect_ray(config)
-        self._pool = WorkerPool(config.worker, config.num_workers,
+        self._pool = WorkerPool(worker_spec(config), config.num_workers,
                                 config.admission.max_queued_sequences_per_worker,
                                 transport=config.forward_transport,
                                 hidden_dim=architecture.hidden_dim)
@@ -124,10 +147,11 @@ class GemmaServer:
             raise WorkerUnavailable(f"the workers loaded different weights ({fingerprints}); "
                                     "every node must see the same preset files.")
         registry = AdapterRegistry(os.path.join(config.data_dir, "adapters"), architecture,
-                                   fingerprints.pop())
+                                   fingerprints.pop(), quota=config.storage_quota)
         adapters = AdapterManager(registry, self._pool, config.worker.max_adapter_rank,
                                   config.max_upload_bytes)
-        datasets = DatasetStore(os.path.join(config.data_dir, "datasets"))
+        datasets = DatasetStore(os.path.join(config.data_dir, "datasets"),
+                                config.storage_quota)
         jobs = FineTuneJobs(self._pool, adapters, config.admission.max_fine_tunes,
                             journal=os.path.join(config.data_dir, "jobs"))
         self._jobs = jobs
@@ -137,26 +161,26 @@ class GemmaServer:
             parameter_count=architecture.num_parameters(),
             random_weights=config.worker.preset == DEFAULT_PRESET, auth=self.auth,
             adapters=adapters, metrics=self.metrics,
-            admission=TenantAdmission(config.admission))
+            admission=TenantAdmission(config.admission), jobs=jobs)
+        uploads = UploadGuard(config.streams)  # one tenant's slots span adapters and datasets
         self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self.metrics, draining=lambda: self.draining)],
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            interceptors=[ErrorInterceptor(self.metrics, draining=lambda: self.draining,
+                                           write_timeout_s=config.streams.idle_timeout_s)],
+            options=[NO_PORT_REUSE, ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                      ("grpc.max_send_message_length", MAX_SEND_BYTES)])
         pb_grpc.add_GemmaServiceServicer_to_server(servicer, self._server)
         adapter_grpc.add_AdapterServiceServicer_to_server(
-            AdapterServicer(self.auth, adapters), self._server)
+            AdapterServicer(self.auth, adapters, uploads), self._server)
         finetune_grpc.add_FineTuneServiceServicer_to_server(
             FineTuneServicer(self.auth, jobs, adapters, datasets, limits, tokenizer,
-                             config.max_upload_bytes, config.worker.batching.max_batch_tokens),
+                             config.max_upload_bytes, config.worker.batching.max_batch_tokens,
+                             uploads),
             self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self._server)
-        address = f"{config.host}:{config.port}"
-        credentials = server_credentials(config)
-        self.port = (self._server.add_secure_port(address, credentials) if credentials
-                     else self._server.add_insecure_port(address))
+        self.port = listen(self._server, config.host, config.port, server_credentials(config))
         await self._server.start()
         if config.metrics_port is not None:
             self.metrics.watch_workers(asyncio.get_running_loop(), self._pool.infos,
@@ -166,6 +190,11 @@ class GemmaServer:
         loop = asyncio.get_running_loop()
         self._pool.on_serving_change = lambda serving: (
             None if self.draining else loop.create_task(self._set_health(serving)))
+
+    async def worker_infos(self) -> list[dict]:
+        """Every worker's identity and counters, all tenants' work included:
+        the operator's view (GetModelInfo shows a tenant its own share)."""
+        return await self._pool.infos()
 
     async def _set_health(self, serving: bool) -> None:
         """SERVING while some worker can serve; NOT_SERVING otherwise."""
@@ -191,3 +220,5 @@ class GemmaServer:
         if self._pool is not None:
             self._pool.shutdown()
         self.metrics.stop()
+        if self._data_lock is not None:
+            self._data_lock.release()

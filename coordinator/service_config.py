@@ -6,6 +6,8 @@ import dataclasses
 import os
 
 from coordinator.admission_control import AdmissionLimits
+from coordinator.storage_quota import StorageQuota
+from coordinator.stream_guard import StreamLimits
 from worker.worker_config import TRANSPORTS, WorkerSpec
 
 
@@ -37,13 +39,16 @@ class ServiceConfig:
         chunk_bytes: payload bytes per streamed chunk (gRPC's default
             message limit is 4 MiB).
         data_dir: where adapters (`adapters/`) and datasets (`datasets/`)
-            are stored; survives restarts.
+            are stored; survives restarts. One server at a time: it holds
+            a lock there (coordinator/single_instance.py).
         api_keys_file: JSON {"<key>": "<tenant>"}; None reads
             GEMMA_SERVE_API_KEYS, and with neither, auth is off (one tenant).
         max_upload_bytes: size cap of an adapter or dataset upload.
         metrics_host, metrics_port: the Prometheus endpoint (`/metrics`);
             port None turns it off, 0 picks a free one. Loopback unless set.
         admission: per-tenant and per-worker limits on work in flight.
+        storage_quota: per-tenant limits on stored adapters and datasets.
+        streams: idle and upload timeouts, uploads open per tenant.
         tls_cert, tls_key: PEM files; set both to serve TLS only.
         tls_client_ca: PEM CA; set it to require client certificates it
             signed (mutual TLS).
@@ -69,6 +74,8 @@ class ServiceConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     admission: AdmissionLimits = AdmissionLimits()
+    storage_quota: StorageQuota = StorageQuota()
+    streams: StreamLimits = StreamLimits()
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None

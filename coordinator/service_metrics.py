@@ -120,6 +120,8 @@ class _WorkerCollector:
                                   "Adapters in a worker's slots."),
             "compiled_functions": ("gemma_worker_compiled_functions",
                                    "Compiled forward functions of a worker."),
+            "max_adapters_in_a_batch": ("gemma_worker_max_adapters_in_a_batch",
+                                        "Most distinct adapters (base included) in one batch."),
         }
         counters = {
             "batches_run": ("gemma_worker_batches", "Batches run by a worker."),

@@ -9,9 +9,11 @@ import logging
 import time
 import uuid
 
-from coordinator.adapter_manager import AdapterManager
+from coordinator import off_loop
+from coordinator.adapter_manager import AdapterManager, key_tenant
 from coordinator.admission_control import TenantAdmission
-from coordinator.forward_request import parse_forward_request
+from coordinator.fine_tune_jobs import FineTuneJobs
+from coordinator.forward_request import cheap_to_parse, parse_forward_request
 from coordinator.forward_response import response_stream
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
@@ -34,13 +36,14 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                  tokenizer: GemmaTokenizer | None, model_config: dict,
                  parameter_count: int, random_weights: bool, auth: TenantAuth,
                  adapters: AdapterManager, metrics: ServiceMetrics,
-                 admission: TenantAdmission):
+                 admission: TenantAdmission, jobs: FineTuneJobs):
         self._config = config
         self._pool = pool
         self._auth = auth
         self._adapters = adapters
         self._metrics = metrics
         self._admission = admission
+        self._jobs = jobs
         self._limits = limits
         self._tokenizer = tokenizer
         self._model_config = model_config
@@ -49,20 +52,27 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
 
     async def Forward(self, request, context):
         tenant = self._auth.tenant_for_metadata(context.invocation_metadata())
-        work = parse_forward_request(request, self._limits, self._tokenizer,
-                                     request_id=uuid.uuid4().hex[:16],
-                                     timeout_s=context.time_remaining())
+        request_id = uuid.uuid4().hex[:16]
+        if cheap_to_parse(request, self._limits):
+            work = parse_forward_request(request, self._limits, self._tokenizer, request_id,
+                                         context.time_remaining())
+        else:  # long texts, tokenized beside the loop; the deadline counts from after
+            work = await off_loop.FORWARD.run(parse_forward_request, request, self._limits,
+                                              self._tokenizer, request_id, None)
+            work = dataclasses.replace(work, timeout_s=context.time_remaining())
         started = time.perf_counter()
         tokens = sum(len(s) for s in work.sequences)
         # Admitted before anything costs (adapter lookup, the worker), and
         # held until the last chunk is sent: the results are in memory till then.
+        # A client that stops reading is cut off after --stream-idle-timeout-s
+        # (the interceptor closes this generator; see coordinator/stream_guard.py).
         with self._admission.admit(tenant, tokens):
             adapter_id = ""
             if request.adapter_id:
                 record, ref = await self._adapters.ref_for(tenant, request.adapter_id)
                 work = dataclasses.replace(work, adapter=ref)
                 adapter_id = record.adapter_id
-            result = await asyncio.wait_for(self._pool.forward(work),
+            result = await asyncio.wait_for(self._pool.forward(work, tenant),
                                             timeout=context.time_remaining())
             self._metrics.record_forward(len(work.sequences), tokens)
             log.info("forward %s", work.request_id, extra={
@@ -105,7 +115,10 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions",
                 "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen",
                 "compiled_slot_writers", "pid", "forward_calls", "forward_requests",
-                "forward_channel_calls", "cpus", "xla_cpu_threads")}
+                "forward_channel_calls", "cpus", "xla_cpu_threads", "programs_compiled",
+                "programs_from_cache", "compile_seconds")}
+            if self._auth.enabled:
+                counters.update(_tenant_view(worker, tenant))
             info.workers.add(
                 worker_id=worker["worker_id"], node_id=worker.get("node_id", ""),
                 mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],
@@ -113,4 +126,23 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 state=worker.get("error", ""),
                 forward_transport=worker.get("forward_transport", ""),
                 **counters)
+        requests, tokens = self._admission.in_flight(tenant)
+        stored = self._adapters.registry.list(tenant)
+        info.usage.CopyFrom(pb.TenantUsage(
+            requests_in_flight=requests, tokens_in_flight=tokens,
+            adapter_versions=len(stored),
+            adapter_bytes=sum(record.size_bytes for record in stored),
+            fine_tunes_active=sum(job.state in ("queued", "running")
+                                  for job in self._jobs.list(tenant))))
         return info
+
+
+# Counters that would show what other tenants do with adapters and training:
+# with auth on a caller sees its own share where it can be told apart, else 0.
+_PRIVATE_COUNTERS = ("adapter_loads", "adapter_evictions", "fine_tune_steps",
+                     "max_adapters_in_a_batch")
+
+
+def _tenant_view(worker: dict, tenant: str) -> dict:
+    own = sum(key_tenant(key) == tenant for key in worker.get("adapter_keys", ()))
+    return {"adapters_resident": own, **dict.fromkeys(_PRIVATE_COUNTERS, 0)}

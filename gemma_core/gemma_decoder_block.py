@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from gemma_core.gemma_attention import GemmaAttention
+from gemma_core.gemma_einsum_dense import GemmaEinsumDense
 from gemma_core.matmul_precision import matmul_precision
 from gemma_core.rms_normalization import RMSNormalization
 
@@ -48,7 +49,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
         return RMSNormalization(self.layer_norm_epsilon, name=name, dtype=self.dtype_policy)
 
     def _dense(self, equation, width, name):
-        return keras.layers.EinsumDense(
+        return GemmaEinsumDense(
             equation, output_shape=(None, width), name=name,
             kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
 

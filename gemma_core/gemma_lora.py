@@ -9,6 +9,7 @@ cases; the mixed ones were read off files keras_hub 0.32 wrote).
 from __future__ import annotations
 
 import os
+from typing import BinaryIO
 
 import h5py
 import numpy as np
@@ -31,9 +32,10 @@ def keras_hub_lora_index(block: int, target: str, use_post_attention_norm: bool,
     return index + 2 if target == "query" else index
 
 
-def write_lora_file(path: str | os.PathLike, rank: int,
+def write_lora_file(path: str | os.PathLike | BinaryIO, rank: int,
                     kernels: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
-    """`kernels`: keras_hub index -> (lora_kernel_a, lora_kernel_b)."""
+    """`kernels`: keras_hub index -> (lora_kernel_a, lora_kernel_b); `path`
+    may be a binary file object (io.BytesIO) instead of a file name."""
     with h5py.File(path, "w") as handle:
         group = handle.create_group("lora")
         group.create_group("vars").create_dataset("rank", data=np.int64(rank))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import BinaryIO, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -22,6 +22,17 @@ from gemma_core.gemma_config import GemmaConfig
 
 # (block index, "query" | "value") -> (a (heads, d, r), b (r, head_dim))
 Kernels = Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+
+# The largest magnitude allowed for an entry of a, of (alpha / rank) * b
+# and of the update (alpha / rank) * a @ b; trained updates are around 1e-2.
+# A projection's input is RMS-normalized, so each entry of x @ a and of the
+# LoRA output is at most hidden_dim * (1 + the norm's largest scale) times
+# this: about 5e7 times that scale for the largest presets. Attention mixes
+# such values, the output projection sums a few thousand into the residual
+# stream, and every block normalizes its input again, so hidden states (and
+# the squares the norms take) stay many orders of magnitude below float32's
+# and bfloat16's 3.4e38. A factor or alpha of 3e38 overflows at once.
+MAX_LORA_MAGNITUDE = 1e4
 
 
 class MalformedAdapter(AdapterMismatch):
@@ -82,6 +93,26 @@ class LoraAdapter:
                 if not np.all(np.isfinite(factor)):
                     raise MalformedAdapter(f"block {block} {target}: the factors hold NaN or "
                                            "infinite values.")
+            self._check_magnitude(block, target, a, b)
+
+    def _check_magnitude(self, block: int, target: str, a: np.ndarray, b: np.ndarray) -> None:
+        """Refuses factors that could overflow the served model (see
+        MAX_LORA_MAGNITUDE). Every entry of scale * a @ b is at most
+        scale * sum_k max|a[..., k]| * max|b[k, :]|, an upper bound that
+        needs no product formed; in float64, so it cannot overflow itself."""
+        a_max = np.max(np.abs(a), axis=(0, 1), initial=0).astype("float64")
+        b_max = np.max(np.abs(b), axis=1, initial=0).astype("float64") * self.scale
+        for what, value in (("an entry of lora_a is {:.3g}", a_max.max(initial=0.0)),
+                            ("an entry of (alpha / rank) * lora_b is {:.3g}",
+                             b_max.max(initial=0.0)),
+                            ("the update (alpha / rank) * a @ b may reach {:.3g}",
+                             float(np.sum(a_max * b_max)))):
+            if value > MAX_LORA_MAGNITUDE:
+                raise MalformedAdapter(
+                    f"block {block} {target}: {what.format(value)} in magnitude, above the "
+                    f"limit of {MAX_LORA_MAGNITUDE:g} (trained LoRA updates are around "
+                    "1e-2): values this large overflow the model. Check the factors and "
+                    "alpha.")
 
     @property
     def scale(self) -> float:
@@ -201,11 +232,12 @@ class LoraAdapter:
         adapter.check_fits(config)
         return adapter
 
-    def write_lora_file(self, path: str | os.PathLike, config: GemmaConfig) -> None:
-        """Writes a keras_hub `.lora.h5` file. keras_hub has no alpha (it is
-        the rank there), so `alpha / rank` is folded into each b."""
+    def write_lora_file(self, path: str | os.PathLike | BinaryIO, config: GemmaConfig) -> None:
+        """Writes a keras_hub `.lora.h5` file, to a path or a binary file
+        object. keras_hub has no alpha (it is the rank there), so
+        `alpha / rank` is folded into each b."""
         self.check_fits(config)
-        if not os.fspath(path).endswith(".lora.h5"):
+        if isinstance(path, (str, os.PathLike)) and not os.fspath(path).endswith(".lora.h5"):
             raise PresetError(f"LoRA files end in '.lora.h5', got {path}.")
         # keras_hub reads a pair for every query and value layer, so the ones
         # this adapter leaves alone are written as zero updates.

@@ -3,6 +3,7 @@
 import contextlib
 
 import jax
+import jax.numpy as jnp
 
 
 def matmul_precision(compute_dtype):
@@ -19,3 +20,16 @@ def matmul_precision(compute_dtype):
     if str(compute_dtype) == "float32":
         return jax.default_matmul_precision("float32")
     return contextlib.nullcontext()
+
+
+def wide_einsum(equation, x, y, out_dtype=None):
+    """`einsum(equation, x, y)` computed with float32 output, cast to
+    `out_dtype` (None: stay float32).
+
+    For bfloat16/float16 operands this is what the hardware does anyway
+    (products accumulate in float32), said out loud: XLA's CPU backend then
+    uses its native low-precision kernels instead of converting both
+    operands to float32 on every call.
+    """
+    out = jnp.einsum(equation, x, y, preferred_element_type=jnp.float32)
+    return out if out_dtype is None else out.astype(out_dtype)

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_core.matmul_precision import matmul_precision
+from gemma_core.matmul_precision import matmul_precision, wide_einsum
 
 
 @keras.saving.register_keras_serializable(package="gemma_core")
@@ -33,10 +33,10 @@ class ReversibleEmbedding(keras.layers.Embedding):
         if not reverse:
             return super().call(inputs)
         embeddings = ops.cast(self.embeddings, self.compute_dtype)
+        # float32 logits straight from the product (see wide_einsum); the
+        # soft cap is applied in float32 too: tanh saturates early in bf16.
         with matmul_precision(self.compute_dtype):
-            logits = ops.einsum("btd,vd->btv", inputs, embeddings)
-        # Soft cap in float32: tanh saturates early in bf16.
-        logits = ops.cast(logits, "float32")
+            logits = wide_einsum("btd,vd->btv", inputs, embeddings)
         if self.logit_soft_cap is not None:
             logits = ops.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
         return logits

@@ -37,3 +37,9 @@ class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
 
 def keyed_channel(address, key=ACME_KEY):
     return grpc.intercept_channel(grpc.insecure_channel(address), BearerKey(key))
+
+
+def operator_worker_infos(service) -> list[dict]:
+    """The workers' counters as the operator sees them (every tenant's work);
+    GetModelInfo shows a tenant only its own share of the private ones."""
+    return service.call(service.server.worker_infos())

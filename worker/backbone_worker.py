@@ -96,14 +96,21 @@ class BackboneWorker:
     """
 
     def __init__(self, worker_id: str, spec: WorkerSpec):
-        from worker.sharded_backbone import ShardedBackbone  # JAX starts here
+        from worker.compile_cache import use_compilation_cache  # JAX starts here
+        from worker.sharded_backbone import ShardedBackbone
 
         started = time.time()
         configure_logging()
         _undo_ray_niceness()
         self.worker_id = worker_id
         self.spec = spec
+        self._compiles = use_compilation_cache(spec.compilation_cache_dir)
         self.model = ShardedBackbone(spec)
+        loaded_at = time.time()
+        # Every bucket before ready (a restarted actor too): no request waits
+        # for a compilation. With the cache, a restart loads them instead.
+        self.model.compile_buckets(spec.batching.shapes())
+        self.compile_seconds = time.time() - loaded_at
         self._xla_cpu_threads = _xla_cpu_threads(spec)  # as XLA saw the process start
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"{worker_id}-device")
@@ -123,8 +130,10 @@ class BackboneWorker:
         self.forward_calls = 0      # actor calls and channel frames that brought forward work
         self.forward_requests = 0   # the requests they brought
         self._forward_server = ForwardServer(self.start_forward, self.cancel_forward)
-        log.info("%s loaded %s on %s in %.1fs", worker_id, spec.preset,
-                 self.model.devices, time.time() - started)
+        log.info("%s loaded %s on %s in %.1fs, compiled %d bucket programs in %.1fs "
+                 "(%d compiled, %d from the cache)", worker_id, spec.preset,
+                 self.model.devices, loaded_at - started, len(spec.batching.shapes()),
+                 self.compile_seconds, self._compiles.compiled, self._compiles.loaded)
 
     async def forward(self, work: ForwardWork) -> ForwardResult:
         started = time.time()
@@ -273,10 +282,14 @@ class BackboneWorker:
             "max_sequences_in_a_batch": stats.max_sequences_in_a_batch,
             "compiled_functions": self.model.compiled_functions(),
             "compiled_slot_writers": self.model.compiled_slot_writers(),
+            "programs_compiled": self._compiles.compiled,
+            "programs_from_cache": self._compiles.loaded,
+            "compile_seconds": round(self.compile_seconds, 3),
             "sequences_cancelled": stats.sequences_cancelled,
             "base_fingerprint": self.model.fingerprint,
             "adapter_slots": self._slots.num_slots,
             "adapters_resident": len(self._slots.resident()),
+            "adapter_keys": self._slots.resident(),
             "adapter_loads": self._slots.stats.loads,
             "adapter_evictions": self._slots.stats.evictions,
             "fine_tune_steps": self._fine_tunes.steps_run,

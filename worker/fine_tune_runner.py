@@ -14,7 +14,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import numpy as np
 import ray
@@ -35,13 +35,15 @@ class FineTuneWork:
 
     Attributes:
         job_id: for logs and cancel.
-        sequences: int32 token ids, each at least 2 tokens.
+        sequences: int32 token ids, each at least 2 tokens (a
+            `PackedSequences` from the coordinator: two arrays to pickle,
+            however many sequences).
         config: a gemma_core `FineTuneConfig`.
         initial: a Ray ObjectRef to (or a) `LoraAdapter` to start from, or None.
     """
 
     job_id: str
-    sequences: tuple[np.ndarray, ...]
+    sequences: Sequence[np.ndarray]
     config: Any
     initial: Any = None
 

@@ -19,7 +19,8 @@ class ShardedBackbone:
     map over a (batch, model) mesh of the first `spec.num_devices` devices.
 
     `run` is the one jitted function the worker calls: layer indices are data,
-    so it compiles once per padded (rows, length) shape.
+    so it compiles once per padded (rows, length) shape; `compile_buckets`
+    compiles those shapes ahead, so no request waits for a compilation.
     """
 
     def __init__(self, spec: WorkerSpec):
@@ -62,6 +63,9 @@ class ShardedBackbone:
             tables, slot, values), in_shardings=(table_shardings, None, slot_shardings),
             out_shardings=table_shardings)
         self._jitted = jax.jit(self._forward)
+        self._layer_slots = spec.batching.layer_slots
+        # (rows, length) -> its compiled forward, built by compile_buckets.
+        self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}
         self.fingerprint = self.backbone.fingerprint()
         # Keras walks every layer to list them: once, not per batch (the
         # served backbone gains no variables; `_forward` checks at tracing).
@@ -80,17 +84,36 @@ class ShardedBackbone:
         return jax.lax.cond(jnp.any(slot_ids > 0), lambda: hidden((tables, slot_ids)),
                             lambda: hidden(None))
 
+    def _row_split(self, rows: int) -> bool:
+        return self._data_parallel > 1 and rows % self._data_parallel == 0
+
+    def compile_buckets(self, shapes) -> None:
+        """Compiles the forward for each padded (rows, length) in `shapes`
+        (with JAX's persistent cache on, a program compiled before is loaded
+        from it instead), and the slot writer."""
+        values = [v.value for v in self._variables]
+        for rows, length in shapes:
+            sharding = self._row_sharding if self._row_split(rows) else None
+            batch = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+            slots = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding)
+            layers = jax.ShapeDtypeStruct((self._layer_slots,), jnp.int32)
+            self._compiled[(rows, length)] = self._jitted.lower(
+                values, self.lora_tables, batch, batch, layers, slots).compile()
+        self.write_slot(1, None)  # compiles the writer; slot 1 is empty at start anyway
+
     def run(self, token_ids: np.ndarray, padding_mask: np.ndarray, layer_ids: np.ndarray,
             slot_ids: np.ndarray) -> np.ndarray:
         """(K, B, T, d) hidden states on the host, in the compute dtype; row
         b runs with the adapter in slot `slot_ids[b]` (0: none)."""
         values = [v.value for v in self._variables]
-        rows = len(token_ids)
-        if self._data_parallel > 1 and rows % self._data_parallel == 0:
+        if self._row_split(len(token_ids)):
             token_ids, padding_mask, slot_ids = jax.device_put(
                 (token_ids, padding_mask, slot_ids), self._row_sharding)
-        return np.asarray(self._jitted(values, self.lora_tables, token_ids, padding_mask,
-                                       layer_ids, slot_ids))
+        # A shape compile_buckets did not see (a caller outside the batcher)
+        # compiles here, once, through jit's own cache.
+        forward = self._compiled.get(tuple(token_ids.shape), self._jitted)
+        return np.asarray(forward(values, self.lora_tables, token_ids, padding_mask,
+                                  layer_ids, slot_ids))
 
     def write_slot(self, slot: int, adapter: LoraAdapter | None) -> None:
         """Puts `adapter` (None: zeros) in `slot`. Call from one thread at a
@@ -104,7 +127,9 @@ class ShardedBackbone:
         jax.block_until_ready(self.lora_tables)
 
     def compiled_functions(self) -> int:
-        return self._jitted._cache_size()
+        """Forward programs this worker holds: the buckets compiled ahead,
+        and any shape compiled on demand since."""
+        return len(self._compiled) + self._jitted._cache_size()
 
     def compiled_slot_writers(self) -> int:
         return self._write._cache_size()

@@ -80,6 +80,12 @@ class BatchingConfig:
     def batch_bucket(self, rows: int) -> int:
         return next(b for b in self.batch_buckets if b >= rows)
 
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every padded (rows, length) a batch can take: what a worker
+        compiles before it says ready."""
+        return [(rows, length) for length in self.length_buckets for rows in self.batch_buckets
+                if rows * length <= self.max_batch_tokens]
+
     def fits(self, rows: int, longest: int) -> bool:
         """Whether `rows` rows, the longest `longest` tokens, make one batch."""
         if rows > self.batch_buckets[-1]:
@@ -102,6 +108,10 @@ class WorkerSpec:
         max_adapter_rank: the largest LoRA rank a slot holds; smaller ranks
             are zero-padded. Slots cost max_adapters x max_adapter_rank x
             (query + value heads) x hidden_dim floats per block.
+        compilation_cache_dir: JAX's persistent compilation cache (a
+            directory on the worker's node): compiled bucket programs are
+            kept there, so a restart loads them instead of compiling. None:
+            no cache.
         cpus: CPUs per worker: Ray counts them against the node (a count for
             placement, not pinned cores) and the worker's XLA CPU runtime
             runs that many compute threads. XLA's threads spin while they
@@ -122,6 +132,7 @@ class WorkerSpec:
     max_adapters: int = 8
     max_adapter_rank: int = 16
     cpus: int | None = None
+    compilation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.mesh_shape) != 2 or min(self.mesh_shape) < 1:

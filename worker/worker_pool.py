@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -124,6 +125,8 @@ class WorkerPool:
                 scheduling_strategy=strategy, max_concurrency=1000, max_restarts=-1,
                 **actor_options(spec)).remote(worker_id, spec)
         self._in_flight = dict.fromkeys(self._actors, 0)
+        # Each tenant's share of each worker's queue (see _least_loaded).
+        self._tenant_in_flight = {i: collections.Counter() for i in self._actors}
         self._training = dict.fromkeys(self._actors, 0)  # fine-tune jobs per worker
         self._coalescers = {worker_id: self._coalescer(worker_id) for worker_id in self._actors}
         # Forward work goes over these where they are open (see
@@ -387,15 +390,25 @@ class WorkerPool:
         if not was_serving and self.on_serving_change:
             self.on_serving_change(True)
 
-    def _least_loaded(self, adapter_key: str | None = None, exclude=(), weight: int = 0) -> str:
+    def _least_loaded(self, adapter_key: str | None = None, exclude=(), weight: int = 0,
+                      tenant: str = "") -> str:
+        """The worker to send `weight` sequences of `tenant` to.
+
+        The queue bound is per tenant: a worker holds at most
+        `max_queued_sequences` of each tenant's sequences, so one tenant
+        filling its share never makes another's calls fail; the sum stays
+        bounded because each tenant's tokens in flight are (admission).
+        """
         # Ties go round-robin, so an idle pool still uses every worker.
         self._turn += 1
         ids = self._alive(exclude)
-        roomy = [i for i in ids if self._in_flight[i] + weight <= self.max_queued_sequences]
+        roomy = [i for i in ids
+                 if self._tenant_in_flight[i][tenant] + weight <= self.max_queued_sequences]
         if weight and not roomy:
             raise PoolSaturated(
-                f"every worker already holds up to {self.max_queued_sequences} sequences (the "
-                f"queue bound); retry after {PoolSaturated.retry_after_ms} ms.")
+                f"this tenant already has up to {self.max_queued_sequences} sequences queued "
+                f"or running on every worker (its share of each worker's queue); retry after "
+                f"{PoolSaturated.retry_after_ms} ms.")
         ids = roomy or ids
         order = ids[self._turn % len(ids):] + ids[: self._turn % len(ids)]
 
@@ -423,9 +436,9 @@ class WorkerPool:
             raise WorkerUnavailable(f"{worker_id} died while serving the request: "
                                     f"{error}") from error
 
-    async def forward(self, work: ForwardWork) -> ForwardResult:
-        """Runs `work` on one worker; if that worker dies first, on another
-        (nothing has been streamed yet: results arrive whole)."""
+    async def forward(self, work: ForwardWork, tenant: str = "") -> ForwardResult:
+        """Runs `work` of `tenant` on one worker; if that worker dies first, on
+        another (nothing has been streamed yet: results arrive whole)."""
         key = work.adapter.key if work.adapter is not None else None
         tried, sent, retry = [], time.monotonic(), False
         broken = None  # a live worker whose channel broke under this request
@@ -438,7 +451,8 @@ class WorkerPool:
                 work, sent = dataclasses.replace(work, timeout_s=left), time.monotonic()
             weight = len(work.sequences)
             try:
-                worker_id = self._least_loaded(key, exclude=tried, weight=weight)
+                worker_id = self._least_loaded(key, exclude=tried, weight=weight,
+                                               tenant=tenant)
             except WorkerUnavailable:
                 if broken is None or broken in self._down | self._dead:
                     if tried:
@@ -448,6 +462,7 @@ class WorkerPool:
                     raise
                 worker_id, broken = broken, None  # no one else: the same one, over Ray
             self._in_flight[worker_id] += weight
+            self._tenant_in_flight[worker_id][tenant] += weight
             # A worker that may have to load the adapter first gets the
             # request on its own, so the load delays no other request.
             alone = key is not None and key not in self._resident[worker_id]
@@ -467,6 +482,10 @@ class WorkerPool:
                 continue
             finally:
                 self._in_flight[worker_id] -= weight
+                shares = self._tenant_in_flight[worker_id]
+                shares[tenant] -= weight
+                if not shares[tenant]:  # as small as the tenants active
+                    del shares[tenant]
             if key is not None:
                 self._remember(worker_id, work.adapter)
             return result

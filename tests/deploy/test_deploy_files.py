@@ -430,3 +430,47 @@ def test_the_deployed_plans_fit(where, capsys):
             "--mesh", arg_value(args, "--mesh"), "--workers", arg_value(args, "--workers"),
             "--devices-per-node", str(gpus), "--nodes", str(nodes)]
     assert plan_cli.main(argv) == 0, capsys.readouterr().out
+
+
+# ---- network policy: Ray's ports closed to all but the cluster's own pods ----------------
+
+
+def deployment_pod_labels() -> dict[str, dict]:
+    """Each pod template of the deployment -> its labels."""
+    cluster = one("kuberay/raycluster.yaml", "RayCluster")["spec"]
+    pods = {"ray head": cluster["headGroupSpec"]["template"]["metadata"]["labels"]}
+    for group in cluster["workerGroupSpecs"]:
+        pods[f"ray {group['groupName']}"] = group["template"]["metadata"]["labels"]
+    pods["coordinator"] = one("kuberay/coordinator.yaml",
+                              "Deployment")["spec"]["template"]["metadata"]["labels"]
+    return pods
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are checked here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_network_policy_opens_ray_only_to_the_clusters_own_pods():
+    policies = kind("kuberay/networkpolicy.yaml", "NetworkPolicy")
+    pods = deployment_pod_labels()
+    own = {"app.kubernetes.io/name": "gemma-serve"}
+    assert all(own.items() <= labels.items() for labels in pods.values())
+    for pod, labels in pods.items():
+        mine = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], labels)]
+        # Selected by an ingress policy: nothing reaches the pod that no rule allows.
+        assert any("Ingress" in p["policyTypes"] for p in mine), pod
+        for rule in (rule for p in mine for rule in p.get("ingress", [])):
+            peers = rule.get("from")
+            if peers and all(set(peer) == {"podSelector"} for peer in peers):
+                # Pods of this namespace: only the deployment's own.
+                assert all(own.items() <= peer["podSelector"]["matchLabels"].items()
+                           for peer in peers), (pod, rule)
+                continue
+            # Anyone else (no `from`, other namespaces, addresses): the
+            # coordinator's gRPC and metrics ports, nothing of Ray's.
+            assert pod == "coordinator", (pod, rule)
+            ports = {port["port"] for port in rule.get("ports", [])}
+            assert ports and ports <= {GRPC_PORT, 9090}, (pod, rule)
+            if 9090 in ports:
+                assert peers, "metrics must not be open to everyone"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from service_support import ACME_KEY, GLOBEX_KEY, MAX_ADAPTERS, keyed_channel
+from service_support import (ACME_KEY, BATCHING, GLOBEX_KEY, MAX_ADAPTERS, keyed_channel,
+                             operator_worker_infos)
 from coordinator.client import GemmaClient
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as apb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as apb_grpc
@@ -96,8 +97,7 @@ def test_concurrent_requests_with_four_adapters_and_the_base_get_their_own_rows(
             np.testing.assert_allclose(got, np.asarray(want)[0], atol=1e-5)
         if name:
             assert result.adapter_id == f"{name}@1"
-    info = client.model_info()
-    assert max(int(w["max_adapters_in_a_batch"]) for w in info["workers"]) > 1
+    assert max(int(w["max_adapters_in_a_batch"]) for w in operator_worker_infos(service)) > 1
 
 
 def test_loads_unloads_and_evictions_never_recompile(service, adapters_stub, client, base,
@@ -106,7 +106,7 @@ def test_loads_unloads_and_evictions_never_recompile(service, adapters_stub, cli
     for i, name in enumerate(names):
         adapters_stub.UploadAdapter(upload_requests(name, LORA_H5, lora_h5_bytes(
             random_adapter(base.config, seed=100 + i, rank=1 + i % 4), base.config, tmp_path)))
-    before = {w["worker_id"]: w for w in client.model_info()["workers"]}
+    before = {w["worker_id"]: w for w in operator_worker_infos(service)}
     stop = threading.Event()
     served = []
 
@@ -119,7 +119,7 @@ def test_loads_unloads_and_evictions_never_recompile(service, adapters_stub, cli
     background.start()
     def loads_since_start():
         return sum(int(w["adapter_loads"]) - int(before[w["worker_id"]]["adapter_loads"])
-                   for w in client.model_info()["workers"])
+                   for w in operator_worker_infos(service))
 
     try:
         # How many ops make a load depends on routing: go on until 20 loads
@@ -137,13 +137,15 @@ def test_loads_unloads_and_evictions_never_recompile(service, adapters_stub, cli
     finally:
         stop.set()
         background.join(60)
-    after = client.model_info()["workers"]
+    after = operator_worker_infos(service)
     assert sum(int(w["adapter_loads"]) - int(before[w["worker_id"]]["adapter_loads"])
                for w in after) >= 20  # slot writes while serving
     assert sum(int(w["adapter_evictions"]) for w in after) > 0
     for worker in after:
-        # One compiled forward per padded shape run, whatever the adapters.
-        assert int(worker["compiled_functions"]) == int(worker["batch_shapes_seen"])
+        # The bucket programs compiled before ready serve every adapter mix.
+        assert int(worker["compiled_functions"]) == len(BATCHING.shapes())
+        assert int(worker["programs_compiled"]) == \
+            int(before[worker["worker_id"]]["programs_compiled"])
         assert int(worker["compiled_slot_writers"]) == 1
     assert served and all(np.array_equal(s, served[0]) for s in served)
 

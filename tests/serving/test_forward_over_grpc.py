@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from service_support import ACME_KEY
+from service_support import ACME_KEY, BATCHING
 from coordinator.client import GemmaClient
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.",
@@ -131,19 +131,27 @@ def test_sixteen_concurrent_clients_get_their_own_rows(service, client, local_mo
     assert calls < 16    # and actor calls: the ones arriving while a worker was busy
 
 
-def test_random_lengths_compile_no_more_than_the_buckets(service, client, local_model):
+def test_every_bucket_is_compiled_before_ready_and_nothing_after(service, client,
+                                                                  local_model):
+    """Each worker compiled every (rows, length) bucket before it said ready;
+    30 requests of random lengths and counts, then one of every bucket
+    shape, compile nothing more."""
     model, _ = local_model
+    before = {w["worker_id"]: int(w["programs_compiled"]) for w in client.model_info()["workers"]}
     rng = np.random.default_rng(5)
     for _ in range(30):
         count = int(rng.integers(1, 20))
         ids_list = [rng.integers(0, model.vocabulary_size, int(rng.integers(1, 1025)))
                     for _ in range(count)]
         client.forward(token_ids=ids_list, pooling="last_token")
+    for rows, length in BATCHING.shapes():
+        client.forward(token_ids=[[7] * length] * rows, pooling="last_token")
     info = client.model_info()
-    buckets = info["limits"]["bucket_count"]
-    assert buckets == 12
+    assert info["limits"]["bucket_count"] == 12 == len(BATCHING.shapes())
     for worker in info["workers"]:
-        assert 1 <= int(worker["compiled_functions"]) <= buckets
+        assert int(worker["compiled_functions"]) == 12
+        assert int(worker["programs_compiled"]) == before[worker["worker_id"]]
+        assert int(worker["batch_shapes_seen"]) >= 1
 
 
 def test_workers_report_the_xla_threads_they_run(client):

@@ -556,8 +556,10 @@ ds_case("text not a string", INVALID, "data line 1", "non-empty string",
         data=b'{"text": ["a b"]}\n')
 ds_case("text with a lone surrogate", INVALID, "data line 1", "surrogate",
         data=b'{"text": "ok \\ud800 then"}\n')
-ds_case("nested 100000 deep", INVALID, "data line 1", "nested too deeply",
-        data=b"[" * 100_000 + b"]" * 100_000 + b"\n")
+ds_case("nested 50000 deep", INVALID, "data line 1", "nested too deeply",
+        data=b"[" * 50_000 + b"]" * 50_000 + b"\n")
+ds_case("a line of 512 KiB", INVALID, "data line 2", "is longer than", "split it",
+        data=b'{"ids": [1, 2]}\n{"text": "' + b"a" * (512 << 10) + b'"}\n')
 ds_case("no lines", INVALID, "data", "no examples", data=b"")
 ds_case("only blank lines", INVALID, "data", "no examples", data=b"\n  \n\r\n\t\n")
 ds_case("over the size cap", C.RESOURCE_EXHAUSTED, "byte upload limit",

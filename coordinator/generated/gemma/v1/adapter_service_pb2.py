@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4coordinator/generated/gemma/v1/adapter_service.proto\x12\x08gemma.v1\"X\n\x14UploadAdapterRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gemma.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"E\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.gemma.v1.AdapterFormat\"\x86\x02\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x0e\n\x06layers\x18\x07 \x03(\x05\x12\x18\n\x10\x62\x61se_fingerprint\x18\x08 \x01(\t\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12\x0f\n\x07\x63reated\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x16\n\x0enum_parameters\x18\r \x01(\x03\x12\x13\n\x0bresident_on\x18\x0e \x03(\t\"(\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"[\n\x13LoadAdapterResponse\x12\"\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x11.gemma.v1.Adapter\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"(\n\x15UnloadAdapterResponse\x12\x0f\n\x07workers\x18\x01 \x03(\t\"\x15\n\x13ListAdaptersRequest\";\n\x14ListAdaptersResponse\x12#\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x11.gemma.v1.Adapter\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\";\n\x15\x44\x65leteAdapterResponse\x12\"\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x11.gemma.v1.Adapter\"*\n\x14\x45xportAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"A\n\tFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*u\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12$\n ADAPTER_FORMAT_KERAS_HUB_LORA_H5\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_SAFETENSORS\x10\x02\x32\xdd\x03\n\x0e\x41\x64\x61pterService\x12\x44\n\rUploadAdapter\x12\x1e.gemma.v1.UploadAdapterRequest\x1a\x11.gemma.v1.Adapter(\x01\x12J\n\x0bLoadAdapter\x12\x1c.gemma.v1.LoadAdapterRequest\x1a\x1d.gemma.v1.LoadAdapterResponse\x12P\n\rUnloadAdapter\x12\x1e.gemma.v1.UnloadAdapterRequest\x1a\x1f.gemma.v1.UnloadAdapterResponse\x12M\n\x0cListAdapters\x12\x1d.gemma.v1.ListAdaptersRequest\x1a\x1e.gemma.v1.ListAdaptersResponse\x12P\n\rDeleteAdapter\x12\x1e.gemma.v1.DeleteAdapterRequest\x1a\x1f.gemma.v1.DeleteAdapterResponse\x12\x46\n\rExportAdapter\x12\x1e.gemma.v1.ExportAdapterRequest\x1a\x13.gemma.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n4coordinator/generated/gemma/v1/adapter_service.proto\x12\x08gemma.v1\"X\n\x14UploadAdapterRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.gemma.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"E\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x17.gemma.v1.AdapterFormat\"\x86\x02\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x0e\n\x06layers\x18\x07 \x03(\x05\x12\x18\n\x10\x62\x61se_fingerprint\x18\x08 \x01(\t\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x12\n\nsize_bytes\x18\n \x01(\x03\x12\x0f\n\x07\x63reated\x18\x0b \x01(\t\x12\x0e\n\x06source\x18\x0c \x01(\t\x12\x16\n\x0enum_parameters\x18\r \x01(\x03\x12\x13\n\x0bresident_on\x18\x0e \x03(\t\"(\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"[\n\x13LoadAdapterResponse\x12\"\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x11.gemma.v1.Adapter\x12\x0f\n\x07workers\x18\x02 \x03(\t\x12\x0f\n\x07load_ms\x18\x03 \x01(\x01\"*\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"(\n\x15UnloadAdapterResponse\x12\x0f\n\x07workers\x18\x01 \x03(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListAdaptersResponse\x12#\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x11.gemma.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\";\n\x15\x44\x65leteAdapterResponse\x12\"\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x11.gemma.v1.Adapter\"*\n\x14\x45xportAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"A\n\tFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*u\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12$\n ADAPTER_FORMAT_KERAS_HUB_LORA_H5\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_SAFETENSORS\x10\x02\x32\xdd\x03\n\x0e\x41\x64\x61pterService\x12\x44\n\rUploadAdapter\x12\x1e.gemma.v1.UploadAdapterRequest\x1a\x11.gemma.v1.Adapter(\x01\x12J\n\x0bLoadAdapter\x12\x1c.gemma.v1.LoadAdapterRequest\x1a\x1d.gemma.v1.LoadAdapterResponse\x12P\n\rUnloadAdapter\x12\x1e.gemma.v1.UnloadAdapterRequest\x1a\x1f.gemma.v1.UnloadAdapterResponse\x12M\n\x0cListAdapters\x12\x1d.gemma.v1.ListAdaptersRequest\x1a\x1e.gemma.v1.ListAdaptersResponse\x12P\n\rDeleteAdapter\x12\x1e.gemma.v1.DeleteAdapterRequest\x1a\x1f.gemma.v1.DeleteAdapterResponse\x12\x46\n\rExportAdapter\x12\x1e.gemma.v1.ExportAdapterRequest\x1a\x13.gemma.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coordinator.generated.gemma.v1.adapter_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERFORMAT']._serialized_start=1013
-  _globals['_ADAPTERFORMAT']._serialized_end=1130
+  _globals['_ADAPTERFORMAT']._serialized_start=1077
+  _globals['_ADAPTERFORMAT']._serialized_end=1194
   _globals['_UPLOADADAPTERREQUEST']._serialized_start=66
   _globals['_UPLOADADAPTERREQUEST']._serialized_end=154
   _globals['_UPLOADHEADER']._serialized_start=156
@@ -48,17 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADADAPTERRESPONSE']._serialized_start=671
   _globals['_UNLOADADAPTERRESPONSE']._serialized_end=711
   _globals['_LISTADAPTERSREQUEST']._serialized_start=713
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=734
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=736
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=795
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=797
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=839
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=841
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=900
-  _globals['_EXPORTADAPTERREQUEST']._serialized_start=902
-  _globals['_EXPORTADAPTERREQUEST']._serialized_end=944
-  _globals['_FILECHUNK']._serialized_start=946
-  _globals['_FILECHUNK']._serialized_end=1011
-  _globals['_ADAPTERSERVICE']._serialized_start=1133
-  _globals['_ADAPTERSERVICE']._serialized_end=1610
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=773
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=775
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=859
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=861
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=903
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=905
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=964
+  _globals['_EXPORTADAPTERREQUEST']._serialized_start=966
+  _globals['_EXPORTADAPTERREQUEST']._serialized_end=1008
+  _globals['_FILECHUNK']._serialized_start=1010
+  _globals['_FILECHUNK']._serialized_end=1075
+  _globals['_ADAPTERSERVICE']._serialized_start=1197
+  _globals['_ADAPTERSERVICE']._serialized_end=1674
 # @@protoc_insertion_point(module_scope)

@@ -73,9 +73,11 @@ class AdapterServiceServicer:
         """Streams an adapter file up. The first message carries `header` and no
         data; the rest carry `data` in order. The adapter is validated against
         the served base model and published atomically as a new version of
-        `header.name`. Errors: INVALID_ARGUMENT (malformed file or header),
-        FAILED_PRECONDITION (made for another base model), RESOURCE_EXHAUSTED
-        (larger than AdapterLimits.max_upload_bytes). Nothing is kept on error.
+        `header.name`. Errors: INVALID_ARGUMENT (malformed file or header, or
+        values so large the model would overflow), FAILED_PRECONDITION (made for
+        another base model), RESOURCE_EXHAUSTED (larger than
+        AdapterLimits.max_upload_bytes, over the tenant's stored-adapter quota,
+        or the server's storage is full). Nothing is kept on error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,7 +100,8 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAdapters(self, request, context):
-        """The caller's adapters, every version.
+        """The caller's adapters, every version, by name then version, one page at
+        a time: call again with `next_page_token` until it comes back empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +109,8 @@ class AdapterServiceServicer:
 
     def DeleteAdapter(self, request, context):
         """Removes an adapter (every version, or one with "name@N") from the
-        registry and from the workers.
+        registry and from the workers. Needs no new disk space before it frees
+        some, so it works when the server's storage is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

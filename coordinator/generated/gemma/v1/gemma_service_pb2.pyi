@@ -114,7 +114,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("preset", "model_class", "config_json", "dtype", "random_weights", "parameter_count", "workers", "limits", "base_fingerprint", "auth_enabled", "tenant")
+    __slots__ = ("preset", "model_class", "config_json", "dtype", "random_weights", "parameter_count", "workers", "limits", "base_fingerprint", "auth_enabled", "tenant", "usage")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,7 @@ class ModelInfo(_message.Message):
     BASE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     preset: str
     model_class: str
     config_json: str
@@ -137,10 +138,25 @@ class ModelInfo(_message.Message):
     base_fingerprint: str
     auth_enabled: bool
     tenant: str
-    def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., base_fingerprint: _Optional[str] = ..., auth_enabled: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
+    usage: TenantUsage
+    def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., base_fingerprint: _Optional[str] = ..., auth_enabled: _Optional[bool] = ..., tenant: _Optional[str] = ..., usage: _Optional[_Union[TenantUsage, _Mapping]] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("requests_in_flight", "tokens_in_flight", "adapter_versions", "adapter_bytes", "fine_tunes_active")
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNES_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    requests_in_flight: int
+    tokens_in_flight: int
+    adapter_versions: int
+    adapter_bytes: int
+    fine_tunes_active: int
+    def __init__(self, requests_in_flight: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., adapter_versions: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., fine_tunes_active: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled", "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen", "compiled_slot_writers", "pid", "state", "forward_calls", "forward_requests", "forward_transport", "forward_channel_calls", "cpus", "xla_cpu_threads")
+    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled", "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen", "compiled_slot_writers", "pid", "state", "forward_calls", "forward_requests", "forward_transport", "forward_channel_calls", "cpus", "xla_cpu_threads", "programs_compiled", "programs_from_cache", "compile_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MESH_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +185,9 @@ class WorkerInfo(_message.Message):
     FORWARD_CHANNEL_CALLS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     XLA_CPU_THREADS_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_COMPILED_FIELD_NUMBER: _ClassVar[int]
+    PROGRAMS_FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     node_id: str
     mesh_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -197,7 +216,10 @@ class WorkerInfo(_message.Message):
     forward_channel_calls: int
     cpus: int
     xla_cpu_threads: int
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_calls: _Optional[int] = ..., forward_requests: _Optional[int] = ..., forward_transport: _Optional[str] = ..., forward_channel_calls: _Optional[int] = ..., cpus: _Optional[int] = ..., xla_cpu_threads: _Optional[int] = ...) -> None: ...
+    programs_compiled: int
+    programs_from_cache: int
+    compile_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_calls: _Optional[int] = ..., forward_requests: _Optional[int] = ..., forward_transport: _Optional[str] = ..., forward_channel_calls: _Optional[int] = ..., cpus: _Optional[int] = ..., xla_cpu_threads: _Optional[int] = ..., programs_compiled: _Optional[int] = ..., programs_from_cache: _Optional[int] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes")

@@ -1,0 +1,108 @@
+"""Adapter files in and out of the registry: keras_hub `.lora.h5` and this
+registry's own safetensors read and validated, `.lora.h5` written.
+
+Every way a file can be wrong becomes InvalidArgument (malformed) or
+FailedPrecondition (made for another base model), with the server's own
+paths kept out of the message.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import safetensors
+
+from coordinator.adapter_record import FORMAT
+from coordinator.errors import FailedPrecondition, InvalidArgument, is_storage_full
+from gemma_core.errors import AdapterMismatch, PresetError
+from gemma_core.gemma_config import GemmaConfig
+from gemma_core.lora_adapter import LoraAdapter, MalformedAdapter
+
+IMPORT_FORMATS = ("lora.h5", "safetensors")
+_REQUIRED_METADATA = ("rank", "alpha", "base_fingerprint")
+
+
+def read_adapter_file(path: str | os.PathLike, fmt: str, base_config: GemmaConfig,
+                      base_fingerprint: str) -> LoraAdapter:
+    """Reads an adapter file of format `fmt` ("lora.h5": keras_hub's LoRA
+    file, alpha = rank; "safetensors": the registry's own, with metadata).
+
+    Raises:
+        InvalidArgument: an unknown format, or a file that is not one.
+        FailedPrecondition: a safetensors file made for another base model,
+            or a lora.h5 file that does not fit this one.
+    """
+    if fmt == "lora.h5":
+        return _read_lora_h5(Path(path), base_config)
+    if fmt == "safetensors":
+        return _read_safetensors(Path(path), base_fingerprint)
+    raise InvalidArgument("format", f"{fmt!r} is not an adapter file format; "
+                                    f"use one of {list(IMPORT_FORMATS)}.")
+
+
+def lora_h5_bytes(adapter: LoraAdapter, base_config: GemmaConfig) -> bytes:
+    """`adapter` as the bytes of a keras_hub `.lora.h5` file (alpha/rank
+    folded into b). Built in memory: an export needs no disk space and
+    leaves no file behind, however the call that asked for it ends."""
+    buffer = io.BytesIO()
+    adapter.write_lora_file(buffer, base_config)
+    return buffer.getvalue()
+
+
+def another_base(path: Path | None, error: object) -> FailedPrecondition:
+    detail = _hide(path, error) if path else str(error).rstrip(".")
+    return FailedPrecondition(f"adapter: it was made for another base model ({detail}).")
+
+
+def _read_lora_h5(path: Path, base_config: GemmaConfig) -> LoraAdapter:
+    try:
+        return LoraAdapter.from_lora_file(path, base_config)
+    except MalformedAdapter as error:
+        raise _not_valid("lora.h5", path, error) from error
+    except AdapterMismatch as error:
+        raise another_base(path, error) from error
+    except (PresetError, OSError, KeyError, ValueError, TypeError) as error:
+        if is_storage_full(error):  # the server's disk, not the caller's file
+            raise
+        raise _not_valid("lora.h5", path, error) from error
+
+
+def _read_safetensors(path: Path, base_fingerprint: str) -> LoraAdapter:
+    try:
+        with safetensors.safe_open(path, framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as error:
+        if is_storage_full(error):  # the server's disk, not the caller's file
+            raise
+        raise _not_valid("safetensors", path, error) from error
+    missing = [key for key in _REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise _not_valid("safetensors", path, f"its metadata lacks {missing}; "
+                         f"adapter files carry {list(_REQUIRED_METADATA)}")
+    if metadata.get("format", FORMAT) != FORMAT:
+        raise _not_valid("safetensors", path, f"its format is {metadata['format']!r}, "
+                         f"not {FORMAT!r}")
+    if metadata["base_fingerprint"] != base_fingerprint:
+        raise FailedPrecondition(
+            f"adapter: it was made for base model {metadata['base_fingerprint']!r} but "
+            f"this server runs base model {base_fingerprint!r}; import an adapter "
+            "made for this base model.")
+    try:
+        return LoraAdapter.from_tensors(tensors, int(metadata["rank"]),
+                                        float(metadata["alpha"]))
+    except ValueError as error:  # AdapterMismatch included: malformed factors
+        raise _not_valid("safetensors", path, error) from error
+
+
+def _hide(path: Path, error: object) -> str:
+    """The error's text without the server-side file path or a final period."""
+    text = str(error).removeprefix(f"{os.fspath(path)}: ")
+    return text.replace(os.fspath(path), "it").rstrip(".")
+
+
+def _not_valid(fmt: str, path: Path, error: object) -> InvalidArgument:
+    return InvalidArgument("adapter", f"the file is not a valid {fmt} LoRA file: "
+                                      f"{_hide(path, error)}.")
