@@ -41,6 +41,8 @@ _POOLING = {"none": pb.POOLING_NONE, "last_token": pb.POOLING_LAST_TOKEN,
             "mean": pb.POOLING_MEAN}
 _DTYPE = {"float32": pb.DTYPE_FLOAT32, "bfloat16": pb.DTYPE_BFLOAT16,
           "float16": pb.DTYPE_FLOAT16}
+_TRUNCATION = {None: pb.TRUNCATION_UNSPECIFIED, "start": pb.TRUNCATION_KEEP_START,
+               "end": pb.TRUNCATION_KEEP_END}
 _NUMPY = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
           pb.DTYPE_FLOAT16: np.dtype(np.float16)}
 
@@ -138,6 +140,7 @@ class ForwardResult:
     token_ids: list[np.ndarray]
     hidden_states: list[list[np.ndarray]]
     adapter_id: str = ""  # "name@version" as resolved, "" for the base model
+    truncated_tokens: list[int] = dataclasses.field(default_factory=list)  # per sequence
 
     def layer(self, layer: int) -> list[np.ndarray]:
         """Every sequence's tensor at one (normalized) layer index."""
@@ -172,18 +175,22 @@ def assemble(responses) -> ForwardResult:
     return ForwardResult(
         request_id=header.request_id, model=header.model, worker_id=header.worker_id,
         layers=layers, token_ids=[np.asarray(s.token_ids, "int32") for s in header.sequences],
-        hidden_states=tensors, adapter_id=header.adapter_id)
+        hidden_states=tensors, adapter_id=header.adapter_id,
+        truncated_tokens=[s.truncated_tokens for s in header.sequences])
 
 
 def forward_request(texts: Sequence[str] | None = None,
                     token_ids: Sequence[Sequence[int]] | None = None, *,
                     layers: Sequence[int] = (), pooling: str = "none", dtype: str = "float32",
-                    adapter_id: str = "", add_bos: bool | None = None) -> pb.ForwardRequest:
+                    adapter_id: str = "", add_bos: bool | None = None,
+                    truncate: str | None = None) -> pb.ForwardRequest:
     """The ForwardRequest `GemmaClient.forward` sends (pooling and dtype by
-    name: "none" / "last_token" / "mean", "float32" / "bfloat16" / "float16")."""
+    name: "none" / "last_token" / "mean", "float32" / "bfloat16" / "float16";
+    `truncate`: None refuses a sequence over the limit, "start" keeps its
+    start, "end" its end)."""
     request = pb.ForwardRequest(
         texts=texts or [], layers=layers, pooling=_POOLING[pooling], dtype=_DTYPE[dtype],
-        adapter_id=adapter_id,
+        adapter_id=adapter_id, truncation=_TRUNCATION[truncate],
         sequences=[pb.TokenSequence(ids=list(map(int, ids))) for ids in token_ids or []])
     if add_bos is not None:
         request.add_bos = add_bos
@@ -221,9 +228,10 @@ class GemmaClient:
                 token_ids: Sequence[Sequence[int]] | None = None, *,
                 layers: Sequence[int] = (), pooling: str = "none", dtype: str = "float32",
                 adapter_id: str = "", add_bos: bool | None = None,
-                timeout: float | None = None) -> ForwardResult:
+                truncate: str | None = None, timeout: float | None = None) -> ForwardResult:
         request = forward_request(texts, token_ids, layers=layers, pooling=pooling,
-                                  dtype=dtype, adapter_id=adapter_id, add_bos=add_bos)
+                                  dtype=dtype, adapter_id=adapter_id, add_bos=add_bos,
+                                  truncate=truncate)
         return assemble(self._stub.Forward(request, timeout=timeout, metadata=self._metadata))
 
     def model_info(self, timeout: float | None = None) -> dict:

@@ -195,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     forward.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          default="float32")
     forward.add_argument("--adapter", default="", help="a LoRA adapter id (name or name@N)")
+    forward.add_argument("--truncate", choices=["start", "end"], default=None,
+                         help="a sequence over the server's limit keeps its start or its end "
+                              "(default: refused)")
     forward.add_argument("--save", default=None, metavar="PATH",
                          help="FILE.npz: every array (keys seq{i}_layer{l}); FILE.npy: the "
                               "one array a single sequence and layer gives; a directory: "
@@ -262,14 +265,16 @@ def _forward(client: GemmaClient, args) -> int:
     save_as = _save_kind(args.save, args) if args.save else None  # before the call
     result = client.forward(texts=args.text, token_ids=args.ids, layers=args.layers,
                             pooling=args.pooling, dtype=args.dtype, adapter_id=args.adapter,
-                            timeout=args.timeout)
+                            truncate=args.truncate, timeout=args.timeout)
     print(f"request {result.request_id} on {result.worker_id} ({result.model}"
           + (f", adapter {result.adapter_id or args.adapter}" if args.adapter else "") + ")")
     arrays = {}
     for i, per_layer in enumerate(result.hidden_states):
         for layer, tensor in zip(result.layers, per_layer):
             values = tensor.astype(np.float32)
-            print(f"  seq {i} ({len(result.token_ids[i])} tokens) layer {layer}: "
+            dropped = result.truncated_tokens[i] if result.truncated_tokens else 0
+            print(f"  seq {i} ({len(result.token_ids[i])} tokens"
+                  + (f", {dropped} truncated" if dropped else "") + f") layer {layer}: "
                   f"shape {tensor.shape} {tensor.dtype} mean {values.mean():+.4f} "
                   f"std {values.std():.4f}")
             arrays[f"seq{i}_layer{layer}"] = tensor

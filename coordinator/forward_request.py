@@ -18,6 +18,8 @@ POOLING_NAMES = {pb.POOLING_UNSPECIFIED: "none", pb.POOLING_NONE: "none",
                  pb.POOLING_LAST_TOKEN: "last_token", pb.POOLING_MEAN: "mean"}
 DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.DTYPE_FLOAT32: "float32",
                pb.DTYPE_BFLOAT16: "bfloat16", pb.DTYPE_FLOAT16: "float16"}
+TRUNCATIONS = {pb.TRUNCATION_UNSPECIFIED: None, pb.TRUNCATION_KEEP_START: "start",
+               pb.TRUNCATION_KEEP_END: "end"}
 # Texts of up to this many characters in all are tokenized on the event loop
 # (a few milliseconds at most); longer ones beside it (coordinator/off_loop.py).
 LOOP_TOKENIZE_CHARS = 16 << 10
@@ -47,12 +49,26 @@ def _layers(requested, limits: ServiceLimits) -> tuple[int, ...]:
     return tuple(normalized)
 
 
+def _truncate(ids: np.ndarray, keep: str | None, limit: int, keep_first: bool) -> np.ndarray:
+    """The ids that fit `limit`: the first ones (keep "start") or the last
+    ones (keep "end"; with `keep_first`, ids[0], a text's <bos>, stays in
+    front); unchanged when they fit or no truncation was asked for."""
+    if keep is None or ids.size <= limit:
+        return ids
+    if keep == "start":
+        return ids[:limit]
+    if keep_first:
+        return np.concatenate([ids[:1], ids[ids.size - limit + 1:]])
+    return ids[ids.size - limit:]
+
+
 def _check_ids(ids: np.ndarray, field: str, limits: ServiceLimits) -> np.ndarray:
     if ids.size == 0:
         raise InvalidArgument(field, "is empty; send at least one token.")
     if ids.size > limits.max_sequence_length:
         raise InvalidArgument(field, f"has {ids.size} tokens; the limit is "
-                                     f"{limits.max_sequence_length}.")
+                                     f"{limits.max_sequence_length}. Send less, or set "
+                                     "truncation to keep its start or its end.")
     bad = (ids < 0) | (ids >= limits.vocabulary_size)
     if bad.any():
         position = int(np.argmax(bad))
@@ -97,12 +113,14 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
     pooling = _enum(message.pooling, POOLING_NAMES, "pooling", pb.Pooling)
     dtype = _enum(message.dtype, DTYPE_NAMES, "dtype", pb.DType)
     layers = _layers(message.layers, limits)
+    keep = _enum(message.truncation, TRUNCATIONS, "truncation", pb.Truncation)
+    limit = limits.max_sequence_length
     if texts:
         if tokenizer is None:
             raise InvalidArgument("texts", "this model has no tokenizer; send token "
                                            "sequences instead.")
         add_bos = message.add_bos if message.HasField("add_bos") else True
-        ids = []
+        ids, whole = [], []
         for i, text in enumerate(texts):
             if not text:
                 raise InvalidArgument(f"texts[{i}]", "is empty.")
@@ -111,9 +129,16 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
                 raise InvalidArgument(f"texts[{i}]", f"is {size} bytes; the limit is "
                                                      f"{limits.max_text_bytes}.")
             tokens = np.asarray(tokenizer.tokenize(text, add_bos=add_bos), "int32")
-            ids.append(_check_ids(tokens, f"texts[{i}] (tokenized)", limits))
+            whole.append(tokens.size)
+            ids.append(_check_ids(_truncate(tokens, keep, limit, keep_first=add_bos),
+                                  f"texts[{i}] (tokenized)", limits))
     else:
-        ids = [_check_ids(np.asarray(s.ids, "int64"), f"sequences[{i}]", limits)
-               .astype("int32") for i, s in enumerate(sequences)]
+        ids, whole = [], []
+        for i, s in enumerate(sequences):
+            sent = np.asarray(s.ids, "int64")
+            whole.append(sent.size)
+            ids.append(_check_ids(_truncate(sent, keep, limit, keep_first=False),
+                                  f"sequences[{i}]", limits).astype("int32"))
     return ForwardWork(request_id=request_id, sequences=tuple(ids), layers=layers,
-                       pooling=pooling, dtype=dtype, timeout_s=timeout_s)
+                       pooling=pooling, dtype=dtype, timeout_s=timeout_s,
+                       truncated=tuple(n - kept.size for n, kept in zip(whole, ids)))

@@ -28,8 +28,10 @@ def response_stream(work: ForwardWork, result: ForwardResult, model: str, hidden
         pooling=_POOLING_ENUM[work.pooling], dtype=dtype, hidden_dim=hidden_dim,
         total_bytes=sum(t.nbytes for per_layer in result.tensors for t in per_layer),
         worker_id=result.worker_id, adapter_id=adapter_id)
-    for ids, per_layer in zip(work.sequences, result.tensors):
-        header.sequences.add(token_ids=ids.tolist(), shape=per_layer[0].shape)
+    truncated = work.truncated or (0,) * len(work.sequences)
+    for ids, per_layer, dropped in zip(work.sequences, result.tensors, truncated):
+        header.sequences.add(token_ids=ids.tolist(), shape=per_layer[0].shape,
+                             truncated_tokens=dropped)
     yield pb.ForwardResponse(header=header)
     for index, per_layer in enumerate(result.tensors):
         for layer, tensor in zip(work.layers, per_layer):

@@ -19,6 +19,7 @@ from coordinator.service_config import ServiceConfig
 from coordinator.storage_quota import StorageQuota
 from coordinator.stream_guard import StreamLimits
 from gemma_core import DEFAULT_PRESET
+from gemma_core.matmul_precision import compute_summary
 from worker.errors import WorkerError
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
 from worker.worker_config import TRANSPORTS, BatchingConfig, WorkerSpec
@@ -205,9 +206,16 @@ def ready_line(server: GemmaServer) -> str:
             f"auth=OFF (single tenant '{tenants[0]}'; set GEMMA_SERVE_API_KEYS or "
             "--api-keys-file to require keys)")
     tls = ("mtls" if config.tls_client_ca else "tls") if config.tls_cert else "plaintext"
+    infos = server.ready_infos
+    programs = (f" programs={len(config.worker.batching.shapes())} buckets per worker in "
+                f"{max(i.get('compile_seconds', 0) for i in infos):.1f}s "
+                f"({sum(i.get('programs_from_cache', 0) for i in infos)} from the cache)"
+                if infos else "")
+    dtype = server.model_dtype
     return (f"gemma-serve ready on {config.host}:{server.port} ({tls}) "
             f"preset={config.worker.preset}"
             f"{weights} workers={config.num_workers} mesh={mesh} "
+            f"dtype={dtype} ({compute_summary(dtype)}){programs} "
             f"ray={'local' if not config.ray_address else config.ray_address} {auth} "
             f"adapters={config.data_dir}" + (
                 f" metrics=http://{config.metrics_host}:{server.metrics_port}/metrics"

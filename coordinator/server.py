@@ -98,6 +98,8 @@ class GemmaServer:
         self.metrics = ServiceMetrics()
         self.metrics_port: int | None = None
         self.draining = False
+        self.ready_infos: list[dict] = []  # each worker's info when it first said ready
+        self.model_dtype = "float32"  # the served dtype policy, known once started
         self._jobs: FineTuneJobs | None = None
         self._data_lock: DataDirLock | None = None
 
@@ -122,6 +124,7 @@ class GemmaServer:
                               "GemmaBackbone presets are served.")
         if config.worker.dtype:
             model_config["dtype"] = config.worker.dtype
+        self.model_dtype = str(model_config.get("dtype") or "float32")
         architecture = GemmaConfig.from_kwargs(model_config)
         try:
             tokenizer = GemmaTokenizer.from_preset(config.worker.preset)
@@ -142,6 +145,7 @@ class GemmaServer:
                                 transport=config.forward_transport,
                                 hidden_dim=architecture.hidden_dim)
         infos = await self._pool.wait_ready()
+        self.ready_infos = infos
         fingerprints = {info["base_fingerprint"] for info in infos}
         if len(fingerprints) != 1:
             raise WorkerUnavailable(f"the workers loaded different weights ({fingerprints}); "

@@ -21,6 +21,7 @@ from coordinator.service_config import ServiceConfig, ServiceLimits
 from coordinator.service_metrics import ServiceMetrics
 from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
+from gemma_core.matmul_precision import compute_summary
 from worker.worker_pool import WorkerPool
 
 
@@ -93,6 +94,7 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
             preset=self._config.worker.preset, model_class="GemmaBackbone",
             config_json=json.dumps(self._model_config, sort_keys=True),
             dtype=self._model_config.get("dtype") or "float32",
+            compute=compute_summary(self._model_config.get("dtype") or "float32"),
             random_weights=self._random_weights, parameter_count=self._parameter_count,
             base_fingerprint=self._adapters.registry.base_fingerprint,
             auth_enabled=self._auth.enabled, tenant=tenant,

@@ -22,6 +22,17 @@ def matmul_precision(compute_dtype):
     return contextlib.nullcontext()
 
 
+def compute_summary(dtype_policy: str) -> str:
+    """How a model of this dtype policy ("float32", "bfloat16",
+    "mixed_bfloat16", ...) multiplies, in a few words (for the ready line and
+    GetModelInfo)."""
+    compute_dtype = str(dtype_policy).removeprefix("mixed_")
+    if compute_dtype == "float32":
+        return "float32 matmuls at full precision (no TF32 on GPUs)"
+    return (f"{compute_dtype} matmul operands with float32 accumulation and output, "
+            f"then cast to {compute_dtype}; norms, softmax and soft caps in float32")
+
+
 def wide_einsum(equation, x, y, out_dtype=None):
     """`einsum(equation, x, y)` computed with float32 output, cast to
     `out_dtype` (None: stay float32).

@@ -2,6 +2,8 @@
 channel that sends a tenant's key. A module of its own (not conftest.py) so
 imports do not depend on which conftest pytest loaded last."""
 
+import os
+
 import grpc
 
 from worker.worker_config import BatchingConfig
@@ -11,6 +13,8 @@ BATCHING = BatchingConfig(length_buckets=(16, 64, 256, 1024), batch_buckets=(1, 
 ACME_KEY, GLOBEX_KEY = "acme-key-0123456789", "globex-key-0123456789"
 API_KEYS = {ACME_KEY: "acme", GLOBEX_KEY: "globex"}
 MAX_ADAPTERS, MAX_ADAPTER_RANK = 4, 8
+# Set by the serving conftest: the session's compilation cache directory.
+COMPILATION_CACHE_ENV = "GEMMA_SERVE_TEST_COMPILATION_CACHE"
 
 
 class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -43,3 +47,10 @@ def operator_worker_infos(service) -> list[dict]:
     """The workers' counters as the operator sees them (every tenant's work);
     GetModelInfo shows a tenant only its own share of the private ones."""
     return service.call(service.server.worker_infos())
+
+
+def shared_compilation_cache() -> list[str]:
+    """`gemma-serve` flags that keep compiled programs in the test session's
+    one cache, so each server after the first loads its bucket programs
+    instead of compiling them (tests of the cache itself leave this out)."""
+    return ["--compilation-cache-dir", os.environ[COMPILATION_CACHE_ENV]]

@@ -29,6 +29,9 @@ class ForwardWork:
             worker's clocks may disagree across nodes.
         adapter: the LoRA adapter every sequence runs with; None for the
             base model.
+        truncated: tokens dropped from each sequence to fit the longest
+            bucket, when the request asked for truncation (else all 0, or
+            empty).
     """
 
     request_id: str
@@ -38,6 +41,7 @@ class ForwardWork:
     dtype: str = "float32"
     timeout_s: float | None = None
     adapter: "AdapterRef | None" = None
+    truncated: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,8 @@ from coordinator.server_thread import ServerThread
 from coordinator.service_config import ServiceConfig
 from worker.worker_config import WorkerSpec
 
-from service_support import (ACME_KEY, API_KEYS, BATCHING, MAX_ADAPTER_RANK,  # noqa: F401
-                             MAX_ADAPTERS, GLOBEX_KEY, keyed_channel)
+from service_support import (ACME_KEY, API_KEYS, BATCHING, COMPILATION_CACHE_ENV,  # noqa: F401
+                             MAX_ADAPTER_RANK, MAX_ADAPTERS, GLOBEX_KEY, keyed_channel)
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,7 @@ def ray_session(tmp_path_factory):
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["GEMMA_SERVE_CACHE"] = str(tmp_path_factory.mktemp("gemma-serve-cache"))
+    os.environ[COMPILATION_CACHE_ENV] = str(tmp_path_factory.mktemp("compilation-cache"))
     # address="local": a fresh instance, never one that happens to run here.
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
@@ -40,7 +41,8 @@ def service(ray_session, tmp_path_factory):
     keys_file.write_text(json.dumps(API_KEYS))
     config = ServiceConfig(
         worker=WorkerSpec(preset="default", mesh_shape=(1, 2), batching=BATCHING,
-                          max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK),
+                          max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK,
+                          compilation_cache_dir=os.environ[COMPILATION_CACHE_ENV]),
         num_workers=2, host="127.0.0.1", port=0, max_sequences_per_request=32,
         data_dir=str(tmp_path_factory.mktemp("data")), api_keys_file=str(keys_file),
         max_upload_bytes=1 << 20, metrics_port=0,

@@ -8,7 +8,7 @@ from test_tls_admission_shutdown import start_serve, stop
 def test_a_restart_on_the_same_data_dir_compiles_nothing(ray_session, tmp_path):
     infos = []
     for _ in range(2):
-        process, address = start_serve(ray_session, tmp_path)
+        process, address = start_serve(ray_session, tmp_path, shared_cache=False)
         try:
             with GemmaClient(address) as client:
                 client.forward(token_ids=[[1, 2, 3]] * 4)  # a bucket shape: nothing compiles

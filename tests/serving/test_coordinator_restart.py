@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
+from service_support import shared_compilation_cache
 from coordinator.client import GemmaClient
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as apb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as apb_grpc
@@ -34,7 +35,7 @@ def start_serve(ray_address, data_dir, log_path):
     process = subprocess.Popen(
         [BIN / "gemma-serve", "--preset", str(FIXTURE), "--ray-address", ray_address,
          "--workers", "1", "--mesh", "1x1", "--port", "0", "--data-dir", str(data_dir),
-         "--length-buckets", "16,64", "--batch-buckets", "1,4"],
+         "--length-buckets", "16,64", "--batch-buckets", "1,4", *shared_compilation_cache()],
         env=env, stdout=subprocess.PIPE, stderr=open(log_path, "a"), text=True,
         start_new_session=True)
     ready = process.stdout.readline()

@@ -4,6 +4,7 @@ import concurrent.futures
 import os
 import threading
 
+import grpc
 import ml_dtypes
 import numpy as np
 import pytest
@@ -167,3 +168,32 @@ def test_workers_report_the_xla_threads_they_run(client):
                 pass
         assert int(worker.get("cpus", 0)) == 0  # not set: reserves 1, XLA sizes itself
         assert int(worker["xla_cpu_threads"]) == names.count("tf_XLAEigen") >= 2  # 1x2 mesh
+
+
+@pytest.mark.parametrize("keep", ["start", "end"])
+def test_truncation_keeps_the_asked_part_and_says_so(client, local_model, keep):
+    """Over the longest bucket (1024): refused by default; with truncation
+    the start or the end is kept (a text's <bos> stays first), the header
+    says how many tokens were dropped, and the states are the model's on
+    exactly the kept tokens."""
+    model, tokenizer = local_model
+    limit = BATCHING.length_buckets[-1]
+    ids = list(np.random.default_rng(11).integers(3, model.vocabulary_size, limit + 37))
+    text = "word " * (limit + 50)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.forward(token_ids=[ids])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "truncation" in caught.value.details()
+    result = client.forward(texts=[text], token_ids=None, truncate=keep)
+    full = tokenizer.tokenize(text, add_bos=True)
+    kept = full[:limit] if keep == "start" else [full[0], *full[len(full) - limit + 1:]]
+    assert result.token_ids[0].tolist() == list(kept)
+    assert result.truncated_tokens == [len(full) - limit]
+    result = client.forward(token_ids=[ids, ids[:5]], truncate=keep, pooling="mean")
+    kept = ids[:limit] if keep == "start" else ids[-limit:]
+    assert result.token_ids[0].tolist() == kept
+    assert result.truncated_tokens == [37, 0]
+    expected = model({"token_ids": np.array([kept], "int32"),
+                      "padding_mask": np.ones((1, limit), "int32")})
+    np.testing.assert_allclose(result.hidden_states[0][0],
+                               np.asarray(expected)[0].mean(axis=0), atol=1e-5)

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
+from service_support import shared_compilation_cache
 from coordinator.client import GemmaClient
 
 BIN = pathlib.Path(sys.executable).parent
@@ -29,7 +30,8 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def serve_command(data_dir, port=0):
     return [BIN / "gemma-serve", "--preset", str(FIXTURE), "--workers", "1", "--mesh", "1x1",
             "--port", str(port), "--metrics-port", "0", "--data-dir", str(data_dir),
-            "--length-buckets", "16,64", "--batch-buckets", "1,4", "--ray-num-cpus", "2"]
+            "--length-buckets", "16,64", "--batch-buckets", "1,4", "--ray-num-cpus", "2",
+            *shared_compilation_cache()]
 
 
 def serve_env():

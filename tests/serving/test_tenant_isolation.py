@@ -97,12 +97,12 @@ def test_model_info_shows_a_tenant_only_its_own_adapter_activity(service, tmp_pa
     # The operator sees globex's loads; ACME sees none of them.
     assert sum(int(w["adapter_loads"]) for w in operator_worker_infos(service)) \
         >= loads_before + len(names)
-    private = ("adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps",
-               "max_adapters_in_a_batch")
+    private = ("adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch")
     for before, after in zip(acme_before, acme_after):
         for field in private:
-            assert getattr(after, field) == getattr(before, field), field
-        assert after.adapter_loads == after.fine_tune_steps == 0
+            assert getattr(after, field) == getattr(before, field) == 0, field
+        # Globex's loads may evict ACME's adapters, never add to ACME's count.
+        assert after.adapters_resident <= before.adapters_resident
     # Globex sees its own adapters in the slots (loaded on every worker).
     assert all(int(w.get("adapters_resident", 0)) >= len(names)
                for w in globex_view["workers"])

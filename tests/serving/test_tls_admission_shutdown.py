@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from coordinator.client import GemmaClient, tls_credentials
+from service_support import shared_compilation_cache
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 
@@ -60,7 +61,7 @@ def pki(tmp_path_factory):
     return folder
 
 
-def start_serve(ray_session, tmp_path, *flags):
+def start_serve(ray_session, tmp_path, *flags, shared_cache=True):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("XLA_FLAGS", None)
     env.pop("GEMMA_SERVE_API_KEYS", None)
@@ -70,7 +71,8 @@ def start_serve(ray_session, tmp_path, *flags):
         [BIN / "gemma-serve", "--ray-address", ray_session.get_runtime_context().gcs_address,
          "--workers", "1", "--mesh", "1x1", "--port", "0", "--metrics-port", "-1",
          "--data-dir", str(tmp_path / "data"), "--length-buckets", "16,64",
-         "--batch-buckets", "1,4", *map(str, flags)],
+         "--batch-buckets", "1,4",
+         *(shared_compilation_cache() if shared_cache else []), *map(str, flags)],
         env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     ready = process.stdout.readline()
     assert "gemma-serve ready on" in ready, (tmp_path / "serve.log").read_text()[-3000:]

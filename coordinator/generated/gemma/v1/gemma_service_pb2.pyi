@@ -20,6 +20,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
+
+class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRUNCATION_UNSPECIFIED: _ClassVar[Truncation]
+    TRUNCATION_KEEP_START: _ClassVar[Truncation]
+    TRUNCATION_KEEP_END: _ClassVar[Truncation]
 POOLING_UNSPECIFIED: Pooling
 POOLING_NONE: Pooling
 POOLING_LAST_TOKEN: Pooling
@@ -28,6 +34,9 @@ DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_BFLOAT16: DType
 DTYPE_FLOAT16: DType
+TRUNCATION_UNSPECIFIED: Truncation
+TRUNCATION_KEEP_START: Truncation
+TRUNCATION_KEEP_END: Truncation
 
 class TokenSequence(_message.Message):
     __slots__ = ("ids",)
@@ -36,7 +45,7 @@ class TokenSequence(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("texts", "sequences", "add_bos", "adapter_id", "layers", "pooling", "dtype")
+    __slots__ = ("texts", "sequences", "add_bos", "adapter_id", "layers", "pooling", "dtype", "truncation")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ADD_BOS_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +53,7 @@ class ForwardRequest(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
     add_bos: bool
@@ -51,7 +61,8 @@ class ForwardRequest(_message.Message):
     layers: _containers.RepeatedScalarFieldContainer[int]
     pooling: Pooling
     dtype: DType
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., add_bos: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    truncation: Truncation
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., add_bos: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -86,12 +97,14 @@ class ForwardHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., hidden_dim: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., adapter_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
-    __slots__ = ("token_ids", "shape")
+    __slots__ = ("token_ids", "shape", "truncated_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    truncated_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., truncated_tokens: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("sequence_index", "layer", "token_offset", "shape", "dtype", "data")
@@ -114,7 +127,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("preset", "model_class", "config_json", "dtype", "random_weights", "parameter_count", "workers", "limits", "base_fingerprint", "auth_enabled", "tenant", "usage")
+    __slots__ = ("preset", "model_class", "config_json", "dtype", "random_weights", "parameter_count", "workers", "limits", "base_fingerprint", "auth_enabled", "tenant", "usage", "compute")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +140,7 @@ class ModelInfo(_message.Message):
     AUTH_ENABLED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
     preset: str
     model_class: str
     config_json: str
@@ -139,7 +153,8 @@ class ModelInfo(_message.Message):
     auth_enabled: bool
     tenant: str
     usage: TenantUsage
-    def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., base_fingerprint: _Optional[str] = ..., auth_enabled: _Optional[bool] = ..., tenant: _Optional[str] = ..., usage: _Optional[_Union[TenantUsage, _Mapping]] = ...) -> None: ...
+    compute: str
+    def __init__(self, preset: _Optional[str] = ..., model_class: _Optional[str] = ..., config_json: _Optional[str] = ..., dtype: _Optional[str] = ..., random_weights: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., base_fingerprint: _Optional[str] = ..., auth_enabled: _Optional[bool] = ..., tenant: _Optional[str] = ..., usage: _Optional[_Union[TenantUsage, _Mapping]] = ..., compute: _Optional[str] = ...) -> None: ...
 
 class TenantUsage(_message.Message):
     __slots__ = ("requests_in_flight", "tokens_in_flight", "adapter_versions", "adapter_bytes", "fine_tunes_active")
