@@ -3,6 +3,8 @@
 #   make test-gpu on a CUDA host: the GPU tests, on its GPUs
 #   make serve   start gemma-serve on the built-in default model (random weights)
 #   make bench   run the benchmarks (prints tables)
+#   make bench-real  the real-size benchmark (gemma2_2b architecture, random weights)
+#                against transformers: installs the bench extra (torch, CPU build)
 #   make soak    run the 5-minute load and soak test
 #   make protos  regenerate coordinator/generated from protos/
 #   make lock    re-pin constraints.txt from the current .venv
@@ -16,7 +18,7 @@ BIN := $(VENV)/bin
 REFERENCE_PKGS := keras-hub absl-py regex rich tokenizers
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup test test-gpu serve bench soak protos lock clean
+.PHONY: setup test test-gpu serve bench bench-real soak protos lock clean
 
 setup: $(STAMP)
 
@@ -53,6 +55,13 @@ bench: setup
 	$(BIN)/python benchmarks/service_throughput.py --worker-cores 1
 	$(BIN)/python benchmarks/service_throughput.py
 	$(BIN)/python benchmarks/adapter_throughput.py
+
+# Writes (once) a 5.2 GB checkpoint under ~/.cache/gemma-serve-bench and holds
+# one model at a time (up to 16.5 GB, float32); an hour or more on 2 cores.
+# Pass flags with BENCH_REAL_ARGS, e.g. BENCH_REAL_ARGS="--cases inproc --repeats 3".
+bench-real: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/real_size.py $(BENCH_REAL_ARGS)
 
 soak: setup
 	$(BIN)/python benchmarks/soak.py

@@ -18,6 +18,7 @@ import ray
 from coordinator.adapter_record import AdapterRecord, check_name
 from coordinator.adapter_registry import AdapterRegistry
 from coordinator.errors import InvalidArgument
+from coordinator.off_loop import in_thread
 from coordinator.stream_guard import receive_to_file
 from worker.forward_work import AdapterRef
 from worker.worker_pool import WorkerPool
@@ -81,6 +82,9 @@ class AdapterManager:
     async def upload(self, tenant: str, name: str, fmt: str,
                      chunks: AsyncIterator[bytes]) -> AdapterRecord:
         """Streams `chunks` to a scratch file, then validates and publishes.
+        Cancelled, it returns once the step in progress has ended (the
+        caller's upload slot held till then) and publishes nothing unless
+        the publish had begun.
 
         Raises:
             ResourceExhausted: more than `max_upload_bytes`.
@@ -95,14 +99,14 @@ class AdapterManager:
                 "(--max-upload-mib); LoRA adapters are usually far smaller.")
             if size == 0:
                 raise InvalidArgument("data", "the upload holds no bytes after the header.")
-            adapter = await asyncio.to_thread(self.registry.read_file, path, fmt)
+            adapter = await in_thread(self.registry.read_file, path, fmt)
             if adapter.rank > self.max_rank:
                 raise InvalidArgument(
                     "adapter", f"rank {adapter.rank} is above this server's maximum adapter "
                                f"rank {self.max_rank}; retrain at a lower rank or start the "
                                "server with a larger --max-adapter-rank.")
-            return await asyncio.to_thread(self.registry.publish, tenant, name, adapter,
-                                           f"upload:{fmt}")
+            return await in_thread(self.registry.publish, tenant, name, adapter,
+                                   f"upload:{fmt}")
         finally:
             path.unlink(missing_ok=True)
 

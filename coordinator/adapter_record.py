@@ -8,6 +8,8 @@ that depend on where and by whom it is read: `path`, `fits_base`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any, Mapping
 from coordinator.errors import InvalidArgument
 
 FORMAT = "gemma-serve-lora/1"
+TENSORS_FILE = "adapter.safetensors"
+MANIFEST_FILE = "manifest.json"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_FORM = ("1 to 64 characters from letters, digits, '_', '.' and '-', "
              "starting with a letter or digit")
@@ -138,3 +142,26 @@ class AdapterRecord:
             created=field("created", str), source=field("source", str),
             num_parameters=field("num_parameters", int, lambda value: value >= 0),
             path=Path(path), fits_base=fits_base)
+
+
+def read_version_dir(version_dir: Path) -> AdapterRecord:
+    """The record of a registry version directory
+    (`<tenant>/<name>/<version>/`), its files checked against each other.
+
+    Raises:
+        ValueError, OSError (a missing file): why it is not a whole, intact
+            version.
+    """
+    if not version_dir.name.isdigit() or version_dir.name.startswith("0"):
+        raise ValueError("not a version directory")
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    record = AdapterRecord.from_manifest(manifest, version_dir)
+    where = (version_dir.parent.parent.name, version_dir.parent.name, int(version_dir.name))
+    if (record.tenant, record.name, record.version) != where:
+        raise ValueError(f"its manifest describes {record.tenant}/{record.adapter_id}")
+    with open(version_dir / TENSORS_FILE, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if digest != record.sha256:
+        raise ValueError(f"checksum mismatch: {TENSORS_FILE} has sha256 {digest}, "
+                         f"the manifest says {record.sha256}")
+    return record

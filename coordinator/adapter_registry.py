@@ -37,8 +37,9 @@ from pathlib import Path
 import safetensors.numpy
 
 from coordinator.adapter_files import another_base, lora_h5_bytes, read_adapter_file
-from coordinator.adapter_record import (FORMAT, NAME_PATTERN, AdapterRecord, check_name,
-                                        parse_adapter_id, shown)
+from coordinator.adapter_record import (FORMAT, MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE,
+                                        AdapterRecord, check_name, parse_adapter_id,
+                                        read_version_dir, shown)
 from coordinator.durable_files import fsync_dir, make_dirs, write_durably
 from coordinator.errors import FailedPrecondition, NotFound
 from coordinator.storage_quota import AdapterUsage, StorageQuota
@@ -47,9 +48,6 @@ from gemma_core.gemma_config import GemmaConfig
 from gemma_core.lora_adapter import LoraAdapter, MalformedAdapter
 
 log = logging.getLogger("gemma_serve.adapters")
-
-TENSORS_FILE = "adapter.safetensors"
-MANIFEST_FILE = "manifest.json"
 
 
 class AdapterRegistry:
@@ -84,7 +82,8 @@ class AdapterRegistry:
         self._quarantine = self.root / ".quarantine"
         self._last_version = self.root / ".last_version"
         self._lock = threading.Lock()
-        self._index: dict[tuple[str, str], dict[int, AdapterRecord]] = {}
+        # tenant -> name -> version -> record: a tenant's lookups never scan others'.
+        self._index: dict[str, dict[str, dict[int, AdapterRecord]]] = {}
         self._cache: collections.OrderedDict[tuple[str, str, int], tuple[str, LoraAdapter]] = \
             collections.OrderedDict()
         self._cache_size = cache_size
@@ -155,15 +154,14 @@ class AdapterRegistry:
                     floor = version + 1
                     continue
                 fsync_dir(name_dir)
-                self._index.setdefault((record.tenant, record.name), {})[version] = record
-                self._usage.add(record.tenant, record.size_bytes)
+                self._add(record)
                 self._cache.pop((record.tenant, record.name, version), None)
                 return record
 
     def _next_version(self, tenant: str, name: str, floor: int) -> int:
         """One above every version in the index, on disk or deleted, at least
         `floor`."""
-        versions = set(self._index.get((tenant, name), {}))
+        versions = set(self._versions(tenant, name) or ())
         versions.add(max(self._deleted_up_to(tenant, name), self._deleted.get((tenant, name), 0)))
         name_dir = self.root / tenant / name
         if name_dir.is_dir():
@@ -225,7 +223,7 @@ class AdapterRegistry:
         """
         parsed = parse_adapter_id(adapter_id)
         with self._lock:
-            versions = self._index.get((tenant, parsed[0])) if parsed else None
+            versions = self._versions(tenant, parsed[0]) if parsed else None
             if not versions or (parsed[1] is not None and parsed[1] not in versions):
                 raise _not_found(adapter_id)
             name_dir = self.root / tenant / parsed[0]
@@ -247,7 +245,9 @@ class AdapterRegistry:
                 self._usage.remove(tenant, record.size_bytes)
                 self._cache.pop((tenant, record.name, record.version), None)
             if not versions:
-                del self._index[key]
+                del self._index[tenant][parsed[0]]
+                if not self._index[tenant]:
+                    del self._index[tenant]
                 for empty in (name_dir, name_dir.parent):
                     try:
                         empty.rmdir()
@@ -285,8 +285,8 @@ class AdapterRegistry:
     def list(self, tenant: str) -> list[AdapterRecord]:
         """Every adapter version of `tenant`, sorted by name, then version."""
         with self._lock:
-            records = [record for (owner, _), versions in self._index.items()
-                       if owner == tenant for record in versions.values()]
+            records = [record for versions in self._index.get(tenant, {}).values()
+                       for record in versions.values()]
         return sorted(records, key=lambda record: (record.name, record.version))
 
     def resolve(self, tenant: str, adapter_id: str) -> AdapterRecord:
@@ -298,7 +298,7 @@ class AdapterRegistry:
         """
         parsed = parse_adapter_id(adapter_id)
         with self._lock:
-            versions = self._index.get((tenant, parsed[0])) if parsed else None
+            versions = self._versions(tenant, parsed[0]) if parsed else None
             if versions:
                 version = max(versions) if parsed[1] is None else parsed[1]
                 if version in versions:
@@ -320,7 +320,7 @@ class AdapterRegistry:
                 f"{self.base_fingerprint!r}; re-import or re-train it for this base model.")
         key = (record.tenant, record.name, record.version)
         with self._lock:
-            current = self._index.get(key[:2], {}).get(record.version)
+            current = (self._versions(*key[:2]) or {}).get(record.version)
             if current is None or current.sha256 != record.sha256:
                 raise _not_found(record.adapter_id)
             cached = self._cache.get(key)
@@ -389,27 +389,22 @@ class AdapterRegistry:
                     except (OSError, ValueError) as error:
                         self._quarantine_entry(version_dir, str(error))
                         continue
-                    versions = self._index.setdefault((record.tenant, record.name), {})
-                    versions[record.version] = record
-                    self._usage.add(record.tenant, record.size_bytes)
+                    self._add(record)
         log.info("adapter registry %s: %d adapter versions", self.root,
-                 sum(len(versions) for versions in self._index.values()))
+                 sum(len(v) for names in self._index.values() for v in names.values()))
+
+    def _add(self, record: AdapterRecord) -> None:
+        """Indexes `record` and counts it against its tenant's quota."""
+        names = self._index.setdefault(record.tenant, {})
+        names.setdefault(record.name, {})[record.version] = record
+        self._usage.add(record.tenant, record.size_bytes)
+
+    def _versions(self, tenant: str, name: str) -> dict[int, AdapterRecord] | None:
+        return self._index.get(tenant, {}).get(name)
 
     def _read_version(self, version_dir: Path) -> AdapterRecord:
-        """The record of a version directory; ValueError or OSError (a
-        missing file) says why it is not a whole, intact version."""
-        if not version_dir.name.isdigit() or version_dir.name.startswith("0"):
-            raise ValueError("not a version directory")
-        manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
-        record = AdapterRecord.from_manifest(manifest, version_dir)
-        where = (version_dir.parent.parent.name, version_dir.parent.name, int(version_dir.name))
-        if (record.tenant, record.name, record.version) != where:
-            raise ValueError(f"its manifest describes {record.tenant}/{record.adapter_id}")
-        with open(version_dir / TENSORS_FILE, "rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-        if digest != record.sha256:
-            raise ValueError(f"checksum mismatch: {TENSORS_FILE} has sha256 {digest}, "
-                             f"the manifest says {record.sha256}")
+        """`read_version_dir`, marked when made for another base model."""
+        record = read_version_dir(version_dir)
         if record.base_fingerprint != self.base_fingerprint:
             log.warning("adapter %s/%s was made for base model %r, not this one (%r); it "
                         "stays listed but cannot be loaded", record.tenant, record.adapter_id,

@@ -8,7 +8,7 @@ from coordinator.errors import InvalidArgument
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as pb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as pb_grpc
 from coordinator.paging import page_of
-from coordinator.stream_guard import UploadGuard
+from coordinator.stream_guard import UploadGuard, data_chunks
 from coordinator.tenant_auth import TenantAuth
 
 FORMATS = {pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5: "lora.h5",
@@ -45,15 +45,8 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             if header.format not in FORMATS:
                 raise InvalidArgument("header.format", "say which format the file is in: "
                                                        "KERAS_HUB_LORA_H5 or SAFETENSORS.")
-
-            async def chunks():
-                async for message in messages:
-                    if message.WhichOneof("kind") != "data":
-                        raise InvalidArgument("header", "send the header once, first.")
-                    yield message.data
-
             record = await self._adapters.upload(tenant, header.name, FORMATS[header.format],
-                                                 chunks())
+                                                 data_chunks(messages, "header"))
         return adapter_message(record)
 
     async def LoadAdapter(self, request, context):

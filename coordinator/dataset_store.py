@@ -2,17 +2,17 @@
 
 `<root>/<tenant>/<name>.npz` holds the sequences concatenated (`ids`) and
 where each starts (`offsets`). Written to a temporary file, fsynced and
-renamed, so a dataset is there whole or not at all; uploading a name again
-replaces it. A tenant holds at most `StorageQuota.max_datasets` of them.
-An upload streams into `<root>/.incoming/` before it is parsed.
+renamed (the directory fsynced after), so a dataset is there whole or not
+at all; uploading a name again replaces it. A tenant holds at most
+`StorageQuota.max_datasets` of them, of `max_dataset_bytes` in all, counted
+from its folder under the store's lock, so a check and the rename it admits
+are one step. An upload streams into `<root>/.incoming/` before it is parsed.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -21,8 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from coordinator.adapter_record import check_name, shown
+from coordinator.durable_files import durable_file, fsync_dir, make_dirs
 from coordinator.errors import NotFound
-from coordinator.storage_quota import StorageQuota, check_dataset_count
+from coordinator.storage_quota import StorageQuota, check_dataset_bytes, check_dataset_count
 from worker.packed_sequences import PackedSequences
 
 log = logging.getLogger("gemma_serve.datasets")
@@ -58,27 +59,45 @@ class DatasetStore:
 
     def save(self, tenant: str, name: str,
              sequences: PackedSequences | Sequence[np.ndarray]) -> tuple[int, int]:
-        """Stores `sequences` as dataset `name`; returns (examples, tokens)."""
+        """Stores `sequences` as dataset `name`; returns (examples, tokens).
+
+        Raises:
+            ResourceExhausted: the tenant's count or byte quota would be
+                passed; nothing is stored.
+            OSError: the disk is full (ENOSPC); nothing is stored.
+        """
         path = self._path(tenant, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not isinstance(sequences, PackedSequences):
             sequences = PackedSequences.pack(sequences)
-        buffer = io.BytesIO()
-        np.savez(buffer, ids=sequences.ids, offsets=sequences.offsets)
-        handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
+        with self._lock:  # early, to write nothing when refused (the arrays' size)
+            self._check_quota(path, sequences.ids.nbytes + sequences.offsets.nbytes)
+        make_dirs(path.parent, self.root)
+        # Not *.npz: never listed or counted while it is written.
+        temporary = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}"
         try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(buffer.getvalue())
-                out.flush()
-                os.fsync(out.fileno())
-            with self._lock:
-                if not path.exists():  # a new name, not a replacement
-                    check_dataset_count(self.quota, len(list(path.parent.glob("*.npz"))))
+            with durable_file(temporary) as out:
+                np.savez(out, ids=sequences.ids, offsets=sequences.offsets)
+            with self._lock:  # again, with the file's size, as others save meanwhile
+                self._check_quota(path, temporary.stat().st_size)
                 os.replace(temporary, path)
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
+        fsync_dir(path.parent)
         return len(sequences), sequences.num_tokens
+
+    def _check_quota(self, path: Path, size: int) -> None:
+        """Raises ResourceExhausted unless a file of `size` bytes may become
+        dataset `path`, new or replacing one. Under the lock."""
+        sizes = {}
+        for stored in path.parent.glob("*.npz"):
+            try:
+                sizes[stored] = stored.stat().st_size
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        if sizes.pop(path, None) is None:  # a new name, not a replacement
+            check_dataset_count(self.quota, len(sizes))
+        check_dataset_bytes(self.quota, sum(sizes.values()), size)
 
     def list(self, tenant: str) -> list[tuple[str, int, int]]:
         """(name, examples, tokens) of each of the tenant's datasets, by name."""

@@ -4,21 +4,31 @@ file or the new one, whole."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` and fsyncs it; a failed write removes the
-    partial file (on a full disk it would hold space and nothing useful)."""
+@contextlib.contextmanager
+def durable_file(path: Path) -> Iterator[BinaryIO]:
+    """A new file at `path` to write in the block, fsynced after it; a
+    failed write removes the partial file (on a full disk it would hold
+    space and nothing useful)."""
     try:
         with open(path, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
         path.unlink(missing_ok=True)
         raise
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` as `durable_file` does."""
+    with durable_file(path) as handle:
+        handle.write(data)
 
 
 def fsync_dir(path: Path) -> None:

@@ -8,12 +8,17 @@ a restarted coordinator still lists and answers for its jobs: those that
 were queued or running when it stopped end "interrupted" (training does not
 resume; a job whose adapter reached the registry before the stop comes back
 "succeeded"). A job's final state reaches the journal even on a full disk
-(see coordinator/job_journal.py).
+(see coordinator/job_journal.py). Journal writes run on one thread of
+their own, in the order the changes were made, so a slow disk delays the
+records, never the event loop. The jobs in memory are the truth: a change
+is visible at once, its record follows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import logging
@@ -40,6 +45,9 @@ KEPT_ENDED_PER_TENANT = 100
 # reserve and ListFineTunes (100 ended jobs and the active ones) stays far
 # below gRPC's 4 MiB message limit.
 MAX_ERROR_CHARS = 2000
+# What a tenant reads when its job failed on a disk error other than a full
+# disk (the error itself names server paths).
+STORE_FAILED = "the job could not be stored; the server log has the details"
 
 
 @dataclasses.dataclass
@@ -78,6 +86,12 @@ class FineTuneJobs:
         self._interrupted: set[str] = set()
         self._journal = None if journal is None else JobJournal(journal)
         self._journaled_at: dict[str, float] = {}
+        # One thread: the writes of a job reach the disk in the order made.
+        self._journal_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="job-journal")
+        # Jobs whose first record is being written, per tenant: they count
+        # against the limit already.
+        self._starting: collections.Counter[str] = collections.Counter()
         if self._journal is not None:
             self._read_journal()
             self._journal.drop_reserves()  # every job read back has ended
@@ -99,12 +113,12 @@ class FineTuneJobs:
                 if published:
                     job.state, job.adapter_id, job.eta_seconds = "succeeded", published, 0.0
                     job.error = ""
-                    self._write_or_warn(job)
+                    self._write_now_or_warn(job)
                 elif job.state != "interrupted":
                     job.state, job.eta_seconds = "interrupted", 0.0
                     job.error = ("interrupted: the coordinator restarted while the job was "
                                  f"{record.get('state', 'running')}")
-                    self._write_or_warn(job)
+                    self._write_now_or_warn(job)
             self._jobs[job.job_id] = job
             self._changed[job.job_id] = asyncio.Condition()
 
@@ -118,23 +132,39 @@ class FineTuneJobs:
             return ""
         return next((r.adapter_id for r in records if r.source == f"finetune:{job.job_id}"), "")
 
-    def _write(self, job: FineTuneJob, durable: bool = False) -> None:
-        """Records `job`: durably at state changes (what a restart must not
-        lose), into its reserved space once it has ended."""
-        if self._journal is None:
-            return
-        record = dataclasses.asdict(job)
+    def _record_writer(self, job: FineTuneJob, durable: bool):
+        """A call that records `job` as it is now: durably at state changes
+        (what a restart must not lose), into its reserved space once it has
+        ended."""
+        record, job_id = dataclasses.asdict(job), job.job_id
         if job.state in ENDED:
-            self._journal.write_final(job.job_id, record)
-        else:
-            self._journal.write(job.job_id, record, durable)
-        self._journaled_at[job.job_id] = time.monotonic()
+            return lambda: self._journal.write_final(job_id, record)
+        return lambda: self._journal.write(job_id, record, durable)
 
-    def _write_or_warn(self, job: FineTuneJob, durable: bool = True) -> None:
-        """The journal is a record, not the job: a failed write is logged and
-        the job goes on (its record lags until the next write)."""
+    async def _on_journal_thread(self, call) -> None:
+        """Runs `call` after every journal write submitted before it (the
+        submitting is done at once). A caller cancelled meanwhile does not
+        withdraw it."""
+        await asyncio.shield(asyncio.wrap_future(self._journal_thread.submit(call)))
+
+    async def _told(self, job_id: str, written: concurrent.futures.Future | None) -> None:
+        """Waits for the journal write `written` (if any), then wakes the
+        job's watchers. The journal is a record, not the job: a failed write
+        is logged and the job goes on (its record lags until the next one)."""
+        if written is not None:
+            try:
+                await asyncio.shield(asyncio.wrap_future(written))  # never withdrawn
+            except Exception as error:  # noqa: BLE001
+                log.warning("could not record fine-tune job %s: %s", job_id, error)
+        changed = self._changed.get(job_id)
+        if changed is not None:  # None: forgotten meanwhile
+            async with changed:
+                changed.notify_all()
+
+    def _write_now_or_warn(self, job: FineTuneJob) -> None:
+        """Records `job` in this thread: at startup, before serving."""
         try:
-            self._write(job, durable)
+            self._record_writer(job, durable=True)()
         except Exception as error:  # noqa: BLE001
             log.warning("could not record fine-tune job %s: %s", job.job_id, error)
 
@@ -144,27 +174,43 @@ class FineTuneJobs:
         for job in ended[:max(0, len(ended) - KEPT_ENDED_PER_TENANT)]:
             for table in (self._jobs, self._changed, self._tasks, self._journaled_at):
                 table.pop(job.job_id, None)
-            if self._journal is not None:
-                self._journal.remove(job.job_id)
+            if self._journal is not None:  # after any write of it still queued
+                self._journal_thread.submit(self._journal.remove, job.job_id)
 
-    def start(self, tenant: str, adapter_name: str, work_for_job) -> FineTuneJob:
+    def check_room(self, tenant: str) -> None:
+        """Raises ResourceExhausted if the tenant already has its limit of
+        jobs queued or running (or being started)."""
+        active = self._starting[tenant] + sum(1 for j in self._jobs.values()
+                                              if j.tenant == tenant and j.state not in ENDED)
+        if active >= self._max_per_tenant:
+            raise ResourceExhausted(
+                f"this tenant already has {active} fine-tune jobs queued or running (the "
+                "limit, --tenant-max-fine-tunes); wait for one to end or cancel one.")
+
+    async def start(self, tenant: str, adapter_name: str, work_for_job) -> FineTuneJob:
         """Queues a job; `work_for_job(job_id)` builds its FineTuneWork.
 
         Raises:
             ResourceExhausted: the tenant already has its limit of jobs
                 queued or running.
+            OSError: its first record could not be written (no job then).
         """
-        active = sum(1 for j in self._jobs.values()
-                     if j.tenant == tenant and j.state not in ENDED)
-        if active >= self._max_per_tenant:
-            raise ResourceExhausted(
-                f"this tenant already has {active} fine-tune jobs queued or running (the "
-                "limit); wait for one to end or cancel one.")
+        self.check_room(tenant)
         job_id = f"ft-{uuid.uuid4().hex[:12]}"
         job = FineTuneJob(job_id=job_id, tenant=tenant, adapter_name=adapter_name)
         self._forget_old_jobs(tenant)
         if self._journal is not None:  # no record, no job: the caller hears why
-            self._journal.create(job_id, dataclasses.asdict(job))
+            record = dataclasses.asdict(job)
+            self._starting[tenant] += 1
+            try:
+                await self._on_journal_thread(lambda: self._journal.create(job_id, record))
+            except asyncio.CancelledError:  # no job: its record goes once written
+                self._journal_thread.submit(self._journal.remove, job_id)
+                raise
+            finally:
+                self._starting[tenant] -= 1
+                if not self._starting[tenant]:
+                    del self._starting[tenant]
         self._jobs[job_id] = job
         self._changed[job_id] = asyncio.Condition()
         self._tasks[job_id] = asyncio.get_running_loop().create_task(
@@ -244,11 +290,16 @@ class FineTuneJobs:
             fields["error"] = fields["error"][:MAX_ERROR_CHARS - 3] + "..."
         for key, value in fields.items():
             setattr(job, key, value)
-        if ("state" in fields or time.monotonic() - self._journaled_at.get(job.job_id, 0.0)
+        written = None
+        if self._journal is not None and (
+                "state" in fields or time.monotonic() - self._journaled_at.get(job.job_id, 0.0)
                 >= JOURNAL_INTERVAL_S):
-            self._write_or_warn(job, durable="state" in fields)
-        async with self._changed[job.job_id]:
-            self._changed[job.job_id].notify_all()
+            self._journaled_at[job.job_id] = time.monotonic()
+            # Taken and queued now: the records keep the order of the changes.
+            written = self._journal_thread.submit(self._record_writer(job, "state" in fields))
+        # Shielded: a caller cancelled meanwhile (at shutdown) still has its
+        # change recorded and announced.
+        await asyncio.shield(self._told(job.job_id, written))
 
     async def _run(self, job: FineTuneJob, work: FineTuneWork) -> None:
         worker_id = None
@@ -273,14 +324,19 @@ class FineTuneJobs:
             await self._update(job, state="failed",
                                error="the worker ended the job without a result")
         except asyncio.CancelledError:
-            await self._update(job, state="cancelled", eta_seconds=0.0)
+            if job.state not in ENDED:  # cancelled while its final state was recorded: kept
+                await self._update(job, state="cancelled", eta_seconds=0.0)
             raise
         except Exception as error:  # noqa: BLE001 - the job fails, the server goes on
             log.warning("fine-tune job %s failed: %s", job.job_id, error)
-            if is_storage_full(error):  # say what to do, not the server's paths
-                error = StorageFull()
-            await self._update(job, state="failed", eta_seconds=0.0,
-                               error=str(error) or type(error).__name__)
+            message = str(error) or type(error).__name__
+            # A disk error names server paths: the tenant hears what to do,
+            # the paths stay in the log line above.
+            if is_storage_full(error):
+                message = str(StorageFull())
+            elif isinstance(error, OSError):
+                message = STORE_FAILED
+            await self._update(job, state="failed", eta_seconds=0.0, error=message)
         finally:
             if worker_id is not None:
                 self._pool.fine_tune_ended(worker_id)

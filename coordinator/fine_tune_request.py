@@ -2,8 +2,8 @@
 
 The one place StartFineTuneRequest messages and uploaded datasets are read;
 every rule names the field (or line) to fix. Parsing takes up to seconds of
-CPU, so callers run it off the event loop (coordinator/off_loop.py); it
-works in short steps (a text, a line, a sequence) so that the loop keeps
+CPU, so callers run it off the event loop (coordinator/off_loop.py) unless
+`cheap_to_parse` says it is quick; it works in short steps (a text, a line, a sequence) so that the loop keeps
 its turns meanwhile.
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from coordinator.adapter_record import check_name, shown
 from coordinator.errors import InvalidArgument
+from coordinator.forward_request import LOOP_TOKENIZE_CHARS
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as ft_pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
@@ -194,6 +195,21 @@ def check_training_length(num_sequences: int, config: FineTuneConfig) -> None:
                                         f"in batches of {config.batch_size} make {steps} "
                                         f"steps; at most {MAX_STEPS} are allowed. Use fewer "
                                         "epochs, or set steps instead.")
+
+
+def cheap_to_parse(message: ft_pb.StartFineTuneRequest, limits: ServiceLimits) -> bool:
+    """Whether `parse_fine_tune_request(message)` is quick enough for the
+    event loop, by Forward's measure (forward_request.cheap_to_parse): a
+    dataset_id, a Forward's worth of short items (LOOP_TOKENIZE_CHARS
+    characters or ids in all), or more items than are accepted inline
+    (refused before any is read)."""
+    count = len(message.texts) + len(message.sequences)
+    if count > MAX_INLINE_SEQUENCES:
+        return True
+    if count > limits.max_sequences_per_request:
+        return False
+    return (sum(len(text) for text in message.texts)
+            + sum(len(sequence.ids) for sequence in message.sequences)) <= LOOP_TOKENIZE_CHARS
 
 
 def parse_fine_tune_request(message: ft_pb.StartFineTuneRequest, limits: ServiceLimits,

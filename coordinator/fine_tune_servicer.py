@@ -11,12 +11,12 @@ from coordinator.adapter_record import check_name
 from coordinator.dataset_store import DatasetStore
 from coordinator.errors import InvalidArgument
 from coordinator.fine_tune_jobs import FineTuneJob, FineTuneJobs
-from coordinator.fine_tune_request import (check_training_length, parse_dataset_file,
-                                           parse_fine_tune_request)
+from coordinator.fine_tune_request import (check_training_length, cheap_to_parse,
+                                           parse_dataset_file, parse_fine_tune_request)
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as pb
 from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceLimits
-from coordinator.stream_guard import UploadGuard, receive_to_file
+from coordinator.stream_guard import UploadGuard, data_chunks, receive_to_file
 from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from worker.fine_tune_runner import FineTuneWork
@@ -62,26 +62,22 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
                 raise InvalidArgument("name", "the first message must carry the dataset "
                                               "name, the rest its JSON Lines bytes.")
             name = check_name("name", first.name)
-
-            async def chunks():
-                async for message in messages:
-                    if message.WhichOneof("kind") != "data":
-                        raise InvalidArgument("name", "send the name once, first.")
-                    yield message.data
-
             # To disk as it comes, parsed from there: memory holds the
-            # result, never the upload.
+            # result, never the upload. The slot is held until the parse
+            # and the save have ended, even for a cancelled call (off_loop),
+            # and a call cancelled before the save never saves.
             path = self._datasets.new_upload_path()
             try:
-                await receive_to_file(chunks(), path, self._max_upload_bytes,
+                await receive_to_file(data_chunks(messages, "name"), path,
+                                      self._max_upload_bytes,
                                       f"the dataset is larger than the {self._max_upload_bytes} "
                                       "byte upload limit (--max-upload-mib).")
-                sequences = await off_loop.TRAINING_DATA.run(parse_dataset_file, path,
+                sequences = await off_loop.TRAINING_DATA.run(tenant, parse_dataset_file, path,
                                                              self._limits, self._tokenizer)
             finally:
                 path.unlink(missing_ok=True)
-            examples, tokens = await asyncio.to_thread(self._datasets.save, tenant, name,
-                                                       sequences)
+            examples, tokens = await off_loop.in_thread(self._datasets.save, tenant, name,
+                                                        sequences)
         return pb.Dataset(dataset_id=name, num_examples=examples, num_tokens=tokens)
 
     async def ListDatasets(self, request, context):
@@ -98,9 +94,14 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
 
     async def StartFineTune(self, request, context):
         tenant = self._tenant(context)
-        parsed = await off_loop.TRAINING_DATA.run(
-            parse_fine_tune_request, request, self._limits, self._tokenizer,
-            self._adapters.max_rank, self._max_batch_tokens)
+        self._jobs.check_room(tenant)  # a tenant at its limit costs no parsing
+        arguments = (request, self._limits, self._tokenizer, self._adapters.max_rank,
+                     self._max_batch_tokens)
+        if cheap_to_parse(request, self._limits):  # queued behind nobody
+            parsed = parse_fine_tune_request(*arguments)
+        else:
+            parsed = await off_loop.TRAINING_DATA.run(tenant, parse_fine_tune_request,
+                                                      *arguments)
         sequences = parsed.sequences
         if sequences is None:
             sequences = await asyncio.to_thread(self._datasets.load, tenant, parsed.dataset_id)
@@ -117,7 +118,7 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
             config = dataclasses.replace(config, rank=request.rank or record.rank)
             initial = ref.payload
         check_training_length(len(sequences), config)
-        job = self._jobs.start(tenant, parsed.adapter_name, lambda job_id: FineTuneWork(
+        job = await self._jobs.start(tenant, parsed.adapter_name, lambda job_id: FineTuneWork(
             job_id=job_id, sequences=sequences, config=config, initial=initial))
         return job_message(job)
 

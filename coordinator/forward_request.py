@@ -127,7 +127,9 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
             size = len(text.encode("utf-8"))
             if size > limits.max_text_bytes:
                 raise InvalidArgument(f"texts[{i}]", f"is {size} bytes; the limit is "
-                                                     f"{limits.max_text_bytes}.")
+                                                     f"{limits.max_text_bytes} (truncation "
+                                                     "applies to tokens, after it). Send "
+                                                     "less text.")
             tokens = np.asarray(tokenizer.tokenize(text, add_bos=add_bos), "int32")
             whole.append(tokens.size)
             ids.append(_check_ids(_truncate(tokens, keep, limit, keep_first=add_bos),

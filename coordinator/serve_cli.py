@@ -81,7 +81,7 @@ def parse_args(argv=None) -> ServiceConfig:
                         "(default %(default)s)")
     p.add_argument("--max-sequences-per-request", type=int, default=64,
                    help="texts or token sequences in one Forward request (default %(default)s)")
-    p.add_argument("--max-text-bytes", type=int, default=16384,
+    p.add_argument("--max-text-bytes", type=int, default=65536,
                    help="UTF-8 bytes of one text before tokenizing (default %(default)s)")
     p.add_argument("--ray-address", default=None,
                    help="join this Ray cluster (e.g. 10.0.0.1:6379); default: start a local one")
@@ -125,6 +125,9 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="MiB of adapter files a tenant may store (default %(default)g)")
     p.add_argument("--tenant-max-datasets", type=int, default=quota.max_datasets,
                    help="uploaded datasets a tenant may store (default %(default)s)")
+    p.add_argument("--tenant-max-dataset-mib", type=float,
+                   default=quota.max_dataset_bytes / (1 << 20),
+                   help="MiB of stored datasets a tenant may keep (default %(default)g)")
     streams = StreamLimits()
     p.add_argument("--stream-idle-timeout-s", type=float, default=streams.idle_timeout_s,
                    help="an upload that sends no message, or a response stream whose client "
@@ -139,7 +142,8 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--compilation-cache-dir", default=None,
                    help="where workers keep their compiled bucket programs (JAX's persistent "
                         "compilation cache, a directory on each worker's node), so a restart "
-                        "loads them instead of compiling; default <data-dir>/compilation-cache")
+                        "loads them instead of compiling; default <data-dir>/compilation-cache, "
+                        "or with --ray-address each node's ~/.cache/gemma-serve/compilation-cache")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
     p.add_argument("--metrics-port", type=int, default=9090,
@@ -184,7 +188,8 @@ def parse_args(argv=None) -> ServiceConfig:
                          storage_quota=StorageQuota(
                              max_adapter_versions=args.tenant_max_adapter_versions,
                              max_adapter_bytes=int(args.tenant_max_adapter_mib * (1 << 20)),
-                             max_datasets=args.tenant_max_datasets),
+                             max_datasets=args.tenant_max_datasets,
+                             max_dataset_bytes=int(args.tenant_max_dataset_mib * (1 << 20))),
                          streams=StreamLimits(
                              idle_timeout_s=args.stream_idle_timeout_s,
                              upload_timeout_s=args.upload_timeout_s,

@@ -62,8 +62,10 @@ def connect_ray(config: ServiceConfig) -> None:
 
 def worker_spec(config: ServiceConfig) -> WorkerSpec:
     """The spec workers start from: the configured one, its compiled
-    programs kept under the data directory unless it names a cache."""
-    if config.worker.compilation_cache_dir:
+    programs kept under the data directory unless it names a cache. Joined
+    to a cluster, workers run on other nodes, where the coordinator's data
+    directory is not: each keeps its node's own cache."""
+    if config.worker.compilation_cache_dir or config.ray_address:
         return config.worker
     return dataclasses.replace(config.worker, compilation_cache_dir=os.path.join(
         config.data_dir, "compilation-cache"))

@@ -22,7 +22,7 @@ class ServiceLimits:
     max_sequence_length: int
     max_sequences_per_request: int = 64
     max_layers_per_request: int = 4
-    max_text_bytes: int = 16384
+    max_text_bytes: int = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ServiceConfig:
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     max_sequences_per_request: int = 64
-    max_text_bytes: int = 16384
+    max_text_bytes: int = 65536
     chunk_bytes: int = 1 << 20
     data_dir: str = dataclasses.field(default_factory=lambda: os.environ.get(
         "GEMMA_SERVE_DATA", os.path.expanduser("~/.local/share/gemma-serve")))

@@ -58,8 +58,8 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
             work = parse_forward_request(request, self._limits, self._tokenizer, request_id,
                                          context.time_remaining())
         else:  # long texts, tokenized beside the loop; the deadline counts from after
-            work = await off_loop.FORWARD.run(parse_forward_request, request, self._limits,
-                                              self._tokenizer, request_id, None)
+            work = await off_loop.FORWARD.run(tenant, parse_forward_request, request,
+                                              self._limits, self._tokenizer, request_id, None)
             work = dataclasses.replace(work, timeout_s=context.time_remaining())
         started = time.perf_counter()
         tokens = sum(len(s) for s in work.sequences)

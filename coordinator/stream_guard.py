@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator, TypeVar
 
-from coordinator.errors import DeadlineExceeded, ResourceExhausted
+from coordinator.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 T = TypeVar("T")
 
@@ -41,7 +41,8 @@ class StreamLimits:
             most seconds a response message may wait for its client to take it.
         upload_timeout_s: most seconds one upload may take, start to end.
         max_uploads_per_tenant: adapter and dataset uploads a tenant may have
-            open at once (receiving or being checked).
+            open at once (receiving, being checked or stored; one the client
+            cancelled until the work it started in a thread has ended).
     """
 
     idle_timeout_s: float = 30.0
@@ -110,6 +111,19 @@ class UploadGuard:
             yield message
 
 
+async def data_chunks(messages: AsyncIterator, first_field: str) -> AsyncIterator[bytes]:
+    """The `data` of an upload's messages after its first, which carried
+    `first_field` (the `kind` oneof of UploadAdapter and UploadDataset).
+
+    Raises:
+        InvalidArgument: a later message carries `first_field` again.
+    """
+    async for message in messages:
+        if message.WhichOneof("kind") != "data":
+            raise InvalidArgument(first_field, f"send the {first_field} once, first.")
+        yield message.data
+
+
 async def receive_to_file(chunks: AsyncIterator[bytes], path: Path, max_bytes: int,
                           too_large: str) -> int:
     """Writes `chunks` into a new file at `path` (the caller removes it);
@@ -176,10 +190,17 @@ class ResponseWatch:
     async def __aexit__(self, kind, error, traceback) -> bool:
         if self._timer is not None:
             self._timer.cancel()
-        if self._expired and kind is not None and issubclass(kind, asyncio.CancelledError):
-            self._task.uncancel()  # ours, not the client's: the call goes on to its status
-            raise DeadlineExceeded(
-                f"the client took no message for {self.timeout_s:g} s "
-                "(--stream-idle-timeout-s), so the call was ended and its results dropped; "
-                "read responses as they arrive.") from None
-        return False
+        if not self._expired:
+            return False
+        # Our cancel request is undone however the block ended: its
+        # CancelledError may have been turned into another error on the way
+        # out (a generator's cleanup), or swallowed. Left counted, the task
+        # would look cancelled to every asyncio.timeout and TaskGroup after.
+        self._task.uncancel()
+        if kind is None:
+            return False
+        raise DeadlineExceeded(
+            f"the client took no message for {self.timeout_s:g} s "
+            "(--stream-idle-timeout-s), so the call was ended and its results dropped; "
+            "read responses as they arrive.") from (
+                None if issubclass(kind, asyncio.CancelledError) else error)

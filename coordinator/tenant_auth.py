@@ -20,11 +20,11 @@ import os
 import re
 from typing import Iterable, Mapping
 
+from coordinator.adapter_record import NAME_FORM, NAME_PATTERN
 from coordinator.errors import Unauthenticated
 
 DEFAULT_TENANT = "default"
 KEYS_ENV = "GEMMA_SERVE_API_KEYS"
-TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MIN_KEY_LENGTH = 8
 # What an `authorization` metadata value can carry after "Bearer ":
 # printable ASCII without the space.
@@ -53,9 +53,8 @@ def checked_keys(entries: Iterable[tuple[object, object]], source: str) -> dict[
             raise ValueError(f"{where}: the tenant name is not a string.")
         if not tenant:
             raise ValueError(f"{where}: the tenant name is empty.")
-        if not TENANT_NAME.fullmatch(tenant):
-            raise ValueError(f"{where}: the tenant name is not valid: use 1-64 letters, "
-                             "digits, '_', '.', '-', starting with a letter or digit.")
+        if not NAME_PATTERN.fullmatch(tenant):  # it names the tenant's folders
+            raise ValueError(f"{where}: the tenant name is not valid: use {NAME_FORM}.")
         if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH:
             # The tenant goes unnamed here: a short "key" beside a long
             # "tenant" is most often an entry written the wrong way round.

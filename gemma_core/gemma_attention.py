@@ -4,32 +4,8 @@ import keras
 import numpy as np
 from keras import ops
 
-# Added to masked logits. Finite, so a row with no visible key (a padded
-# query at the start of a left-padded row) gives a uniform distribution
-# instead of NaN; its output is unspecified anyway.
-_MASKED_LOGIT = -1e9
-
-
-def attention_mask(padding_mask, sliding_window_size=None):
-    """Which keys each query may see.
-
-    Args:
-        padding_mask: (B, S) 1 for real tokens, 0 for padding.
-        sliding_window_size: if set, query i sees key j only when
-            `i - j < sliding_window_size`.
-
-    Returns:
-        (B, T, S) bool, T == S: key j visible to query i when j <= i, j is
-        not padding, and (if windowed) j is within the window.
-    """
-    length = ops.shape(padding_mask)[1]
-    i = ops.expand_dims(ops.arange(length), 1)   # (T, 1)
-    j = ops.expand_dims(ops.arange(length), 0)   # (1, S)
-    visible = j <= i
-    if sliding_window_size is not None:
-        visible = ops.logical_and(visible, i - j < sliding_window_size)
-    keys = ops.expand_dims(ops.cast(padding_mask, "bool"), 1)  # (B, 1, S)
-    return ops.logical_and(ops.expand_dims(visible, 0), keys)
+from gemma_core import dot_product_attention
+from gemma_core.gemma_einsum_dense import GemmaEinsumDense
 
 
 def apply_rotary_embedding(x, base=10000.0):
@@ -68,7 +44,9 @@ class GemmaAttention(keras.layers.Layer):
 
     Query head n reads key/value head n // (num_query_heads //
     num_key_value_heads). Logits are soft-capped (if set) and soft-maxed in
-    float32.
+    float32. Sequences longer than `dot_product_attention.BLOCK_SIZE` attend
+    block by block (memory linear in the length); shorter ones, and training
+    with dropout, materialize every score.
 
     Args:
         num_query_heads: H.
@@ -96,7 +74,7 @@ class GemmaAttention(keras.layers.Layer):
             kernel_initializer or "glorot_uniform")
 
     def _projection(self, equation, output_shape, name):
-        return keras.layers.EinsumDense(
+        return GemmaEinsumDense(
             equation, output_shape=output_shape, name=name,
             kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
 
@@ -131,18 +109,14 @@ class GemmaAttention(keras.layers.Layer):
         # Heads-first before the einsums: transposing the small q and output
         # is cheap; otherwise XLA transposes the (B, K, G, T, S) scores.
         q = ops.transpose(ops.reshape(q, (B, T, K, G, h)), (0, 2, 3, 1, 4))  # (B, K, G, T, h)
-        logits = ops.einsum("bkgth,bskh->bkgts", q, k)
-        logits = ops.cast(logits, "float32")
-        if self.logit_soft_cap is not None:
-            logits = ops.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
-        mask = attention_mask(padding_mask, self.sliding_window_size)  # (B, T, S)
-        logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
-        # Written out (not ops.softmax, which warns on one-token inputs).
-        weights = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
-        probs = weights / ops.sum(weights, axis=-1, keepdims=True)
-        probs = ops.cast(probs, self.compute_dtype)
-        probs = self.dropout_layer(probs, training=training)
-        out = ops.einsum("bkgts,bskh->bkgth", probs, v)           # (B, K, G, T, h)
+        if T <= dot_product_attention.BLOCK_SIZE or (training and self.dropout > 0):
+            out = dot_product_attention.dense_attention(
+                q, k, v, padding_mask, self.logit_soft_cap, self.sliding_window_size,
+                dropout=lambda probs: self.dropout_layer(probs, training=training))
+        else:
+            out = dot_product_attention.blocked_attention(
+                q, k, v, padding_mask, self.logit_soft_cap, self.sliding_window_size,
+                block_size=dot_product_attention.BLOCK_SIZE)       # (B, K, G, T, h)
         out = ops.reshape(ops.transpose(out, (0, 3, 1, 2, 4)), (B, T, K * G, h))
         return self.attention_output(out)
 

@@ -42,6 +42,7 @@ import keras
 import numpy as np
 from keras.src.backend.common import global_state
 
+from gemma_core.dot_product_attention import BLOCK_SIZE
 from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
@@ -220,12 +221,14 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     - residual: 4 x B*T*d*4. The residual stream, its float32 norm, the
       sub-block output and their sum.
     - attention (one block at a time): the scores are the big term,
-      B*H*T*T x (4 + 4 + c, + c more below float32) for the logits, their
-      float32 copy and exponentials and the probabilities; plus q, k, v and
-      their rotated float32 copies 2 x B*T*(H+2K)*h*4 and the head outputs
-      B*T*H*h*c; the (B, T, T) mask; each row's gathered adapter factors
-      B*(H+K)*(d*R + R*h)*4. A sliding window does not shrink the scores:
-      it is a mask.
+      B*H*T*W x (4 + 4 + c, + c more below float32) for the logits, their
+      float32 copy and exponentials and the probabilities, where W = T up
+      to the attention block (dot_product_attention.BLOCK_SIZE) and the
+      block beyond it (longer sequences go a block of keys at a time, so
+      this term grows linearly with T); plus q, k, v and their rotated
+      float32 copies 2 x B*T*(H+2K)*h*4 and the head outputs B*T*H*h*c; the
+      (B, T, W) mask; each row's gathered adapter factors
+      B*(H+K)*(d*R + R*h)*4.
     - feed_forward (one block at a time): 3 x B*T*f*c, both gates and their
       product.
     - logits are never computed (the service returns hidden states).
@@ -267,6 +270,7 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     heads_split = _split(layout_map, "decoder_block_0/attention/query/kernel", 0, mesh_shape)
     ffw_split = _split(layout_map, "decoder_block_0/ffw_gating/kernel", 1, mesh_shape)
     score_bytes = 4 + 4 + c + (c if c < 4 else 0)
+    W = min(T, BLOCK_SIZE)  # keys whose scores exist at once per query
 
     def per_device(nbytes: int, split: int) -> int:
         return -(-nbytes // split)
@@ -274,10 +278,10 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     terms = {
         "selected": per_device(2 * S * B * T * d * c, hidden_split),
         "residual": per_device(4 * B * T * d * 4, hidden_split),
-        "attention": (per_device(B * H * T * T * score_bytes
+        "attention": (per_device(B * H * T * W * score_bytes
                                  + 2 * B * T * (H + 2 * K) * h * 4
                                  + B * T * H * h * c, heads_split)
-                      + B * T * T
+                      + B * T * W
                       + B * (H + K) * (d * R + R * h) * 4),
         "feed_forward": per_device(3 * B * T * f * c, ffw_split),
     }

@@ -45,8 +45,14 @@ class BatchingConfig:
             for an idle worker is always sent at once.
     """
 
-    length_buckets: tuple[int, ...] = (32, 128, 512, 1024)
-    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    # Up to 8192 tokens, the presets' context. Every (rows, length) within
+    # max_batch_tokens is compiled before a worker says ready: 19 programs
+    # here, about 8 s each for gemma2_2b on 2 CPU cores and 30 s for the
+    # 1x8192 one (benchmarks/README.md); rows in steps of 4 keep that count
+    # down, and the batcher runs a smaller bucket full rather than pad a
+    # larger one when that is cheaper.
+    length_buckets: tuple[int, ...] = (32, 128, 512, 1024, 2048, 4096, 8192)
+    batch_buckets: tuple[int, ...] = (1, 4, 16, 64)
     max_batch_tokens: int = 16384
     max_wait_ms: float = 5.0
     layer_slots: int = 4
@@ -111,7 +117,7 @@ class WorkerSpec:
         compilation_cache_dir: JAX's persistent compilation cache (a
             directory on the worker's node): compiled bucket programs are
             kept there, so a restart loads them instead of compiling. None:
-            no cache.
+            the node's own cache directory (see worker/compile_cache.py).
         cpus: CPUs per worker: Ray counts them against the node (a count for
             placement, not pinned cores) and the worker's XLA CPU runtime
             runs that many compute threads. XLA's threads spin while they

@@ -349,3 +349,19 @@ def test_export_lora_h5_reads_back_with_alpha_folded_in(registry, tmp_path):
         np.testing.assert_array_equal(back.kernels[key][0], a)
         np.testing.assert_allclose(back.kernels[key][1], 2.0 * b, rtol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters", "support.lora.h5"]
+
+
+def test_listing_a_tenant_does_not_scan_the_other_tenants(tmp_path):
+    """The index is by tenant: with 100,000 other tenants' versions stored,
+    a tenant's ListAdapters or GetModelInfo costs what its own take."""
+    import dataclasses
+    registry = AdapterRegistry(tmp_path, CONFIG, FINGERPRINT)
+    mine = registry.publish("acme", "support", random_adapter(), "test")
+    with registry._lock:
+        for number in range(100_000):
+            registry._add(dataclasses.replace(mine, tenant=f"t{number}"))
+    started = time.perf_counter()
+    for _ in range(500):
+        assert registry.list("acme") == [mine]
+    assert time.perf_counter() - started < 0.2  # scanning every tenant: 1 s or more
+    assert registry.list("t7") == [dataclasses.replace(mine, tenant="t7")]

@@ -4,11 +4,14 @@ back, what it ignores, and how many ended jobs it keeps."""
 import asyncio
 import dataclasses
 import json
+import time
 
 from fixture_support import TINY_CONFIG
 from coordinator.adapter_manager import AdapterManager
 from coordinator.adapter_registry import AdapterRegistry
+from coordinator.errors import ResourceExhausted
 from coordinator.fine_tune_jobs import KEPT_ENDED_PER_TENANT, FineTuneJob, FineTuneJobs
+from coordinator.job_journal import JobJournal
 from gemma_core import GemmaConfig, LoraAdapter
 
 
@@ -58,7 +61,7 @@ def test_ended_jobs_beyond_the_limit_are_forgotten_oldest_first(tmp_path):
     async def main():
         jobs = jobs_from(tmp_path)
         assert len(jobs.list("acme")) == KEPT_ENDED_PER_TENANT + 5
-        new = jobs.start("acme", "a", lambda job_id: None)  # fails at once: no pool
+        new = await jobs.start("acme", "a", lambda job_id: None)  # fails at once: no pool
         *_, end = [j async for j in jobs.watch("acme", new.job_id)]
         assert end.state == "failed"
         kept = {job.job_id for job in jobs.list("acme")}
@@ -92,3 +95,75 @@ def test_a_job_that_published_before_the_restart_comes_back_succeeded(tmp_path):
         assert (late.state, late.adapter_id, late.error) == ("succeeded", "b@1", "")
     asyncio.run(main())
     assert not list(journal.glob("*.tmp"))
+
+
+class ProgressPool:
+    """A worker that reports a step, then that the job was cancelled."""
+
+    def fine_tune(self, work):
+        return "worker-0", iter([{"state": "running", "step": 1, "total_steps": 2},
+                                 {"state": "cancelled"}])
+
+    async def next_progress(self, worker_id, stream):
+        return next(stream, None)
+
+    def fine_tune_ended(self, worker_id):
+        pass
+
+
+def test_journal_writes_wait_off_the_event_loop_and_keep_their_order(tmp_path, monkeypatch):
+    """A disk that takes 0.25 s per write: the loop still turns every few
+    milliseconds, and the job's records reach it in the order made."""
+    written = []
+
+    def slow(write):
+        def slowly(self, job_id, record, *args, **kwargs):
+            time.sleep(0.25)
+            written.append((record["state"], record["step"]))
+            return write(self, job_id, record, *args, **kwargs)
+        return slowly
+    monkeypatch.setattr(JobJournal, "write", slow(JobJournal.write))
+    monkeypatch.setattr(JobJournal, "write_final", slow(JobJournal.write_final))
+
+    async def main():
+        gaps, done = [], asyncio.Event()
+
+        async def tick():
+            while not done.is_set():
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                gaps.append(time.perf_counter() - before)
+        ticker = asyncio.create_task(tick())
+        jobs = FineTuneJobs(ProgressPool(), None, journal=tmp_path)
+        started = await jobs.start("acme", "a", lambda job_id: None)
+        seen = [(job.state, job.step) async for job in jobs.watch("acme", started.job_id)]
+        done.set()
+        await ticker
+        return started, seen, max(gaps)
+
+    started, seen, longest_gap = asyncio.run(main())
+    assert longest_gap < 0.15, longest_gap  # each write takes 0.25 s
+    assert written == [("queued", 0), ("running", 0), ("running", 1), ("cancelled", 1)], written
+    assert seen[-1] == ("cancelled", 1)
+    record = json.loads((tmp_path / f"{started.job_id}.json").read_text())
+    assert record["state"] == "cancelled"
+
+
+def test_starts_racing_for_the_last_place_while_their_records_are_written(tmp_path,
+                                                                         monkeypatch):
+    write = JobJournal.write
+
+    def slowly(self, *args, **kwargs):
+        time.sleep(0.1)
+        return write(self, *args, **kwargs)
+    monkeypatch.setattr(JobJournal, "write", slowly)
+
+    async def main():
+        jobs = FineTuneJobs(pool=None, adapters=None, max_per_tenant=1, journal=tmp_path)
+        jobs._run = lambda job, work: asyncio.sleep(3600)  # stays queued
+        outcomes = await asyncio.gather(*(jobs.start("acme", "a", lambda job_id: None)
+                                          for _ in range(3)), return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, ResourceExhausted)]
+        assert len(refused) == 2 and len(jobs.list("acme")) == 1
+        assert len(list(tmp_path.glob("ft-*.json"))) == 1
+    asyncio.run(main())

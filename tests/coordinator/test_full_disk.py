@@ -1,6 +1,7 @@
-"""A full disk, for real (a 2 MiB tmpfs the test mounts): writes fail with
-ENOSPC and store nothing, deletes free space, a job's final state survives,
-and a delete cut short never lets a version number be reused."""
+"""A full disk, for real (a 2 MiB tmpfs the test mounts) and simulated (where
+mounting is refused too; see tests/disk_support.py): writes fail with ENOSPC
+and store nothing, deletes free space, a job's final state survives, and a
+delete cut short never lets a version number be reused."""
 
 import asyncio
 import errno
@@ -11,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from disk_support import disk_filled, free_bytes, small_filesystem
+from disk_support import KINDS, disk_filled, free_bytes, small_filesystem
 from fixture_support import TINY_CONFIG
 from coordinator.adapter_manager import AdapterManager
 from coordinator.adapter_registry import AdapterRegistry
@@ -43,9 +44,9 @@ def test_a_full_disk_or_quota_is_resource_exhausted_saying_what_to_do():
     assert status_of(OSError(errno.EIO, "I/O error"))[0] == grpc.StatusCode.INTERNAL
 
 
-@pytest.fixture()
-def disk(tmp_path):
-    with small_filesystem(tmp_path / "small") as mount_point:
+@pytest.fixture(params=KINDS)
+def disk(tmp_path, request):
+    with small_filesystem(tmp_path / "small", request.param) as mount_point:
         yield mount_point
 
 
@@ -157,7 +158,7 @@ def test_a_job_that_failed_on_a_full_disk_reads_failed_after_a_restart(disk):
 
     async def run():
         jobs = FineTuneJobs(FakePool(adapter(), fill_the_disk), manager, journal=disk / "jobs")
-        started = jobs.start("acme", "faq", lambda job_id: None)
+        started = await jobs.start("acme", "faq", lambda job_id: None)
         *_, end = [job async for job in jobs.watch("acme", started.job_id)]
         return end
 
@@ -184,7 +185,7 @@ def test_a_job_that_cannot_write_its_first_record_leaves_nothing(disk):
         jobs = FineTuneJobs(None, None, journal=disk / "jobs")
         with disk_filled(disk):
             with pytest.raises(OSError) as caught:
-                jobs.start("acme", "faq", lambda job_id: None)
+                await jobs.start("acme", "faq", lambda job_id: None)
             assert is_storage_full(caught.value)
         assert jobs.list("acme") == [] and os.listdir(disk / "jobs") == []
     asyncio.run(run())
@@ -196,7 +197,7 @@ def test_unfinished_jobs_end_interrupted_on_a_full_disk(disk):
     async def start_and_stop():
         jobs = FineTuneJobs(None, None, journal=disk / "jobs")
         jobs._run = lambda job, work: asyncio.sleep(3600)  # "running" until killed
-        return jobs.start("acme", "faq", lambda job_id: None).job_id
+        return (await jobs.start("acme", "faq", lambda job_id: None)).job_id
     job_id = asyncio.run(start_and_stop())
     assert sorted(os.listdir(disk / "jobs")) == [f"{job_id}.final", f"{job_id}.json"]
     with disk_filled(disk):

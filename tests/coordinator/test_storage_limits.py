@@ -4,6 +4,9 @@ outlive their writer."""
 import asyncio
 import base64
 import concurrent.futures
+import errno
+import logging
+import os
 import threading
 
 import numpy as np
@@ -14,7 +17,7 @@ from coordinator.adapter_manager import AdapterManager
 from coordinator.adapter_registry import AdapterRegistry
 from coordinator.dataset_store import DatasetStore
 from coordinator.errors import InvalidArgument, ResourceExhausted
-from coordinator.fine_tune_jobs import FineTuneJobs
+from coordinator.fine_tune_jobs import STORE_FAILED, FineTuneJobs
 from coordinator.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_of
 from coordinator.storage_quota import StorageQuota
 from gemma_core import GemmaConfig, LoraAdapter
@@ -92,7 +95,7 @@ def test_a_fine_tune_publish_is_held_to_the_quota_too(tmp_path):
     async def run():
         jobs = FineTuneJobs(TrainedPool(adapter(1)), AdapterManager(registry, None, 8, 1 << 20),
                             journal=tmp_path / "jobs")
-        started = jobs.start("acme", "faq", lambda job_id: None)
+        started = await jobs.start("acme", "faq", lambda job_id: None)
         *_, end = [job async for job in jobs.watch("acme", started.job_id)]
         return end
 
@@ -194,3 +197,81 @@ def test_page_sizes_and_tokens():
 def test_tokens_the_server_did_not_issue_are_invalid(token):
     with pytest.raises(InvalidArgument, match="page_token: it is not a token this server"):
         page_of([("a", 1)], tuple, 0, token)
+
+
+def test_the_dataset_byte_quota_refuses_with_usage_and_stores_nothing(tmp_path):
+    sequences = [np.arange(2, 60_000, dtype="int32") % 1000]  # about 234 KiB stored
+    DatasetStore(tmp_path / "probe").save("acme", "probe", sequences)
+    size = (tmp_path / "probe" / "acme" / "probe.npz").stat().st_size
+    store = DatasetStore(tmp_path / "datasets", StorageQuota(max_dataset_bytes=int(2.5 * size)))
+    store.save("acme", "one", sequences)
+    store.save("acme", "two", sequences)
+    before = tree(tmp_path / "datasets")
+    with pytest.raises(ResourceExhausted, match=r"stores 0\.\d MiB of datasets and this one "
+                                                r"adds 0\.2 MiB.*--tenant-max-dataset-mib"):
+        store.save("acme", "three", sequences)
+    assert tree(tmp_path / "datasets") == before  # no temporary file either
+    store.save("acme", "two", sequences)  # a replacement adds only its difference
+    with pytest.raises(ResourceExhausted, match="--tenant-max-dataset-mib"):
+        store.save("acme", "two", sequences * 2)  # ... which must fit too
+    store.save("globex", "three", sequences)  # per tenant
+    store.delete("acme", "one")
+    store.save("acme", "three", sequences)  # room again
+
+
+def test_concurrent_dataset_saves_never_pass_the_byte_quota_together(tmp_path):
+    sequences = [np.arange(2, 20_000, dtype="int32") % 1000]
+    DatasetStore(tmp_path / "probe").save("acme", "probe", sequences)
+    size = (tmp_path / "probe" / "acme" / "probe.npz").stat().st_size
+    store = DatasetStore(tmp_path / "datasets", StorageQuota(max_dataset_bytes=int(5.5 * size)))
+    barrier = threading.Barrier(12)
+
+    def save(number):
+        barrier.wait()
+        try:
+            return store.save("acme", f"d{number}", sequences)
+        except ResourceExhausted:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        saved = [r for r in pool.map(save, range(12)) if r is not None]
+    assert len(saved) == 5 and len(store.list("acme")) == 5
+    assert len(list((tmp_path / "datasets" / "acme").iterdir())) == 5  # no temporary left
+
+
+def test_a_dataset_is_durable_once_saved(tmp_path, monkeypatch):
+    """Written straight into its temporary file (durable_file: fsynced, then
+    renamed), and the rename made durable by fsyncing the directory."""
+    from coordinator import dataset_store
+    synced, fsynced_dirs = [], []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(
+        f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(dataset_store, "fsync_dir",
+                        lambda path: fsynced_dirs.append((path, sorted(os.listdir(path)))))
+    store = DatasetStore(tmp_path)
+    store.save("acme", "kept", [np.arange(2, 10, dtype="int32")])
+    assert any(".upload-" in path for path in synced)  # the data, before the rename
+    assert fsynced_dirs[-1] == (tmp_path / "acme", ["kept.npz"])  # after it
+
+
+class BrokenDiskRegistry(AdapterRegistry):
+    def publish(self, tenant, name, adapter, source):
+        raise OSError(errno.EIO, "Input/output error", "/srv/secret/adapters/.incoming/x")
+
+
+def test_a_job_that_fails_on_a_disk_error_names_no_server_path(tmp_path, caplog):
+    registry = BrokenDiskRegistry(tmp_path / "adapters", CONFIG, "base")
+
+    async def run():
+        jobs = FineTuneJobs(TrainedPool(adapter(1)), AdapterManager(registry, None, 8, 1 << 20),
+                            journal=tmp_path / "jobs")
+        started = await jobs.start("acme", "faq", lambda job_id: None)
+        *_, end = [job async for job in jobs.watch("acme", started.job_id)]
+        return end
+
+    with caplog.at_level(logging.WARNING, logger="gemma_serve.fine_tune"):
+        end = asyncio.run(run())
+    assert end.state == "failed" and end.error == STORE_FAILED
+    assert "/srv" not in end.error and "server log" in end.error
+    assert "/srv/secret/adapters" in caplog.text  # the operator has the details

@@ -132,3 +132,58 @@ def test_limits_are_checked():
                 dict(max_uploads_per_tenant=0)):
         with pytest.raises(ValueError):
             StreamLimits(**bad)
+
+
+class ClosingContext:
+    """A stuck write whose cancellation comes out as another error (as a
+    generator's cleanup may turn it)."""
+
+    async def write(self, message):
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise RuntimeError("the stream was closed") from None
+
+
+def test_an_expired_watch_undoes_its_cancel_whatever_error_ends_the_block():
+    async def main():
+        with pytest.raises(DeadlineExceeded, match="took no message for 0.1 s") as caught:
+            async with ResponseWatch(0.1) as watch:
+                await watch.write(ClosingContext(), "first")
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        assert asyncio.current_task().cancelling() == 0  # nothing left pending
+        async with asyncio.timeout(0.05):  # timeouts after it still work as timeouts
+            await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(1)
+
+        async def swallowing():  # the cancel swallowed, the block ends normally
+            context = StuckContext()
+            async with ResponseWatch(0.1) as watch:
+                try:
+                    await watch.write(context, "one")
+                    await watch.write(context, "two")  # stuck
+                except asyncio.CancelledError:
+                    pass
+        await swallowing()
+        assert asyncio.current_task().cancelling() == 0
+    asyncio.run(main())
+
+
+def test_data_chunks_yields_the_data_and_refuses_a_second_header():
+    from coordinator.errors import InvalidArgument
+    from coordinator.generated.gemma.v1 import finetune_service_pb2 as fpb
+    from coordinator.stream_guard import data_chunks
+
+    async def messages(*items):
+        for item in items:
+            yield item
+
+    async def main():
+        data = [fpb.UploadDatasetRequest(data=b"ab"), fpb.UploadDatasetRequest(data=b"c")]
+        assert [c async for c in data_chunks(messages(*data), "name")] == [b"ab", b"c"]
+        with pytest.raises(InvalidArgument, match="name: send the name once, first"):
+            [c async for c in data_chunks(messages(data[0], fpb.UploadDatasetRequest(
+                name="again")), "name")]
+    asyncio.run(main())

@@ -117,3 +117,25 @@ def test_gemma_serve_exits_with_the_message(tmp_path):
             "whitespace") in run.stderr
     assert KEY not in run.stderr + run.stdout and OTHER not in run.stderr + run.stdout
     assert "ready on" not in run.stdout
+
+
+def test_tenant_names_follow_the_one_name_rule_of_the_registry():
+    """A tenant names folders of the adapter registry and dataset store: the
+    keys accept exactly the names those accept, by the one pattern."""
+    from coordinator import adapter_record, tenant_auth
+    assert not hasattr(tenant_auth, "TENANT_NAME")
+    assert tenant_auth.NAME_PATTERN is adapter_record.NAME_PATTERN
+    for name in ("acme", "a", "A-1_b.c", "9" * 64, "x" * 65, "-acme", ".acme", "ac me",
+                 "acmé", "acme/x", ""):
+        try:
+            adapter_record.check_name("tenant", name)
+            valid = True
+        except Exception:  # noqa: BLE001
+            valid = False
+        try:
+            TenantAuth({KEY: name})
+            accepted = True
+        except ValueError as error:
+            accepted = False
+            assert name == "" or adapter_record.NAME_FORM in str(error)
+        assert accepted == valid, name

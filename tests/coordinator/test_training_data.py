@@ -9,15 +9,16 @@ import pytest
 
 from coordinator.errors import InvalidArgument
 from coordinator.fine_tune_request import (MAX_INLINE_SEQUENCES, MAX_INLINE_TOKENS,
-                                           max_line_bytes, parse_dataset_file,
+                                           cheap_to_parse, max_line_bytes, parse_dataset_file,
                                            parse_fine_tune_request)
+from coordinator.forward_request import LOOP_TOKENIZE_CHARS
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as fpb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
 from worker.packed_sequences import PackedSequences
 
 LIMITS = ServiceLimits(vocabulary_size=1024, num_layers=4, hidden_dim=128,
-                       max_sequence_length=1024)
+                       max_sequence_length=1024, max_text_bytes=16384)
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +92,24 @@ def test_datasets_parse_from_a_file_a_line_at_a_time(tmp_path, tokenizer):
     path.write_bytes(b"\n \n")
     with pytest.raises(InvalidArgument, match="holds no examples"):
         parse_dataset_file(path, LIMITS, tokenizer)
+
+
+def test_what_is_cheap_enough_to_parse_on_the_event_loop(tokenizer):
+    """A dataset_id, or a Forward's worth of short items: parsed on the loop,
+    queued behind no other tenant; more goes to the training-data lane."""
+    def request(**fields):
+        return fpb.StartFineTuneRequest(adapter_name="x", steps=1, **fields)
+    assert cheap_to_parse(request(dataset_id="data"), LIMITS)
+    short = [fpb.TrainingSequence(ids=[5] * 256)] * LIMITS.max_sequences_per_request
+    assert cheap_to_parse(request(sequences=short), LIMITS)
+    assert not cheap_to_parse(request(sequences=short + short[:1]), LIMITS)
+    assert not cheap_to_parse(request(sequences=[fpb.TrainingSequence(
+        ids=[5] * (LOOP_TOKENIZE_CHARS + 1))]), LIMITS)
+    assert cheap_to_parse(request(texts=["a b c"] * 64), LIMITS)
+    assert not cheap_to_parse(request(texts=["a" * (LOOP_TOKENIZE_CHARS + 1)]), LIMITS)
+    # Refused before any item is read: cheap however many.
+    assert cheap_to_parse(request(texts=["a"] * (MAX_INLINE_SEQUENCES + 1)), LIMITS)
+    started = time.perf_counter()
+    parse(tokenizer, sequences=short, steps=1)
+    parse(tokenizer, texts=["some words to tokenize " * 10] * 64, steps=1)
+    assert time.perf_counter() - started < 0.05  # a few ms on the loop

@@ -354,6 +354,33 @@ def test_api_keys_come_from_a_secret():
     assert "GEMMA_SERVE_API_KEYS" not in coordinator.get("environment", {})
 
 
+def test_every_ray_process_and_the_coordinator_use_ray_token_auth_from_a_secret():
+    """RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from one Secret on the head, every
+    worker group and the coordinator (Ray 2.60 reads both from the
+    environment); never a token written into a file of the repository."""
+    cluster = one("kuberay/raycluster.yaml", "RayCluster")["spec"]
+    containers = {f"head {c['name']}": c
+                  for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]}
+    for group in cluster["workerGroupSpecs"]:
+        containers.update({f"{group['groupName']} {c['name']}": c
+                           for c in group["template"]["spec"]["containers"]})
+    containers["coordinator"] = coordinator_container()
+    secrets = set()
+    for where, container in containers.items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", where
+        token = env.get("RAY_AUTH_TOKEN", {})
+        assert "value" not in token, f"{where}: the token must come from a Secret"
+        reference = token["valueFrom"]["secretKeyRef"]
+        secrets.add((reference["name"], reference["key"]))
+        assert not reference.get("optional"), where  # no token must mean no start
+        assert "RAY_AUTH_TOKEN_PATH" not in env, where  # one source, not two to disagree
+    assert secrets == {("gemma-serve-ray-token", "auth_token")}  # one token everywhere
+    readme = (DEPLOY / "README.md").read_text()
+    assert "kubectl create secret generic gemma-serve-ray-token" in readme
+    assert "--from-literal=auth_token=" in readme
+
+
 def test_the_data_dir_is_on_a_persistent_volume_claim():
     deployment = one("kuberay/coordinator.yaml", "Deployment")
     pod = deployment["spec"]["template"]["spec"]

@@ -44,6 +44,7 @@ def service(ray_session, tmp_path_factory):
                           max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK,
                           compilation_cache_dir=os.environ[COMPILATION_CACHE_ENV]),
         num_workers=2, host="127.0.0.1", port=0, max_sequences_per_request=32,
+        max_text_bytes=16384,
         data_dir=str(tmp_path_factory.mktemp("data")), api_keys_file=str(keys_file),
         max_upload_bytes=1 << 20, metrics_port=0,
         # Roomy: the heavy-load tests hold 64K tokens at once; the limits
