@@ -7,9 +7,9 @@ import pathlib
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
 
 from gemma_core.errors import PresetError
+from gemma_core.safetensors_file import SafetensorsError, SafetensorsFile
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -116,22 +116,26 @@ class HuggingFaceWeights:
             raise PresetError(f"No weights in {directory}: expected {SINGLE_FILE} "
                               f"or {INDEX_FILE}. Pass load_weights=False to build "
                               "the architecture with random weights.")
-        self._handles = {}
+        # Plain reads, not safetensors' mmap: see safetensors_file.
+        self._handles: dict[str, SafetensorsFile] = {}
         self._location: dict[str, tuple[str, str]] = {}
-        for name in files:
-            path = directory / name
-            if not path.is_file():
-                raise PresetError(f"Weight shard {path} named in {INDEX_FILE} is missing.")
-            try:
-                handle = safe_open(str(path), framework="np")
-            except Exception as error:  # safetensors raises its own error types.
-                raise PresetError(f"{path} is not a readable safetensors file "
-                                  f"({error}).") from error
-            self._handles[name] = handle
-            for key in handle.keys():
-                if key.endswith(_IGNORED_SUFFIXES) or key == "lm_head.weight":
-                    continue
-                self._location[key.removeprefix("model.")] = (name, key)
+        try:
+            for name in files:
+                path = directory / name
+                if not path.is_file():
+                    raise PresetError(f"Weight shard {path} named in {INDEX_FILE} is missing.")
+                try:
+                    handle = SafetensorsFile(path)
+                except (SafetensorsError, OSError) as error:
+                    raise _unreadable(path, error) from error
+                self._handles[name] = handle
+                for key in handle.keys():
+                    if key.endswith(_IGNORED_SUFFIXES) or key == "lm_head.weight":
+                        continue
+                    self._location[key.removeprefix("model.")] = (name, key)
+        except BaseException:
+            self.close()  # The shards opened so far.
+            raise
 
     def names(self) -> set[str]:
         return set(self._location)
@@ -141,7 +145,17 @@ class HuggingFaceWeights:
             raise PresetError(f"Tensor '{name}' is missing from the safetensors "
                               f"files in {self.directory}.")
         file, key = self._location[name]
-        return self._handles[file].get_tensor(key)
+        handle = self._handles[file]
+        try:
+            return handle.read(key)
+        except (SafetensorsError, OSError) as error:
+            raise _unreadable(handle.path, error) from error
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
+
+
+def _unreadable(path: pathlib.Path, error: Exception) -> PresetError:
+    return PresetError(f"{path} is not a readable safetensors file ({error}).")

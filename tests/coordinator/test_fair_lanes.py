@@ -134,9 +134,10 @@ async def upload(servicer, tenant, name, data):
     return await servicer.UploadDataset(messages(), Context(tenant))
 
 
-async def until(condition):
-    while not condition():
-        await asyncio.sleep(0.005)
+async def until(condition, timeout_s=30):
+    async with asyncio.timeout(timeout_s):  # a failure fails, it does not hang
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 def dataset_job(name, dataset_id):
@@ -150,8 +151,14 @@ def test_one_tenants_large_parses_never_hold_up_another_tenants_calls(tmp_path, 
     its small upload waits for A's current parse only."""
     timings, parses_started = {}, []
     parse = fine_tune_servicer.parse_dataset_file
-    monkeypatch.setattr(fine_tune_servicer, "parse_dataset_file",
-                        lambda *args: parses_started.append(args) or parse(*args))
+    gate = threading.Event()  # A's first parse runs until B has called
+
+    def gated_parse(*args):
+        parses_started.append(args)
+        if len(parses_started) == 2:  # after B's own dataset: A's first
+            gate.wait(30)
+        return parse(*args)
+    monkeypatch.setattr(fine_tune_servicer, "parse_dataset_file", gated_parse)
 
     async def main():
         servicer = make_servicer(tmp_path)
@@ -170,6 +177,7 @@ def test_one_tenants_large_parses_never_hold_up_another_tenants_calls(tmp_path, 
         listed = await servicer.ListDatasets(fpb.ListDatasetsRequest(), Context("b"))
         timings["list"] = time.perf_counter() - started
         assert [d.dataset_id for d in listed.datasets] == ["b-data"]
+        gate.set()
         started = time.perf_counter()
         await upload(servicer, "b", "b-more", SMALL)
         timings["upload"] = time.perf_counter() - started
@@ -209,10 +217,12 @@ def test_a_cancelled_upload_keeps_its_slot_until_its_parse_ends_and_stores_nothi
         tmp_path, monkeypatch):
     parses_started, parses_ended, calls_ended = [], [], []
     parse = fine_tune_servicer.parse_dataset_file
+    release = threading.Event()  # a parse runs until the test lets it end
 
     def timed_parse(*args):
         parses_started.append(time.perf_counter())
         try:
+            release.wait(30)
             return parse(*args)
         finally:
             parses_ended.append(time.perf_counter())
@@ -230,15 +240,17 @@ def test_a_cancelled_upload_keeps_its_slot_until_its_parse_ends_and_stores_nothi
         await asyncio.sleep(0.05)
         # The queued parse was dropped with its slot; the running one keeps its own.
         assert guard.open_uploads("a") == 1 and not parses_ended
+        assert len(parses_started) == 1  # the queued one never ran
         again = asyncio.create_task(upload(servicer, "a", "again", SMALL))
         await asyncio.sleep(0.05)
         with pytest.raises(ResourceExhausted, match="2 uploads in progress"):
             await upload(servicer, "a", "more", SMALL)  # cancelling freed no room early
+        release.set()
         for task in uploads:
             with pytest.raises(asyncio.CancelledError):
                 await task
         # The call whose parse ran ended after it; the queued one at once.
-        assert len(parses_ended) == 1 and min(calls_ended) < parses_ended[0] <= max(calls_ended)
+        assert min(calls_ended) < parses_ended[0] <= max(calls_ended)
         await again
         assert guard.open_uploads("a") == 0
         return servicer

@@ -24,6 +24,7 @@ from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.server_thread import ServerThread
 from coordinator.service_config import ServiceConfig
 from coordinator.stream_guard import StreamLimits
+from service_support import COMPILATION_CACHE_ENV
 from worker.worker_config import BatchingConfig, WorkerSpec
 
 IDLE_S = 2.0
@@ -39,7 +40,7 @@ def server(ray_session, tmp_path_factory):
     config = ServiceConfig(
         worker=WorkerSpec(preset="default", mesh_shape=(1, 1), batching=BatchingConfig(
             length_buckets=(16, 1024), batch_buckets=(1, 16), max_batch_tokens=16384,
-            layer_slots=2)),
+            layer_slots=2), compilation_cache_dir=os.environ[COMPILATION_CACHE_ENV]),
         num_workers=1, host="127.0.0.1", port=0, max_sequences_per_request=64,
         data_dir=str(tmp_path_factory.mktemp("bounds-data")), max_upload_bytes=4 << 20,
         metrics_port=None, admission=AdmissionLimits(max_tokens=TOKENS),

@@ -4,6 +4,7 @@ exports, quotas, paged listing, and adapters whose values would overflow."""
 
 import concurrent.futures
 import json
+import os
 import random
 import threading
 import time
@@ -14,7 +15,8 @@ import pytest
 import safetensors.numpy
 
 from disk_support import disk_filled, free_bytes, small_filesystem
-from service_support import (ACME_KEY, API_KEYS, BATCHING, GLOBEX_KEY, MAX_ADAPTER_RANK,
+from service_support import (ACME_KEY, API_KEYS, BATCHING, COMPILATION_CACHE_ENV, GLOBEX_KEY,
+                             MAX_ADAPTER_RANK,
                              MAX_ADAPTERS, keyed_channel)
 from coordinator.client import GemmaClient
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as apb
@@ -43,8 +45,10 @@ def server(ray_session, disk, tmp_path_factory):
     keys_file = tmp_path_factory.mktemp("auth") / "keys.json"
     keys_file.write_text(json.dumps(API_KEYS))
     config = ServiceConfig(
+        # Compiled programs elsewhere: the small disk is for what tenants store.
         worker=WorkerSpec(preset="default", mesh_shape=(1, 1), batching=BATCHING,
-                          max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK),
+                          max_adapters=MAX_ADAPTERS, max_adapter_rank=MAX_ADAPTER_RANK,
+                          compilation_cache_dir=os.environ[COMPILATION_CACHE_ENV]),
         num_workers=1, host="127.0.0.1", port=0, data_dir=str(disk / "data"),
         api_keys_file=str(keys_file), max_upload_bytes=1 << 20, metrics_port=None,
         storage_quota=StorageQuota(max_adapter_versions=MAX_VERSIONS))
