@@ -80,7 +80,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from coordinator.client import GemmaClient  # noqa: E402
-from proc_table import descendants, stat_fields  # noqa: E402  (benchmarks/, beside this)
+from proc_memory import mem_available  # noqa: E402  (benchmarks/, beside this)
+from proc_table import descendants, stat_fields  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent
 GREEDY = "greedy"
@@ -115,15 +116,6 @@ def proc_status(pid: int) -> dict[str, int] | None:
         if key in ("VmRSS", "RssAnon"):
             out[key] = int(value.split()[0]) * 1024
     return out if "VmRSS" in out else None
-
-
-def mem_available() -> int:
-    """The machine's MemAvailable in bytes (other jobs share it)."""
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def start_time(pid: int) -> int | None:
