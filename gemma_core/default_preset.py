@@ -31,7 +31,9 @@ DEFAULT_CONFIG = GemmaConfig(
     sliding_window_size=256)
 
 
-def _cache_root() -> pathlib.Path:
+def cache_root() -> pathlib.Path:
+    """gemma-serve's cache directory on this machine: $GEMMA_SERVE_CACHE, else
+    $XDG_CACHE_HOME/gemma-serve or ~/.cache/gemma-serve."""
     base = os.environ.get("GEMMA_SERVE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma-serve")
     return pathlib.Path(base)
@@ -45,7 +47,7 @@ def _fingerprint() -> str:
 
 def default_preset_dir() -> pathlib.Path:
     """Where the default preset lives once built (it may not exist yet)."""
-    return _cache_root() / f"default-{_fingerprint()}"
+    return cache_root() / f"default-{_fingerprint()}"
 
 
 def ensure_default_preset() -> pathlib.Path:

@@ -7,6 +7,8 @@ import os
 
 import jax
 
+from gemma_core.default_preset import cache_root
+
 # The cache evicts its least recently used programs beyond this: fine-tune
 # steps compile per (batch size, sequence length, rank), which tenants choose,
 # so it must not grow with their requests. A real-size model's bucket
@@ -30,9 +32,7 @@ class CompileCounts:
 def node_cache_dir() -> str:
     """This node's own cache directory, for workers not told one (on a
     cluster the coordinator's paths mean nothing on the worker's node)."""
-    base = os.environ.get("GEMMA_SERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma-serve")
-    return os.path.join(base, "compilation-cache")
+    return str(cache_root() / "compilation-cache")
 
 
 def use_compilation_cache(directory: str | None) -> CompileCounts:
