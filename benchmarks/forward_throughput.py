@@ -115,10 +115,11 @@ def main():
     # Built as the worker builds it: every weight laid out by the layout map
     # over a (batch, model) mesh of all devices (1 x N).
     devices = jax.devices()
-    mesh = keras.distribution.DeviceMesh((1, len(devices)), ["batch", "model"], devices)
+    mesh = keras.distribution.DeviceMesh((1, len(devices)), list(gemma_core.MESH_AXES),
+                                         devices)
     layout_map = gemma_core.GemmaBackbone.get_layout_map(mesh, config=cfg)
     with keras.distribution.ModelParallel(layout_map=layout_map,
-                                          batch_dim_name="batch").scope():
+                                          batch_dim_name=gemma_core.MESH_AXES[0]).scope():
         backbone = gemma_core.GemmaBackbone(**{**cfg, "dtype": args.dtype})
     print(f"mesh 1x{len(devices)}; {backbone.count_params() / 1e9:.2f} B parameters")
     rng = np.random.default_rng(0)

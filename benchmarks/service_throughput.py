@@ -20,9 +20,8 @@ saved as a preset in a temporary directory), measures:
   p50 minus the p50 of `run` on a (1, length_bucket(8)) batch;
 * for each timed pass, the CPU time per request of every process involved
   (the worker, the coordinator, the clients, Ray's own), read from /proc,
-  next to the in-process run's CPU time per row, and how many requests each
-  actor call carried (the coordinator groups requests that arrive while the
-  worker is busy);
+  next to the in-process run's CPU time per row (the rows each batch, one
+  actor call to the worker, carried are the first table's `rows/bat`);
 * at the most clients, the gRPC floor (grpc_floor.py): the same clients
   against a bare grpc.aio Forward that only waits the service's mean
   latency and returns the same answer. Its CPU per request, server and
@@ -31,10 +30,6 @@ saved as a preset in a temporary directory), measures:
   the in-process rate such a service could reach at the baseline's core use
   (`ceiling`), and N / (in-proc + floor) over the in-process rate the most
   with all N cores busy (`N cores`).
-
-With --transports direct,ray the whole set runs once per way forward work
-reaches the worker: the worker's socket (the default) and Ray actor calls,
-so the table shows what the socket saves, in the same run.
 
 Targets (from the issue): at 16 clients, service throughput >= 0.9x the
 in-process rate; added p50 latency of a single short request < 5 ms. This
@@ -235,12 +230,12 @@ class CoreSplit:
 
 
 def worker_counters(client):
-    """(batches_run, sequences_run, compiled_functions, forward_calls,
-    forward_requests) of the one worker."""
+    """(batches_run, sequences_run, compiled_functions) of the one worker,
+    from GetModelInfo (a dict from the proto: counters may come as strings,
+    zero ones are left out)."""
     worker = client.model_info()["workers"][0]
     return tuple(int(worker.get(k, 0)) for k in
-                 ("batches_run", "sequences_run", "compiled_functions", "forward_calls",
-                  "forward_requests"))
+                 ("batches_run", "sequences_run", "compiled_functions"))
 
 
 def percentile_ms(values, q):
@@ -250,7 +245,7 @@ def percentile_ms(values, q):
 # ---- one model ------------------------------------------------------------------
 
 
-def bench_model(label, preset, args, batching, seed, transport):
+def bench_model(label, preset, args, batching, seed):
     from coordinator.client import GemmaClient
     from coordinator.server_thread import ServerThread
     from coordinator.service_config import ServiceConfig
@@ -279,8 +274,7 @@ def bench_model(label, preset, args, batching, seed, transport):
 
     started = time.perf_counter()
     config = ServiceConfig(worker=spec, num_workers=1, host="127.0.0.1", port=0,
-                           max_sequences_per_request=max(64, batching.batch_buckets[-1]),
-                           forward_transport=transport)
+                           max_sequences_per_request=max(64, batching.batch_buckets[-1]))
     server = ServerThread(config)
     clients = [GemmaClient(server.address) for _ in range(max(args.clients))]
     rows, notes = [], []
@@ -303,9 +297,6 @@ def bench_model(label, preset, args, batching, seed, transport):
         if args.core_split:
             args.core_split.apply(worker_pid)
             timed_run = args.core_split.time_run
-        if worker_info["forward_transport"] != transport:
-            notes.append(f"{label}: asked for the {transport} transport, the worker uses "
-                         f"{worker_info['forward_transport']}")
 
         for c in args.clients:
             # Untimed pass: warms these client channels and estimates the
@@ -332,12 +323,11 @@ def bench_model(label, preset, args, batching, seed, transport):
             cpu = cpu_split(cpu_before, cpu_after, {os.getpid(): "coordinator",
                                                     LOAD_PID: "clients", worker_pid: "worker"})
             rows.append(dict(
-                model=label, transport=transport, clients=c, requests=total, rate=service_rate,
+                model=label, clients=c, requests=total, rate=service_rate,
                 tokens=service_rate * args.seq, p50=percentile_ms(latencies, 50),
                 p99=percentile_ms(latencies, 99),
                 mean_latency=statistics.fmean(latencies),
                 rows_per_batch=(after[1] - before[1]) / max(1, batches_run),
-                requests_per_call=(after[4] - before[4]) / max(1, after[3] - before[3]),
                 cpu_ms={role: 1e3 * seconds / total for role, seconds in cpu.items()},
                 base_cpu_ms=1e3 * statistics.median(cpus + more_cpus) / c,
                 base_shape=batches[c][0].shape, base_ms=1e3 * base_call,
@@ -354,7 +344,7 @@ def bench_model(label, preset, args, batching, seed, transport):
         latencies, _ = run_load(server.address, 1, requests_each, args.short, vocab, seed + 51)
         times += timed_run(model, short_batch, layer_ids, args.baseline_seconds,
                            args.baseline_calls)[0]
-        short_row = dict(model=label, transport=transport, requests=len(latencies),
+        short_row = dict(model=label, requests=len(latencies),
                          service_p50=percentile_ms(latencies, 50),
                          service_p99=percentile_ms(latencies, 99),
                          base_p50=percentile_ms(times, 50), shape=short_batch[0].shape)
@@ -411,8 +401,6 @@ def main():
                         help="shorter timed runs (about half the time)")
     parser.add_argument("--models", default="default,mid",
                         help="comma-separated: default, mid")
-    parser.add_argument("--transports", default="direct",
-                        help="comma-separated: direct (the default socket), ray (actor calls)")
     parser.add_argument("--clients", default="1,4,16",
                         help="comma-separated concurrency levels")
     parser.add_argument("--seq", type=int, default=128, help="tokens per request")
@@ -433,7 +421,6 @@ def main():
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.models = [m.strip() for m in args.models.split(",")]
-    args.transports = [t.strip() for t in args.transports.split(",")]
     if args.seconds is None:
         args.seconds = 1.5 if args.quick else 6.0
     args.baseline_seconds = 0.5 if args.quick else 1.5
@@ -443,9 +430,6 @@ def main():
     for name in args.models:
         if name not in ("default", "mid"):
             raise SystemExit(f"unknown model {name!r}; use default and/or mid")
-    for transport in args.transports:
-        if transport not in ("direct", "ray"):
-            raise SystemExit(f"unknown transport {transport!r}; use direct and/or ray")
 
     args.core_split = CoreSplit(args.worker_cores) if args.worker_cores else None
     if args.core_split:
@@ -502,23 +486,21 @@ def main():
         for name in args.models:
             preset = ("default" if name == "default"
                       else make_mid_preset(os.path.join(workdir, "mid")))
-            for transport in args.transports:
-                r, s, n = bench_model(name, preset, args, batching, seed=len(rows),
-                                      transport=transport)
-                rows += r
-                shorts.append(s)
-                notes += n
+            r, s, n = bench_model(name, preset, args, batching, seed=len(rows))
+            rows += r
+            shorts.append(s)
+            notes += n
     finally:
         ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
     print()
-    print(f"{'model':<8} {'via':<6} {'clients':>7} {'reqs':>6} {'req/s':>9} {'tokens/s':>10} "
+    print(f"{'model':<8} {'clients':>7} {'reqs':>6} {'req/s':>9} {'tokens/s':>10} "
           f"{'p50 ms':>8} {'p99 ms':>8} {'rows/bat':>8} {'in-proc shape':>13} "
           f"{'ms/call':>8} {'in-proc req/s':>13} {'ratio':>6}")
     for r in rows:
         shape = "x".join(map(str, r["base_shape"]))
-        print(f"{r['model']:<8} {r['transport']:<6} {r['clients']:>7} {r['requests']:>6} "
+        print(f"{r['model']:<8} {r['clients']:>7} {r['requests']:>6} "
               f"{r['rate']:>9.1f} "
               f"{r['tokens']:>10,.0f} {r['p50']:>8.1f} {r['p99']:>8.1f} "
               f"{r['rows_per_batch']:>8.1f} {shape:>13} {r['base_ms']:>8.2f} "
@@ -527,12 +509,11 @@ def main():
     # The same passes, CPU time per request (ms) by process: on a shared host
     # whatever the clients, the coordinator and Ray spend is taken from the
     # forward's cores, so this bounds the ratio.
-    print(f"{'model':<8} {'via':<6} {'clients':>7} {'reqs/call':>9} {'worker':>8} {'coord':>8} "
+    print(f"{'model':<8} {'clients':>7} {'worker':>8} {'coord':>8} "
           f"{'clients':>8} {'ray':>8} {'total':>8} {'in-proc':>8} {'cores':>6}")
     for r in rows:
         cpu = r["cpu_ms"]
-        print(f"{r['model']:<8} {r['transport']:<6} {r['clients']:>7} "
-              f"{r['requests_per_call']:>9.1f} "
+        print(f"{r['model']:<8} {r['clients']:>7} "
               f"{cpu['worker']:>8.2f} {cpu['coordinator']:>8.2f} {cpu['clients']:>8.2f} "
               f"{cpu['ray']:>8.2f} {sum(cpu.values()):>8.2f} {r['base_cpu_ms']:>8.2f} "
               f"{sum(cpu.values()) * r['rate'] / 1e3:>6.2f}")
@@ -544,7 +525,7 @@ def main():
           f"returns the same answer, the same clients (CPU ms per request); `ceiling`: "
           f"in-proc / (in-proc + floor), at the baseline's core use; `{cores} cores`: the "
           f"same with all {cores} cores busy")
-    print(f"{'model':<8} {'via':<6} {'clients':>7} {'req/s':>8} {'service':>8} {'server':>8} "
+    print(f"{'model':<8} {'clients':>7} {'req/s':>8} {'service':>8} {'server':>8} "
           f"{'clients':>8} {'floor':>8} {'in-proc':>8} {'ceiling':>8} {f'{cores} cores':>8}")
     for r in rows:
         if "floor_ms" not in r:
@@ -556,14 +537,14 @@ def main():
         if not args.core_split:
             ceiling = f"{r['base_cpu_ms'] / (r['base_cpu_ms'] + floor):.2f}"
             all_cores = f"{cores * 1e3 / (r['base_cpu_ms'] + floor) / r['base_rate']:.2f}"
-        print(f"{r['model']:<8} {r['transport']:<6} {r['clients']:>7} {r['floor_rate']:>8.1f} "
+        print(f"{r['model']:<8} {r['clients']:>7} {r['floor_rate']:>8.1f} "
               f"{r['rate']:>8.1f} {r['floor_ms']['server']:>8.2f} "
               f"{r['floor_ms']['clients']:>8.2f} {floor:>8.2f} {r['base_cpu_ms']:>8.2f} "
               f"{ceiling:>8} {all_cores:>8}")
     print()
     for s in shorts:
         shape = "x".join(map(str, s["shape"]))
-        print(f"{s['model']:<8} {s['transport']:<6} short request ({args.short} tokens, 1 client, "
+        print(f"{s['model']:<8} short request ({args.short} tokens, 1 client, "
               f"{s['requests']} requests): service p50 {s['service_p50']:.2f} ms "
               f"(p99 {s['service_p99']:.2f}), in-process run {shape} p50 "
               f"{s['base_p50']:.2f} ms, added p50 {s['added']:.2f} ms")
@@ -577,11 +558,11 @@ def main():
     for r in rows:
         if r["clients"] == top:
             verdict = "PASS" if r["ratio"] >= THROUGHPUT_TARGET else "MISS"
-            print(f"{verdict}: {r['model']} ({r['transport']}) throughput at {top} clients: ratio "
+            print(f"{verdict}: {r['model']} throughput at {top} clients: ratio "
                   f"{r['ratio']:.2f}")
     for s in shorts:
         verdict = "PASS" if s["added"] < LATENCY_TARGET_MS else "MISS"
-        print(f"{verdict}: {s['model']} ({s['transport']}) added p50 latency: "
+        print(f"{verdict}: {s['model']} added p50 latency: "
               f"{s['added']:.2f} ms")
 
 

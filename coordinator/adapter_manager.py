@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 from typing import AsyncIterator
 
 import ray
@@ -20,10 +19,8 @@ from coordinator.adapter_registry import AdapterRegistry
 from coordinator.errors import InvalidArgument
 from coordinator.off_loop import in_thread
 from coordinator.stream_guard import receive_to_file
-from worker.forward_work import AdapterRef
-from worker.worker_pool import WorkerPool
-
-log = logging.getLogger("gemma_serve.adapters")
+from coordinator.forward_work import AdapterRef
+from coordinator.worker_router import WorkerRouter
 
 # Ray object refs kept for recently used adapters; older ones are put again
 # when next used.
@@ -47,15 +44,15 @@ class AdapterManager:
 
     Args:
         registry: the adapters on disk.
-        pool: the workers.
+        router: the workers.
         max_rank: the workers' slot rank; larger adapters are refused.
         max_upload_bytes: upload size cap.
     """
 
-    def __init__(self, registry: AdapterRegistry, pool: WorkerPool, max_rank: int,
+    def __init__(self, registry: AdapterRegistry, router: WorkerRouter, max_rank: int,
                  max_upload_bytes: int):
         self.registry = registry
-        self._pool = pool
+        self._router = router
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
         self._refs: collections.OrderedDict[str, ray.ObjectRef] = collections.OrderedDict()
@@ -112,28 +109,25 @@ class AdapterManager:
 
     async def load(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, list[str], float]:
         record, ref = await self.ref_for(tenant, adapter_id)
-        workers, load_ms = await self._pool.load_adapter(ref)
+        workers, load_ms = await self._router.load_adapter(ref)
         return record, workers, load_ms
 
     async def unload(self, tenant: str, adapter_id: str) -> list[str]:
         record = self.registry.resolve(tenant, adapter_id)
-        return await self._pool.unload_adapters([adapter_key(record)])
+        return self._router.unload_adapters([adapter_key(record)])
 
     async def delete(self, tenant: str, adapter_id: str) -> list[AdapterRecord]:
         records = await asyncio.to_thread(self.registry.delete, tenant, adapter_id)
         keys = [adapter_key(record) for record in records]
         for key in keys:
             self._refs.pop(key, None)
-        try:  # the delete is done; freeing slots now is a courtesy (LRU frees them anyway)
-            await self._pool.unload_adapters(keys)
-        except Exception as error:  # noqa: BLE001
-            log.warning("deleted %s but could not unload it from every worker: %s", keys, error)
+        self._router.unload_adapters(keys)  # a courtesy: LRU would free them anyway
         return records
 
     async def resident_on(self) -> dict[str, list[str]]:
         """adapter key -> workers holding it now."""
         where: dict[str, list[str]] = {}
-        for worker_id, keys in (await self._pool.resident_adapters()).items():
+        for worker_id, keys in self._router.resident_adapters().items():
             for key in keys:
                 where.setdefault(key, []).append(worker_id)
         return where

@@ -40,7 +40,7 @@ from coordinator.adapter_files import another_base, lora_h5_bytes, read_adapter_
 from coordinator.adapter_record import (FORMAT, MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE,
                                         AdapterRecord, check_name, parse_adapter_id,
                                         read_version_dir, shown)
-from coordinator.durable_files import fsync_dir, make_dirs, write_durably
+from coordinator.durable_files import fsync_dir, make_dirs, replacing_file, write_durably
 from coordinator.errors import FailedPrecondition, NotFound
 from coordinator.storage_quota import AdapterUsage, StorageQuota
 from gemma_core.errors import AdapterMismatch
@@ -182,10 +182,8 @@ class AdapterRegistry:
             return
         path = self._last_version / tenant / name
         make_dirs(path.parent, self.root)
-        staging = self._incoming / f"last-version-{uuid.uuid4().hex}"
-        write_durably(staging, str(version).encode())
-        os.rename(staging, path)
-        fsync_dir(path.parent)
+        with replacing_file(path, self._incoming / f"last-version-{uuid.uuid4().hex}") as out:
+            out.write(str(version).encode())
 
     def import_file(self, tenant: str, name: str, path: str | os.PathLike, fmt: str,
                     source: str | None = None) -> AdapterRecord:

@@ -4,7 +4,7 @@ Each tenant may have at most `max_requests` calls and `max_tokens` tokens in
 flight; a fine-tune job counts against `max_fine_tunes`. Beyond that the call
 is RESOURCE_EXHAUSTED at once, with a retry hint, instead of queueing: one
 tenant cannot starve the others or grow the coordinator's memory without
-bound. (Each worker's queue is bounded by the pool, per tenant: a tenant
+bound. (Each worker's queue is bounded by the router, per tenant: a tenant
 within these limits never makes another's calls fail.)
 """
 
@@ -29,7 +29,7 @@ class AdmissionLimits:
         max_tokens: tokens in those calls together.
         max_fine_tunes: queued or running fine-tune jobs per tenant.
         max_queued_sequences_per_worker: sequences of one tenant a worker
-            may hold (queued or running) before the pool refuses more of
+            may hold (queued or running) before the router refuses more of
             that tenant's; other tenants' shares are untouched.
     """
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from coordinator.adapter_record import check_name, shown
-from coordinator.durable_files import durable_file, fsync_dir, make_dirs
+from coordinator.durable_files import make_dirs, replacing_file
 from coordinator.errors import NotFound
 from coordinator.storage_quota import StorageQuota, check_dataset_bytes, check_dataset_count
 from worker.packed_sequences import PackedSequences
@@ -74,16 +74,11 @@ class DatasetStore:
         make_dirs(path.parent, self.root)
         # Not *.npz: never listed or counted while it is written.
         temporary = path.parent / f"{TEMPORARY_PREFIX}{uuid.uuid4().hex}"
-        try:
-            with durable_file(temporary) as out:
-                np.savez(out, ids=sequences.ids, offsets=sequences.offsets)
-            with self._lock:  # again, with the file's size, as others save meanwhile
-                self._check_quota(path, temporary.stat().st_size)
-                os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        # Checked again with the file's size, as others save meanwhile.
+        with replacing_file(path, temporary, guard=self._lock,
+                            admit=lambda written: self._check_quota(
+                                path, written.stat().st_size)) as out:
+            np.savez(out, ids=sequences.ids, offsets=sequences.offsets)
         return len(sequences), sequences.num_tokens
 
     def _check_quota(self, path: Path, size: int) -> None:

@@ -74,12 +74,6 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class AlreadyExists(ServiceError):
-    """The thing the request would create is already there."""
-
-    code = grpc.StatusCode.ALREADY_EXISTS
-
-
 class Unauthenticated(ServiceError):
     """No API key, or one the server does not know."""
 

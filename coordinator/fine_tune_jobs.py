@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -31,8 +32,8 @@ from coordinator.adapter_manager import AdapterManager
 from coordinator.adapter_record import shown
 from coordinator.errors import NotFound, ResourceExhausted, StorageFull, is_storage_full
 from coordinator.job_journal import JobJournal
-from worker.fine_tune_runner import FineTuneWork
-from worker.worker_pool import WorkerPool
+from coordinator.worker_router import WorkerRouter
+from worker.fine_tune_session import FineTuneWork
 
 log = logging.getLogger("gemma_serve.fine_tune")
 
@@ -75,9 +76,9 @@ class FineTuneJobs:
     """Every tenant's jobs; a tenant sees only its own (another tenant's job
     id answers as an unknown one)."""
 
-    def __init__(self, pool: WorkerPool, adapters: AdapterManager, max_per_tenant: int = 2,
+    def __init__(self, router: WorkerRouter, adapters: AdapterManager, max_per_tenant: int = 2,
                  journal: str | os.PathLike | None = None):
-        self._pool = pool
+        self._router = router
         self._adapters = adapters
         self._max_per_tenant = max_per_tenant
         self._jobs: dict[str, FineTuneJob] = {}
@@ -251,7 +252,7 @@ class FineTuneJobs:
         if job.state in ENDED:
             return job
         if job.worker_id:
-            await self._pool.cancel_fine_tune(job.worker_id, job_id)
+            self._router.cancel_fine_tune(job_id)
         else:  # not handed to a worker yet; a task cancelled before it ran
             self._tasks[job_id].cancel()  # never reaches its own handler
             await self._update(self._jobs[job_id], state="cancelled", eta_seconds=0.0)
@@ -268,11 +269,7 @@ class FineTuneJobs:
         for job in pending:
             self._interrupted.add(job.job_id)
             if job.worker_id:
-                try:
-                    await asyncio.wait_for(
-                        self._pool.cancel_fine_tune(job.worker_id, job.job_id), timeout_s)
-                except Exception:  # noqa: BLE001 - the task below ends it regardless
-                    pass
+                self._router.cancel_fine_tune(job.job_id)
         tasks = [self._tasks[j.job_id] for j in pending]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout_s)
@@ -302,25 +299,25 @@ class FineTuneJobs:
         await asyncio.shield(self._told(job.job_id, written))
 
     async def _run(self, job: FineTuneJob, work: FineTuneWork) -> None:
-        worker_id = None
         try:
-            worker_id, stream = self._pool.fine_tune(work)
+            worker_id, stream = self._router.fine_tune(work)
             await self._update(job, state="running", worker_id=worker_id)
-            while (progress := await self._pool.next_progress(worker_id, stream)) is not None:
-                state = progress.pop("state")
-                adapter = progress.pop("adapter", None)
-                if state == "succeeded":
-                    record = await asyncio.to_thread(
-                        self._adapters.registry.publish, job.tenant, job.adapter_name,
-                        adapter, f"finetune:{job.job_id}")
-                    await self._update(job, state="succeeded", adapter_id=record.adapter_id,
-                                       **progress)
-                    log.info("job %s published %s for %s", job.job_id, record.adapter_id,
-                             job.tenant)
-                    return
-                await self._update(job, state=state, **progress)
-                if state == "cancelled":
-                    return
+            async with contextlib.aclosing(stream):  # the worker's state goes with it
+                async for progress in stream:
+                    state = progress.pop("state")
+                    adapter = progress.pop("adapter", None)
+                    if state == "succeeded":
+                        record = await asyncio.to_thread(
+                            self._adapters.registry.publish, job.tenant, job.adapter_name,
+                            adapter, f"finetune:{job.job_id}")
+                        await self._update(job, state="succeeded",
+                                           adapter_id=record.adapter_id, **progress)
+                        log.info("job %s published %s for %s", job.job_id,
+                                 record.adapter_id, job.tenant)
+                        return
+                    await self._update(job, state=state, **progress)
+                    if state == "cancelled":
+                        return
             await self._update(job, state="failed",
                                error="the worker ended the job without a result")
         except asyncio.CancelledError:
@@ -337,6 +334,3 @@ class FineTuneJobs:
             elif isinstance(error, OSError):
                 message = STORE_FAILED
             await self._update(job, state="failed", eta_seconds=0.0, error=message)
-        finally:
-            if worker_id is not None:
-                self._pool.fine_tune_ended(worker_id)

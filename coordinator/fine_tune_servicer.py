@@ -19,7 +19,7 @@ from coordinator.service_config import ServiceLimits
 from coordinator.stream_guard import UploadGuard, data_chunks, receive_to_file
 from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
-from worker.fine_tune_runner import FineTuneWork
+from worker.fine_tune_session import FineTuneWork
 
 STATES = {"queued": pb.FINE_TUNE_STATE_QUEUED, "running": pb.FINE_TUNE_STATE_RUNNING,
           "succeeded": pb.FINE_TUNE_STATE_SUCCEEDED, "failed": pb.FINE_TUNE_STATE_FAILED,

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator.errors import InvalidArgument
+from coordinator.forward_work import ForwardWork
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.service_config import ServiceLimits
-from gemma_core import GemmaTokenizer
-from worker.forward_work import ForwardWork
+from gemma_core import GemmaTokenizer, LayerIndexError, normalize_layer_index
 
 POOLING_NAMES = {pb.POOLING_UNSPECIFIED: "none", pb.POOLING_NONE: "none",
                  pb.POOLING_LAST_TOKEN: "last_token", pb.POOLING_MEAN: "mean"}
@@ -38,12 +38,13 @@ def _layers(requested, limits: ServiceLimits) -> tuple[int, ...]:
     if len(layers) > limits.max_layers_per_request:
         raise InvalidArgument("layers", f"{len(layers)} layers requested; at most "
                                         f"{limits.max_layers_per_request} per request.")
+    # The range rule and its wording are gemma_core's (layer_indices.py).
     normalized = []
     for position, index in enumerate(layers):
-        if not -(L + 1) <= index <= L:
-            raise InvalidArgument(f"layers[{position}]", f"{index} is out of range for a "
-                                  f"{L}-layer model; use 0..{L} or -{L + 1}..-1.")
-        normalized.append(index % (L + 1))
+        try:
+            normalized.append(normalize_layer_index(index, L))
+        except LayerIndexError as error:
+            raise InvalidArgument(f"layers[{position}]", error.reason) from None
     if len(set(normalized)) != len(normalized):
         raise InvalidArgument("layers", f"{list(layers)} names a layer twice.")
     return tuple(normalized)

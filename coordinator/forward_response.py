@@ -8,7 +8,7 @@ import numpy as np
 
 from coordinator.forward_request import DTYPE_NAMES, POOLING_NAMES
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
-from worker.forward_work import ForwardResult, ForwardWork
+from coordinator.forward_work import ForwardResult, ForwardWork
 
 _POOLING_ENUM = {name: value for value, name in POOLING_NAMES.items() if value}
 _DTYPE_ENUM = {name: value for value, name in DTYPE_NAMES.items() if value}

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from coordinator.durable_files import fsync_dir, write_durably
+from coordinator.durable_files import replacing_file, write_durably
 
 log = logging.getLogger("gemma_serve.fine_tune")
 
@@ -74,40 +74,28 @@ class JobJournal:
     def write(self, job_id: str, record: dict, durable: bool = False) -> None:
         """Replaces a job's record; `durable` (state changes) fsyncs it and
         the rename."""
-        temporary = self._path(job_id, ".tmp")
         data = json.dumps(record, default=float).encode()
-        if durable:
-            write_durably(temporary, data)
-        else:
-            try:
-                temporary.write_bytes(data)
-            except BaseException:
-                temporary.unlink(missing_ok=True)
-                raise
-        os.replace(temporary, self._path(job_id))
-        if durable:
-            fsync_dir(self.directory)
+        with replacing_file(self._path(job_id), self._path(job_id, ".tmp"),
+                            durable=durable) as out:
+            out.write(data)
 
     def write_final(self, job_id: str, record: dict) -> None:
         """Replaces a job's record with its last one, durably, into its
         reserve when it has one (see the module docstring)."""
-        reserve = self._path(job_id, ".final")
         data = json.dumps(record, default=float).encode()
         try:
-            with open(reserve, "r+b") as out:
+            # The reserve is the temporary file, written over in place; a
+            # failure removes it, which frees its blocks for the retry below.
+            with replacing_file(self._path(job_id), self._path(job_id, ".final"),
+                                mode="r+b") as out:
                 out.write(data)
                 out.truncate()
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(reserve, self._path(job_id))
-            fsync_dir(self.directory)
             return
         except FileNotFoundError:  # no reserve (already ended once, or an older journal)
             pass
-        except OSError as error:  # it needed new blocks after all: free them, write anew
+        except OSError as error:  # it needed new blocks after all: freed, write anew
             log.warning("job %s: could not write into its reserved space (%s); freeing "
                         "it and writing the record anew", job_id, error)
-            reserve.unlink(missing_ok=True)
         self.write(job_id, record, durable=True)
 
     def remove(self, job_id: str) -> None:

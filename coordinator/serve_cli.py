@@ -22,7 +22,7 @@ from gemma_core import DEFAULT_PRESET
 from gemma_core.matmul_precision import compute_summary
 from worker.errors import WorkerError
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
-from worker.worker_config import TRANSPORTS, BatchingConfig, WorkerSpec
+from worker.worker_config import BatchingConfig, WorkerSpec
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -67,15 +67,8 @@ def parse_args(argv=None) -> ServiceConfig:
                         "activation memory)")
     p.add_argument("--max-wait-ms", type=float, default=BatchingConfig.max_wait_ms,
                    help="least time a batch waits for the rows expected to join it "
-                        "(default %(default)s); under load the batcher waits up to a fifth of "
+                        "(default %(default)s); under load the scheduler waits up to a fifth of "
                         "the last batch's time, and only as long as waiting can pay")
-    p.add_argument("--coalesce-ms", type=float, default=BatchingConfig.coalesce_ms,
-                   help="while a worker is busy, hold a request up to this long so that "
-                        "concurrent ones share one call (0: send each at once)")
-    p.add_argument("--forward-transport", choices=TRANSPORTS, default="direct",
-                   help="how forward work reaches workers: direct (a socket per worker, "
-                        "token-authenticated, falling back to Ray calls where it cannot "
-                        "connect) or ray (actor calls only; slower by ~1 ms per call)")
     p.add_argument("--max-layers-per-request", type=int, default=BatchingConfig.layer_slots,
                    help="distinct layers a request (and a batch) may ask for "
                         "(default %(default)s)")
@@ -166,7 +159,6 @@ def parse_args(argv=None) -> ServiceConfig:
     batching = BatchingConfig(
         length_buckets=args.length_buckets, batch_buckets=args.batch_buckets,
         max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-        coalesce_ms=args.coalesce_ms,
         layer_slots=args.max_layers_per_request)
     spec = WorkerSpec(preset=args.preset, mesh_shape=tuple(args.mesh), dtype=args.dtype,
                       use_gpus=args.gpus, batching=batching, max_adapters=args.max_adapters,
@@ -184,7 +176,6 @@ def parse_args(argv=None) -> ServiceConfig:
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
                          tls_client_ca=args.tls_client_ca,
                          shutdown_grace_s=args.shutdown_grace_s,
-                         forward_transport=args.forward_transport,
                          storage_quota=StorageQuota(
                              max_adapter_versions=args.tenant_max_adapter_versions,
                              max_adapter_bytes=int(args.tenant_max_adapter_mib * (1 << 20)),
@@ -213,8 +204,8 @@ def ready_line(server: GemmaServer) -> str:
     tls = ("mtls" if config.tls_client_ca else "tls") if config.tls_cert else "plaintext"
     infos = server.ready_infos
     programs = (f" programs={len(config.worker.batching.shapes())} buckets per worker in "
-                f"{max(i.get('compile_seconds', 0) for i in infos):.1f}s "
-                f"({sum(i.get('programs_from_cache', 0) for i in infos)} from the cache)"
+                f"{max(i.compile_seconds for i in infos):.1f}s "
+                f"({sum(i.programs_from_cache for i in infos)} from the cache)"
                 if infos else "")
     dtype = server.model_dtype
     return (f"gemma-serve ready on {config.host}:{server.port} ({tls}) "

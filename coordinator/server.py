@@ -94,13 +94,13 @@ class GemmaServer:
         self.config = config
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._pool = None
+        self._placement = None
         self._health = health.aio.HealthServicer()
         self.auth = TenantAuth.from_sources(config.api_keys_file)
         self.metrics = ServiceMetrics()
         self.metrics_port: int | None = None
         self.draining = False
-        self.ready_infos: list[dict] = []  # each worker's info when it first said ready
+        self.ready_infos: list = []  # each worker's ExecutorInfo when it first said ready
         self.model_dtype = "float32"  # the served dtype policy, known once started
         self._jobs: FineTuneJobs | None = None
         self._data_lock: DataDirLock | None = None
@@ -117,7 +117,8 @@ class GemmaServer:
             raise
 
     async def _start(self) -> None:
-        from worker.worker_pool import WorkerPool
+        from coordinator.worker_placement import WorkerPlacement
+        from coordinator.worker_router import WorkerRouter
 
         config = self.config
         class_name, model_config = read_preset_config(config.worker.preset)
@@ -142,28 +143,27 @@ class GemmaServer:
             max_text_bytes=config.max_text_bytes)
 
         connect_ray(config)
-        self._pool = WorkerPool(worker_spec(config), config.num_workers,
-                                config.admission.max_queued_sequences_per_worker,
-                                transport=config.forward_transport,
-                                hidden_dim=architecture.hidden_dim)
-        infos = await self._pool.wait_ready()
+        self._placement = WorkerPlacement(worker_spec(config), config.num_workers)
+        router = WorkerRouter(self._placement,
+                              config.admission.max_queued_sequences_per_worker)
+        infos = await self._placement.wait_ready()
         self.ready_infos = infos
-        fingerprints = {info["base_fingerprint"] for info in infos}
+        fingerprints = {info.base_fingerprint for info in infos}
         if len(fingerprints) != 1:
             raise WorkerUnavailable(f"the workers loaded different weights ({fingerprints}); "
                                     "every node must see the same preset files.")
         registry = AdapterRegistry(os.path.join(config.data_dir, "adapters"), architecture,
                                    fingerprints.pop(), quota=config.storage_quota)
-        adapters = AdapterManager(registry, self._pool, config.worker.max_adapter_rank,
+        adapters = AdapterManager(registry, router, config.worker.max_adapter_rank,
                                   config.max_upload_bytes)
         datasets = DatasetStore(os.path.join(config.data_dir, "datasets"),
                                 config.storage_quota)
-        jobs = FineTuneJobs(self._pool, adapters, config.admission.max_fine_tunes,
+        jobs = FineTuneJobs(router, adapters, config.admission.max_fine_tunes,
                             journal=os.path.join(config.data_dir, "jobs"))
         self._jobs = jobs
 
         servicer = GemmaServicer(
-            config, self._pool, limits, tokenizer, model_config,
+            config, router, limits, tokenizer, model_config,
             parameter_count=architecture.num_parameters(),
             random_weights=config.worker.preset == DEFAULT_PRESET, auth=self.auth,
             adapters=adapters, metrics=self.metrics,
@@ -189,18 +189,18 @@ class GemmaServer:
         self.port = listen(self._server, config.host, config.port, server_credentials(config))
         await self._server.start()
         if config.metrics_port is not None:
-            self.metrics.watch_workers(asyncio.get_running_loop(), self._pool.infos,
+            self.metrics.watch_workers(asyncio.get_running_loop(), self._placement.stats,
                                        jobs.counts_by_state)
             self.metrics_port = self.metrics.serve(config.metrics_host, config.metrics_port)
         await self._set_health(True)
         loop = asyncio.get_running_loop()
-        self._pool.on_serving_change = lambda serving: (
+        self._placement.on_serving_change = lambda serving: (
             None if self.draining else loop.create_task(self._set_health(serving)))
 
-    async def worker_infos(self) -> list[dict]:
-        """Every worker's identity and counters, all tenants' work included:
-        the operator's view (GetModelInfo shows a tenant its own share)."""
-        return await self._pool.infos()
+    async def worker_infos(self) -> list:
+        """Every worker's `WorkerStats`, all tenants' work included: the
+        operator's view (GetModelInfo shows a tenant its own share)."""
+        return await self._placement.stats()
 
     async def _set_health(self, serving: bool) -> None:
         """SERVING while some worker can serve; NOT_SERVING otherwise."""
@@ -223,8 +223,8 @@ class GemmaServer:
             await self._jobs.interrupt_all(timeout_s=max(grace, 1.0))
         if self._server is not None:
             await self._server.stop(grace)
-        if self._pool is not None:
-            self._pool.shutdown()
+        if self._placement is not None:
+            self._placement.shutdown()
         self.metrics.stop()
         if self._data_lock is not None:
             self._data_lock.release()

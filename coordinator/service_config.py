@@ -8,7 +8,7 @@ import os
 from coordinator.admission_control import AdmissionLimits
 from coordinator.storage_quota import StorageQuota
 from coordinator.stream_guard import StreamLimits
-from worker.worker_config import TRANSPORTS, WorkerSpec
+from worker.worker_config import WorkerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,6 @@ class ServiceConfig:
         tls_client_ca: PEM CA; set it to require client certificates it
             signed (mutual TLS).
         shutdown_grace_s: on SIGTERM, how long in-flight calls may run on.
-        forward_transport: "direct" (forward work over a socket each worker
-            opens; Ray calls where it cannot connect) or "ray" (actor calls
-            only). See worker/forward_server.py.
     """
 
     worker: WorkerSpec
@@ -80,12 +77,8 @@ class ServiceConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     shutdown_grace_s: float = 10.0
-    forward_transport: str = "direct"
 
     def __post_init__(self) -> None:
-        if self.forward_transport not in TRANSPORTS:
-            raise ValueError(f"forward_transport must be one of {TRANSPORTS}, got "
-                             f"{self.forward_transport!r}.")
         if not 0 < self.chunk_bytes <= 3 << 20:
             raise ValueError("chunk_bytes must be in (0, 3 MiB] to stay under 4 MiB.")
         if bool(self.tls_cert) != bool(self.tls_key):

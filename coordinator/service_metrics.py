@@ -2,8 +2,8 @@
 
 Call outcomes and latencies are recorded as they happen (by the error
 interceptor). Worker-side numbers (batch sizes, queue depth, adapters,
-fine-tune steps) live in the workers; a collector asks the pool for them at
-scrape time, at most once a second, so a scrape costs one small Ray call
+fine-tune steps) are the workers' `WorkerStats`; a collector asks for them
+at scrape time, at most once a second, so a scrape costs one small Ray call
 per worker and nothing is sampled between scrapes.
 """
 
@@ -95,13 +95,13 @@ class _TokenRate:
 
 
 class _WorkerCollector:
-    """Turns the workers' info dicts into metric families at scrape time."""
+    """Turns the workers' `WorkerStats` into metric families at scrape time."""
 
     def __init__(self, loop, infos, jobs_by_state):
         self._loop, self._infos, self._jobs_by_state = loop, infos, jobs_by_state
         self._cached, self._cached_at = [], 0.0
 
-    def _worker_infos(self) -> list[dict]:
+    def _worker_infos(self) -> list:
         if time.monotonic() - self._cached_at > _CACHE_S:
             try:
                 self._cached = asyncio.run_coroutine_threadsafe(
@@ -122,6 +122,7 @@ class _WorkerCollector:
                                    "Compiled forward functions of a worker."),
             "max_adapters_in_a_batch": ("gemma_worker_max_adapters_in_a_batch",
                                         "Most distinct adapters (base included) in one batch."),
+            "ready": ("gemma_worker_ready", "1 if the worker answers."),
         }
         counters = {
             "batches_run": ("gemma_worker_batches", "Batches run by a worker."),
@@ -132,41 +133,19 @@ class _WorkerCollector:
             "adapter_evictions": ("gemma_worker_adapter_evictions",
                                   "Adapters evicted from a full slot table."),
             "fine_tune_steps": ("gemma_worker_fine_tune_steps", "Training steps run."),
-            "forward_calls": ("gemma_worker_forward_calls",
-                              "Calls carrying forward requests, over the worker's socket or "
-                              "Ray (several requests per call when they arrive together)."),
-            "forward_channel_calls": ("gemma_worker_forward_channel_calls",
-                                      "Of those calls, the ones that came over the socket."),
             "forward_requests": ("gemma_worker_forward_requests",
-                                 "Forward requests a worker received."),
+                                 "Forward requests a worker's scheduler received."),
         }
-        for key, (name, help_text) in gauges.items():
-            family = GaugeMetricFamily(name, help_text, labels=["worker"])
-            for info in infos:
-                family.add_metric([info["worker_id"]], float(info.get(key, 0)))
-            yield family
-        for key, (name, help_text) in counters.items():
-            family = CounterMetricFamily(name, help_text, labels=["worker"])
-            for info in infos:
-                family.add_metric([info["worker_id"]], float(info.get(key, 0)))
-            yield family
-        ready = GaugeMetricFamily("gemma_worker_ready", "1 if the worker answers.",
-                                  labels=["worker"])
-        for info in infos:
-            ready.add_metric([info["worker_id"]], float(info.get("ready", True)))
-        yield ready
-        direct = GaugeMetricFamily(
-            "gemma_worker_forward_channel_up",
-            "1 if forward work reaches the worker over its socket, 0 if over Ray calls.",
-            labels=["worker"])
-        for info in infos:
-            direct.add_metric([info["worker_id"]],
-                              float(info.get("forward_transport") == "direct"))
-        yield direct
+        for families, kind in ((gauges, GaugeMetricFamily), (counters, CounterMetricFamily)):
+            for field, (name, help_text) in families.items():
+                family = kind(name, help_text, labels=["worker"])
+                for info in infos:
+                    family.add_metric([info.worker_id], float(getattr(info, field)))
+                yield family
         sizes = HistogramMetricFamily("gemma_worker_batch_rows", "Rows per batch run.",
                                       labels=["worker"])
         for info in infos:
-            counts = {int(rows): n for rows, n in info.get("batch_size_counts", {}).items()}
+            counts = {int(rows): n for rows, n in info.batch_size_counts.items()}
             if not counts:
                 continue
             edges = sorted(counts)
@@ -175,7 +154,7 @@ class _WorkerCollector:
                 cumulative += counts[edge]
                 buckets.append((str(float(edge)), cumulative))
             buckets.append(("+Inf", cumulative))
-            sizes.add_metric([info["worker_id"]], buckets,
+            sizes.add_metric([info.worker_id], buckets,
                              sum_value=float(sum(r * n for r, n in counts.items())))
         yield sizes
         jobs = GaugeMetricFamily("gemma_fine_tune_jobs", "Fine-tune jobs by state.",

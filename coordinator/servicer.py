@@ -22,24 +22,24 @@ from coordinator.service_metrics import ServiceMetrics
 from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from gemma_core.matmul_precision import compute_summary
-from worker.worker_pool import WorkerPool
+from coordinator.worker_router import WorkerRouter
 
 
 log = logging.getLogger("gemma_serve.requests")
 
 
 class GemmaServicer(pb_grpc.GemmaServiceServicer):
-    """Holds no model: validation is in forward_request, the work in the
-    worker pool, the wire format in forward_response, errors in the
-    interceptor."""
+    """Holds no model: validation is in forward_request, routing in the
+    router, batching in each worker's scheduler, the wire format in
+    forward_response, errors in the interceptor."""
 
-    def __init__(self, config: ServiceConfig, pool: WorkerPool, limits: ServiceLimits,
+    def __init__(self, config: ServiceConfig, router: WorkerRouter, limits: ServiceLimits,
                  tokenizer: GemmaTokenizer | None, model_config: dict,
                  parameter_count: int, random_weights: bool, auth: TenantAuth,
                  adapters: AdapterManager, metrics: ServiceMetrics,
                  admission: TenantAdmission, jobs: FineTuneJobs):
         self._config = config
-        self._pool = pool
+        self._router = router
         self._auth = auth
         self._adapters = adapters
         self._metrics = metrics
@@ -73,7 +73,7 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 record, ref = await self._adapters.ref_for(tenant, request.adapter_id)
                 work = dataclasses.replace(work, adapter=ref)
                 adapter_id = record.adapter_id
-            result = await asyncio.wait_for(self._pool.forward(work, tenant),
+            result = await asyncio.wait_for(self._router.forward(work, tenant),
                                             timeout=context.time_remaining())
             self._metrics.record_forward(len(work.sequences), tokens)
             log.info("forward %s", work.request_id, extra={
@@ -110,24 +110,10 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 max_response_chunk_bytes=self._config.chunk_bytes,
                 max_adapter_rank=self._config.worker.max_adapter_rank,
                 max_upload_bytes=self._config.max_upload_bytes))
-        for worker in await self._pool.infos():
-            counters = {key: worker.get(key, 0) for key in (
-                "in_flight_sequences", "batches_run", "sequences_run",
-                "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled",
-                "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions",
-                "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen",
-                "compiled_slot_writers", "pid", "forward_calls", "forward_requests",
-                "forward_channel_calls", "cpus", "xla_cpu_threads", "programs_compiled",
-                "programs_from_cache", "compile_seconds")}
-            if self._auth.enabled:
-                counters.update(_tenant_view(worker, tenant))
-            info.workers.add(
-                worker_id=worker["worker_id"], node_id=worker.get("node_id", ""),
-                mesh_shape=worker.get("mesh_shape", []), mesh_axes=["batch", "model"],
-                devices=worker.get("devices", []), ready=worker.get("ready", True),
-                state=worker.get("error", ""),
-                forward_transport=worker.get("forward_transport", ""),
-                **counters)
+        for worker in await self._router.placement.stats():
+            if self._auth.enabled:  # a tenant sees its own share of the private counters
+                worker = worker.seen_by(tenant, key_tenant)
+            info.workers.append(worker.to_proto())
         requests, tokens = self._admission.in_flight(tenant)
         stored = self._adapters.registry.list(tenant)
         info.usage.CopyFrom(pb.TenantUsage(
@@ -138,13 +124,3 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                                   for job in self._jobs.list(tenant))))
         return info
 
-
-# Counters that would show what other tenants do with adapters and training:
-# with auth on a caller sees its own share where it can be told apart, else 0.
-_PRIVATE_COUNTERS = ("adapter_loads", "adapter_evictions", "fine_tune_steps",
-                     "max_adapters_in_a_batch")
-
-
-def _tenant_view(worker: dict, tenant: str) -> dict:
-    own = sum(key_tenant(key) == tenant for key in worker.get("adapter_keys", ()))
-    return {"adapters_resident": own, **dict.fromkeys(_PRIVATE_COUNTERS, 0)}

@@ -27,12 +27,15 @@ from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
 from gemma_core.gemma_tokenizer import GemmaTokenizer
+from gemma_core.layer_indices import LayerIndexError, normalize_layer_index, normalize_layers
 from gemma_core.lora_adapter import LoraAdapter
 from gemma_core.lora_slot_table import LoraSlotTable
 from gemma_core.lora_trainer import (LoraTrainer, causal_lm_loss, iterate_batches,
                                      make_batches, total_steps)
+from gemma_core.mesh_axes import MESH_AXES
 
 __all__ = ["AdapterMismatch", "Backbone", "DEFAULT_PRESET", "FineTuneConfig", "GEMMA_PRESETS",
-           "GemmaBackbone", "GemmaConfig", "GemmaTokenizer", "LoraAdapter", "LoraSlotTable",
-           "LoraTrainer", "PresetError", "TokenIdError", "causal_lm_loss", "iterate_batches",
-           "make_batches", "read_preset_config", "total_steps"]
+           "GemmaBackbone", "GemmaConfig", "GemmaTokenizer", "LayerIndexError", "LoraAdapter",
+           "LoraSlotTable", "LoraTrainer", "MESH_AXES", "PresetError", "TokenIdError",
+           "causal_lm_loss", "iterate_batches", "make_batches", "normalize_layer_index",
+           "normalize_layers", "read_preset_config", "total_steps"]

@@ -59,6 +59,10 @@ def ensure_default_preset() -> pathlib.Path:
     target = default_preset_dir()
     if (target / "config.json").is_file():
         return target
+    # Imported here, not at the top: building the preset needs the model,
+    # and the model's modules need this one (backbone -> preset_source ->
+    # default_preset), so a top-level import would close a circle.
+    # tests/test_layering.py keeps the module-level imports acyclic.
     from gemma_core.gemma_backbone import GemmaBackbone
     from gemma_core.gemma_tokenizer import GemmaTokenizer
 

@@ -22,9 +22,10 @@ from keras import ops
 from gemma_core.matmul_precision import wide_einsum
 
 # Queries and keys per tile of `blocked_attention`; sequences up to this
-# length take `dense_attention`. On CPU, 256 is as fast as any size from 128
-# to 512 at 8192 tokens, and already at 512 to 1024 tokens beats the dense
-# path, whose (T x T) scores spill out of the caches (benchmarks/README.md).
+# length take `dense_attention`. Past a few hundred tokens the dense path's
+# (T x T) scores spill out of the caches, so tiles win; this size was as
+# fast as its neighbours (timings in benchmarks/README.md, "Figures moved
+# from the code").
 BLOCK_SIZE = 256
 
 # Added to masked logits. Finite, so a row with no visible key (a padded

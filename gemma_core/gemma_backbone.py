@@ -19,7 +19,9 @@ from gemma_core.errors import PresetError, TokenIdError
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_decoder_block import GemmaDecoderBlock
 from gemma_core.gemma_presets import GEMMA_PRESETS
+from gemma_core.layer_indices import normalize_layers
 from gemma_core.lora_slot_table import LoraSlotTable
+from gemma_core.mesh_axes import DATA_AXIS, MODEL_AXIS
 from gemma_core.reversible_embedding import ReversibleEmbedding
 from gemma_core.rms_normalization import RMSNormalization
 
@@ -174,17 +176,13 @@ class GemmaBackbone(Backbone):
                 f"{' ...' if bad.size > 5 else ''}. Tokenize with this model's tokenizer.")
 
     def normalize_layer_indices(self, layers: Sequence[int]) -> list[int]:
-        """Maps indices in [-(L+1), L] to [0, L] (see `hidden_states`)."""
-        L = self.num_layers
-        out = []
-        for index in layers:
-            if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-                raise ValueError(f"Layer indices must be integers, got {index!r}.")
-            if not -(L + 1) <= index <= L:
-                raise ValueError(f"Layer index {index} is out of range for a "
-                                 f"{L}-layer model: use 0..{L} or -{L + 1}..-1.")
-            out.append(int(index) % (L + 1))
-        return out
+        """Maps indices in [-(L+1), L] to [0, L] (see `hidden_states`).
+
+        Raises:
+            LayerIndexError (a ValueError): an index that is not an integer
+                or is out of range.
+        """
+        return normalize_layers(layers, self.num_layers)
 
     def hidden_states(self, inputs, layers: Sequence[int] = (-1,), training=False):
         """Hidden states after chosen layers, stopping after the last needed.
@@ -287,9 +285,10 @@ class GemmaBackbone(Backbone):
     # ---- LoRA -----------------------------------------------------------------
 
     def _lora_layers(self):
-        for block in self.transformer_layers:
+        """(block index, target, projection layer) for every LoRA target."""
+        for index, block in enumerate(self.transformer_layers):
             for target in gemma_lora.LORA_TARGETS:
-                yield block, target, getattr(block.attention, target)
+                yield index, target, getattr(block.attention, target)
 
     def enable_lora(self, rank: int, target_names: Sequence[str] | None = None) -> None:
         """Freezes every weight and adds rank-`rank` LoRA to the query and
@@ -322,13 +321,12 @@ class GemmaBackbone(Backbone):
             raise ValueError("LoRA is not enabled; call enable_lora(rank) first.")
         if not os.fspath(filepath).endswith(".lora.h5"):
             raise ValueError(f"LoRA files end in '.lora.h5', got {filepath}.")
-        kernels = {}
-        for block, target, layer in self._lora_layers():
-            if getattr(layer, "lora_enabled", False):
-                index = self._lora_index(self.transformer_layers.index(block), target)
-                kernels[index] = (ops.convert_to_numpy(layer.lora_kernel_a),
-                                  ops.convert_to_numpy(layer.lora_kernel_b))
-        gemma_lora.write_lora_file(filepath, self._lora_rank, kernels)
+        kernels = {(block, target): (ops.convert_to_numpy(layer.lora_kernel_a),
+                                     ops.convert_to_numpy(layer.lora_kernel_b))
+                   for block, target, layer in self._lora_layers()
+                   if getattr(layer, "lora_enabled", False)}
+        gemma_lora.write_lora_file(filepath, self._lora_rank,
+                                   gemma_lora.to_file_kernels(kernels, self.config))
 
     def load_lora_weights(self, filepath: str | os.PathLike) -> None:
         """Reads a keras_hub `.lora.h5` file, enabling LoRA at its rank if
@@ -339,16 +337,14 @@ class GemmaBackbone(Backbone):
                               f"rank {self._lora_rank} enabled.")
         # Check everything before changing the model, so a wrong file leaves
         # it as it was.
-        expected = {self._lora_index(i, target): (i, target)
-                    for i in range(self.num_layers) for target in gemma_lora.LORA_TARGETS}
+        expected = gemma_lora.file_layout(self.config)
         if set(kernels) != set(expected):
             raise PresetError(
                 f"{filepath} holds LoRA for layer indices {sorted(kernels)} but this "
                 f"model expects {sorted(expected)}; it was made for another "
                 "architecture.")
         for index, (block, target) in expected.items():
-            heads = (self.num_query_heads if target == "query" else self.num_key_value_heads)
-            shapes = ((heads, self.hidden_dim, rank), (rank, self.head_dim))
+            shapes = gemma_lora.factor_shapes(self.config, target, rank)
             for name, value, shape in zip(("lora_kernel_a", "lora_kernel_b"), kernels[index],
                                           shapes):
                 if tuple(value.shape) != shape:
@@ -357,20 +353,17 @@ class GemmaBackbone(Backbone):
                         f"{shape} for block {block} {target}.")
         if self._lora_rank is None:
             self.enable_lora(rank)
-        for index, (block, target) in expected.items():
-            layer = getattr(self.transformer_layers[block].attention, target)
-            layer.lora_kernel_a.assign(kernels[index][0])
-            layer.lora_kernel_b.assign(kernels[index][1])
-
-    def _lora_index(self, block: int, target: str) -> int:
-        return gemma_lora.keras_hub_lora_index(
-            block, target, self.use_post_attention_norm, self.use_post_ffw_norm)
+        by_place, _ = gemma_lora.from_file_kernels(kernels, self.config)
+        for block, target, layer in self._lora_layers():
+            a, b = by_place[(block, target)]
+            layer.lora_kernel_a.assign(a)
+            layer.lora_kernel_b.assign(b)
 
     # ---- sharding ---------------------------------------------------------------
 
     @_class_or_instance_method
-    def get_layout_map(owner, device_mesh, model_parallel_dim_name="model",
-                       data_parallel_dim_name="batch", *, config=None):
+    def get_layout_map(owner, device_mesh, model_parallel_dim_name=MODEL_AXIS,
+                       data_parallel_dim_name=DATA_AXIS, *, config=None):
         """A `keras.distribution.LayoutMap` placing every weight on `device_mesh`.
 
         An axis is sharded only where the mesh axis divides it, so the map is
@@ -378,14 +371,15 @@ class GemmaBackbone(Backbone):
         architecture. Called on the class, pass `config` (a GemmaConfig,
         constructor kwargs, or a built-in preset name) to fit one
         architecture, which any custom config needs; without it the map is
-        valid for every built-in preset at once.
+        valid for every built-in preset at once. The axis names default to
+        those of `MESH_AXES`, which are also keras_hub's defaults.
 
         Example:
-        >>> mesh = keras.distribution.DeviceMesh((1, 8), ["batch", "model"],
+        >>> mesh = keras.distribution.DeviceMesh((1, 8), list(gemma_core.MESH_AXES),
         ...                                      keras.distribution.list_devices())
         >>> layout_map = GemmaBackbone.get_layout_map(mesh, config="gemma_2b_en")
-        >>> with keras.distribution.ModelParallel(layout_map=layout_map,
-        ...                                       batch_dim_name="batch").scope():
+        >>> with keras.distribution.ModelParallel(
+        ...         layout_map=layout_map, batch_dim_name=gemma_core.MESH_AXES[0]).scope():
         ...     backbone = GemmaBackbone.from_preset("gemma_2b_en")
         """
         if config is None and not isinstance(owner, type):

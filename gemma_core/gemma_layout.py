@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from gemma_core.gemma_config import GemmaConfig
+from gemma_core.mesh_axes import DATA_AXIS, MODEL_AXIS
 
-M, B = "model", "batch"  # Placeholders for the mesh's axis names.
+# Placeholders in the rules, replaced by the mesh's own axis names.
+M, B = "<model axis>", "<data axis>"
 
 # regex (matched against the whole variable path) -> candidate placements,
 # best first. Each candidate is one mesh-axis placeholder (or None) per axis.
@@ -58,14 +60,16 @@ def _fits(placement: tuple, shape: tuple, axis_sizes: Mapping[str, int]) -> bool
 
 
 def choose_placements(configs: Iterable[GemmaConfig], axis_sizes: Mapping[str, int],
-                      model_axis: str, data_axis: str) -> dict[str, tuple]:
+                      model_axis: str = MODEL_AXIS,
+                      data_axis: str = DATA_AXIS) -> dict[str, tuple]:
     """Rule regex -> the first placement that divides for every config.
 
     Args:
         configs: every architecture the layout must serve.
         axis_sizes: mesh axis name -> size.
-        model_axis, data_axis: the mesh's names for the model and data axes;
-            a name the mesh lacks is treated as size 1 (never sharded).
+        model_axis, data_axis: the mesh's names for the model and data axes
+            (default: those of MESH_AXES); a name the mesh lacks is treated
+            as size 1 (never sharded).
     """
     names = {M: model_axis if model_axis in axis_sizes else None,
              B: data_axis if data_axis in axis_sizes else None}

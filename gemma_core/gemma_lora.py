@@ -2,21 +2,27 @@
 
 keras_hub keys each LoRA pair by the position of its layer among all layers
 with weights in its own traversal order, which for Gemma works out to
-`1 + block * stride + offset` (REFERENCE.md gives the no/both post-norm
-cases; the mixed ones were read off files keras_hub 0.32 wrote).
+`1 + block * stride + offset` (docs/model.md gives the no/both post-norm
+cases; the mixed ones were read off files keras_hub 0.32 wrote). A model
+instance and a `LoraAdapter` hold the same pairs keyed by (block, target)
+instead; `to_file_kernels` and `from_file_kernels` convert between the two.
 """
 
 from __future__ import annotations
 
 import os
-from typing import BinaryIO
+from typing import BinaryIO, Mapping
 
 import h5py
 import numpy as np
 
 from gemma_core.errors import PresetError
+from gemma_core.gemma_config import GemmaConfig
 
 LORA_TARGETS = ("query", "value")
+
+# (lora_kernel_a, lora_kernel_b) of one projection.
+Pair = tuple[np.ndarray, np.ndarray]
 
 
 def keras_hub_lora_index(block: int, target: str, use_post_attention_norm: bool,
@@ -32,8 +38,42 @@ def keras_hub_lora_index(block: int, target: str, use_post_attention_norm: bool,
     return index + 2 if target == "query" else index
 
 
+def factor_shapes(config: GemmaConfig, target: str,
+                  rank: int) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """The shapes of a rank-`rank` pair on `target` of any block of `config`:
+    a is (heads, d, r), with the query or the key/value head count as the
+    projection has, and b is (r, head_dim)."""
+    heads = config.num_query_heads if target == "query" else config.num_key_value_heads
+    return (heads, config.hidden_dim, rank), (rank, config.head_dim)
+
+
+def file_layout(config: GemmaConfig) -> dict[int, tuple[int, str]]:
+    """keras_hub index -> (block, target), for every query and value
+    projection of a model of `config`."""
+    return {keras_hub_lora_index(block, target, config.use_post_attention_norm,
+                                 config.use_post_ffw_norm): (block, target)
+            for block in range(config.num_layers) for target in LORA_TARGETS}
+
+
+def to_file_kernels(kernels: Mapping[tuple[int, str], Pair],
+                    config: GemmaConfig) -> dict[int, Pair]:
+    """(block, target) -> pair, keyed by keras_hub index instead (for
+    `write_lora_file`)."""
+    index_of = {place: index for index, place in file_layout(config).items()}
+    return {index_of[place]: pair for place, pair in kernels.items()}
+
+
+def from_file_kernels(by_index: Mapping[int, Pair], config: GemmaConfig
+                      ) -> tuple[dict[tuple[int, str], Pair], list[int]]:
+    """The inverse of `to_file_kernels`: the pairs keyed by (block, target),
+    and the sorted indices a model of `config` has no projection at."""
+    layout = file_layout(config)
+    kernels = {layout[index]: pair for index, pair in by_index.items() if index in layout}
+    return kernels, sorted(set(by_index) - set(layout))
+
+
 def write_lora_file(path: str | os.PathLike | BinaryIO, rank: int,
-                    kernels: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+                    kernels: Mapping[int, Pair]) -> None:
     """`kernels`: keras_hub index -> (lora_kernel_a, lora_kernel_b); `path`
     may be a binary file object (io.BytesIO) instead of a file name."""
     with h5py.File(path, "w") as handle:
@@ -94,7 +134,7 @@ class _Reader:
         return np.asarray(dataset[()])
 
 
-def read_lora_file(path: str | os.PathLike) -> tuple[int, dict[int, tuple[np.ndarray, np.ndarray]]]:
+def read_lora_file(path: str | os.PathLike) -> tuple[int, dict[int, Pair]]:
     """Returns (rank, keras_hub index -> (lora_kernel_a, lora_kernel_b)).
 
     Raises:

@@ -137,9 +137,7 @@ class LoraAdapter:
                 raise AdapterMismatch(
                     f"the adapter adapts block {block} but the base model has "
                     f"{config.num_layers} blocks; it was made for another model.")
-            heads = config.num_query_heads if target == "query" else config.num_key_value_heads
-            want_a = (heads, config.hidden_dim, self.rank)
-            want_b = (self.rank, config.head_dim)
+            want_a, want_b = gemma_lora.factor_shapes(config, target, self.rank)
             if a.shape != want_a or b.shape != want_b:
                 raise AdapterMismatch(
                     f"block {block} {target}: the adapter's factors are {a.shape} and "
@@ -162,12 +160,10 @@ class LoraAdapter:
         kernels = {}
         for block in (range(config.num_layers) if blocks is None else blocks):
             for target in targets:
-                heads = (config.num_query_heads if target == "query"
-                         else config.num_key_value_heads)
+                a_shape, b_shape = gemma_lora.factor_shapes(config, target, rank)
                 kernels[(block, target)] = (
-                    rng.normal(0, std, (heads, config.hidden_dim, rank)).astype("float32"),
-                    rng.normal(0, std if b_std is None else b_std,
-                               (rank, config.head_dim)).astype("float32"))
+                    rng.normal(0, std, a_shape).astype("float32"),
+                    rng.normal(0, std if b_std is None else b_std, b_shape).astype("float32"))
         return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
 
     # ---- conversions ---------------------------------------------------------
@@ -217,18 +213,14 @@ class LoraAdapter:
         """Reads a keras_hub `.lora.h5` file written for a model of `config`
         (keras_hub's alpha is the rank)."""
         rank, by_index = gemma_lora.read_lora_file(path)
-        where = {gemma_lora.keras_hub_lora_index(block, target,
-                                                 config.use_post_attention_norm,
-                                                 config.use_post_ffw_norm): (block, target)
-                 for block in range(config.num_layers) for target in gemma_lora.LORA_TARGETS}
-        unknown = sorted(set(by_index) - set(where))
+        kernels, unknown = gemma_lora.from_file_kernels(by_index, config)
         if unknown:
             raise AdapterMismatch(
                 f"{os.fspath(path)} holds LoRA for keras_hub layer indices {unknown}, which "
                 "this base model does not have; it was made for another model.")
         adapter = cls(rank=rank, alpha=float(rank), kernels={
-            where[index]: (np.asarray(a, "float32"), np.asarray(b, "float32"))
-            for index, (a, b) in by_index.items()})
+            place: (np.asarray(a, "float32"), np.asarray(b, "float32"))
+            for place, (a, b) in kernels.items()})
         adapter.check_fits(config)
         return adapter
 
@@ -242,17 +234,12 @@ class LoraAdapter:
         # keras_hub reads a pair for every query and value layer, so the ones
         # this adapter leaves alone are written as zero updates.
         kernels = {}
-        for block in range(config.num_layers):
-            for target in gemma_lora.LORA_TARGETS:
-                heads = (config.num_query_heads if target == "query"
-                         else config.num_key_value_heads)
-                a, b = self.kernels.get((block, target), (
-                    np.zeros((heads, config.hidden_dim, self.rank), "float32"),
-                    np.zeros((self.rank, config.head_dim), "float32")))
-                index = gemma_lora.keras_hub_lora_index(
-                    block, target, config.use_post_attention_norm, config.use_post_ffw_norm)
-                kernels[index] = (a, (b * self.scale).astype("float32"))
-        gemma_lora.write_lora_file(path, self.rank, kernels)
+        for block, target in gemma_lora.file_layout(config).values():
+            a_shape, b_shape = gemma_lora.factor_shapes(config, target, self.rank)
+            a, b = self.kernels.get((block, target), (np.zeros(a_shape, "float32"),
+                                                      np.zeros(b_shape, "float32")))
+            kernels[(block, target)] = (a, (b * self.scale).astype("float32"))
+        gemma_lora.write_lora_file(path, self.rank, gemma_lora.to_file_kernels(kernels, config))
 
     @classmethod
     def from_backbone(cls, backbone, alpha: float | None = None) -> "LoraAdapter":
@@ -260,14 +247,10 @@ class LoraAdapter:
         rank = backbone._lora_rank
         if rank is None:
             raise ValueError("LoRA is not enabled on this backbone; call enable_lora first.")
-        kernels = {}
-        for block_index, block in enumerate(backbone.transformer_layers):
-            for target in gemma_lora.LORA_TARGETS:
-                layer = getattr(block.attention, target)
-                if getattr(layer, "lora_enabled", False):
-                    kernels[(block_index, target)] = (
-                        np.asarray(layer.lora_kernel_a.numpy(), "float32"),
-                        np.asarray(layer.lora_kernel_b.numpy(), "float32"))
+        kernels = {(block, target): (np.asarray(layer.lora_kernel_a.numpy(), "float32"),
+                                     np.asarray(layer.lora_kernel_b.numpy(), "float32"))
+                   for block, target, layer in backbone._lora_layers()
+                   if getattr(layer, "lora_enabled", False)}
         return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
 
     def apply_to(self, backbone) -> None:
@@ -280,13 +263,11 @@ class LoraAdapter:
         elif backbone._lora_rank != self.rank:
             raise AdapterMismatch(f"the backbone has LoRA rank {backbone._lora_rank} enabled; "
                                   f"this adapter has rank {self.rank}.")
-        for block_index, block in enumerate(backbone.transformer_layers):
-            for target in gemma_lora.LORA_TARGETS:
-                layer = getattr(block.attention, target)
-                a, b = self.kernels.get((block_index, target), (None, None))
-                if a is None:
-                    layer.lora_kernel_a.assign(np.zeros(layer.lora_kernel_a.shape, "float32"))
-                    layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, "float32"))
-                else:
-                    layer.lora_kernel_a.assign(a)
-                    layer.lora_kernel_b.assign(b * self.scale)
+        for block, target, layer in backbone._lora_layers():
+            a, b = self.kernels.get((block, target), (None, None))
+            if a is None:
+                layer.lora_kernel_a.assign(np.zeros(layer.lora_kernel_a.shape, "float32"))
+                layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, "float32"))
+            else:
+                layer.lora_kernel_a.assign(a)
+                layer.lora_kernel_b.assign(b * self.scale)

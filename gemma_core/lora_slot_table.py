@@ -20,6 +20,7 @@ import numpy as np
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_layout import choose_placements
 from gemma_core.lora_adapter import LoraAdapter
+from gemma_core.mesh_axes import DATA_AXIS, MODEL_AXIS
 
 Tables = dict  # name -> (L, S, ...) array; see LoraSlotTable.shapes
 
@@ -54,8 +55,8 @@ class LoraSlotTable:
         return {"query_a": (L, S, N, d, R), "query_b": (L, S, R, h),
                 "value_a": (L, S, K, d, R), "value_b": (L, S, R, h)}
 
-    def partition_specs(self, axis_sizes: dict[str, int], model_axis: str = "model",
-                        data_axis: str = "batch") -> dict[str, tuple]:
+    def partition_specs(self, axis_sizes: dict[str, int], model_axis: str = MODEL_AXIS,
+                        data_axis: str = DATA_AXIS) -> dict[str, tuple]:
         """Table name -> the mesh axis of each of its axes (None: not split).
 
         The a tables are split like the `lora_kernel_a` weights they stack

@@ -47,8 +47,8 @@ from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
 from gemma_core.lora_slot_table import LoraSlotTable
+from gemma_core.mesh_axes import DATA_AXIS, MESH_AXES, MODEL_AXIS
 
-MESH_AXES = ("batch", "model")  # the worker's mesh names (worker/sharded_backbone.py)
 GIB = 1 << 30
 
 
@@ -245,10 +245,10 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     there (not under the head_dim fallback), feed_forward by the model axis
     where its width is. The rows are never divided: a larger data axis holds
     less of the weights but the same attention scores. Checked against XLA's
-    own `memory_analysis()` (temporaries plus output) on 8 CPU devices: this
-    estimate was 1.1-1.6x XLA's on meshes 1x1, 1x8, 2x4 and 8x1 in all three
-    dtype policies (hidden 512, 8 query heads, 16 rows x 1024 tokens), and
-    tests/core/test_memory_plan.py keeps it at or above XLA's figure. Not yet
+    own `memory_analysis()` (temporaries plus output) on CPU devices, where
+    it stays above XLA's figure on every mesh and dtype policy tried (the
+    ratios are in benchmarks/README.md, "Figures moved from the code"), and
+    tests/core/test_memory_plan.py keeps it at or above XLA's. Not yet
     checked on a GPU, whose XLA fuses differently.
 
     Example:
@@ -324,7 +324,7 @@ def plan_memory(config: GemmaConfig | str | Mapping[str, Any],
     table = LoraSlotTable(config, max_adapters + 1, max_adapter_rank)
     # Float32, as LoraSlotTable.zeros() makes them, whatever the model dtype.
     axis_sizes = dict(zip(MESH_AXES, mesh_shape))
-    specs = table.partition_specs(axis_sizes, model_axis=MESH_AXES[1], data_axis=MESH_AXES[0])
+    specs = table.partition_specs(axis_sizes, model_axis=MODEL_AXIS, data_axis=DATA_AXIS)
     table_bytes = sum(
         math.prod(dim if axis is None else -(-dim // axis_sizes[axis])
                   for dim, axis in zip(shape, specs[name])) * 4

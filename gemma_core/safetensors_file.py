@@ -53,9 +53,9 @@ def release_freed_memory() -> None:
     Loading frees a buffer per tensor: ours, and the zeros XLA held until the
     assign. Once glibc has freed a large block it raises its mmap threshold
     (up to 32 MB) and serves smaller blocks from its heap, which keeps what
-    they free resident. On a 100 MB bf16 model, peak RSS growth measured
-    1.6-2.1x the weights without this and 1.25x with it; on gemma2_2b it
-    saves ~0.2 GB after loading (tensors over 32 MB are mmapped anyway).
+    they free resident, so without this the peak grows well past one copy
+    of the weights (figures in benchmarks/README.md, "Figures moved from
+    the code"). Tensors over 32 MB are mmapped by malloc anyway.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)

@@ -2,6 +2,7 @@
 channel that sends a tenant's key. A module of its own (not conftest.py) so
 imports do not depend on which conftest pytest loaded last."""
 
+import dataclasses
 import os
 
 import grpc
@@ -46,7 +47,7 @@ def keyed_channel(address, key=ACME_KEY):
 def operator_worker_infos(service) -> list[dict]:
     """The workers' counters as the operator sees them (every tenant's work);
     GetModelInfo shows a tenant only its own share of the private ones."""
-    return service.call(service.server.worker_infos())
+    return [dataclasses.asdict(stats) for stats in service.call(service.server.worker_infos())]
 
 
 def shared_compilation_cache() -> list[str]:

@@ -16,22 +16,13 @@ class WorkerUnavailable(WorkerError):
 
 
 class AdapterSlotsBusy(WorkerError):
-    """Every adapter slot is pinned by running requests with other adapters."""
+    """Every adapter slot stayed pinned by other adapters' rows until the
+    request's deadline."""
 
 
 class AdapterRejected(WorkerError):
     """An adapter cannot be loaded into this worker's slots (e.g. its rank is
     above the slots' maximum)."""
-
-
-class ChannelBroken(WorkerUnavailable):
-    """The forward channel to a worker broke; the worker itself may be fine
-    (its work then goes over Ray calls until the channel is back)."""
-
-
-class AdapterNotResident(WorkerError):
-    """Work sent without the adapter's payload (the forward channel does not
-    carry it) found the adapter evicted; the pool resends it with one."""
 
 
 class FineTuneFailed(WorkerError):

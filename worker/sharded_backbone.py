@@ -7,11 +7,9 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from gemma_core import (Backbone, GemmaBackbone, LoraAdapter, LoraSlotTable,
+from gemma_core import (MESH_AXES, Backbone, GemmaBackbone, LoraAdapter, LoraSlotTable,
                         read_preset_config)
 from worker.worker_config import WorkerSpec
-
-MESH_AXES = ("batch", "model")
 
 
 class ShardedBackbone:
@@ -109,7 +107,7 @@ class ShardedBackbone:
         if self._row_split(len(token_ids)):
             token_ids, padding_mask, slot_ids = jax.device_put(
                 (token_ids, padding_mask, slot_ids), self._row_sharding)
-        # A shape compile_buckets did not see (a caller outside the batcher)
+        # A shape compile_buckets did not see (a caller outside the scheduler)
         # compiles here, once, through jit's own cache.
         forward = self._compiled.get(tuple(token_ids.shape), self._jitted)
         return np.asarray(forward(values, self.lora_tables, token_ids, padding_mask,

@@ -10,10 +10,6 @@ import math
 # (its default is one per core the process may use; at least one per device).
 XLA_CPU_THREADS_ENV = "PJRT_NPROC"
 
-# How forward work reaches workers: "direct" over a socket each worker opens
-# (Ray calls where that fails), "ray" over actor calls only.
-TRANSPORTS = ("direct", "ray")
-
 
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
@@ -37,26 +33,18 @@ class BatchingConfig:
             After the device was idle 200 ms, nobody is waited for: the
             previous batch's callers would have come back by then.
         layer_slots: how many distinct layers one batch can return.
-        coalesce_ms: while a worker is busy with earlier requests, a new one
-            waits up to this long in the coordinator so that the requests
-            arriving meanwhile travel in one call (a call has a fixed cost:
-            ~0.2 ms of CPU on the forward channel, ~1.2 ms as a Ray actor
-            call); 0 sends each at once. A request
-            for an idle worker is always sent at once.
     """
 
     # Up to 8192 tokens, the presets' context. Every (rows, length) within
-    # max_batch_tokens is compiled before a worker says ready: 19 programs
-    # here, about 8 s each for gemma2_2b on 2 CPU cores and 30 s for the
-    # 1x8192 one (benchmarks/README.md); rows in steps of 4 keep that count
-    # down, and the batcher runs a smaller bucket full rather than pad a
-    # larger one when that is cheaper.
+    # max_batch_tokens is compiled before a worker says ready (19 programs
+    # here; their compile times at real size are in benchmarks/README.md);
+    # rows in steps of 4 keep that count down, and the scheduler runs a
+    # smaller bucket full rather than pad a larger one when that is cheaper.
     length_buckets: tuple[int, ...] = (32, 128, 512, 1024, 2048, 4096, 8192)
     batch_buckets: tuple[int, ...] = (1, 4, 16, 64)
     max_batch_tokens: int = 16384
     max_wait_ms: float = 5.0
     layer_slots: int = 4
-    coalesce_ms: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("length_buckets", "batch_buckets"):
@@ -69,8 +57,8 @@ class BatchingConfig:
                 f"max_batch_tokens ({self.max_batch_tokens}) must hold the smallest batch "
                 f"({self.batch_buckets[0]} rows) of the longest bucket "
                 f"({self.length_buckets[-1]} tokens).")
-        if self.max_wait_ms < 0 or self.coalesce_ms < 0 or self.layer_slots < 1:
-            raise ValueError("max_wait_ms and coalesce_ms must be >= 0 and layer_slots >= 1.")
+        if self.max_wait_ms < 0 or self.layer_slots < 1:
+            raise ValueError("max_wait_ms must be >= 0 and layer_slots >= 1.")
 
     @property
     def max_sequence_length(self) -> int:
@@ -109,7 +97,8 @@ class WorkerSpec:
             devices (GPUs assigned by Ray, or fake CPU devices).
         dtype: dtype policy override, or None for the preset's.
         use_gpus: ask Ray for GPUs instead of faking CPU devices.
-        batching: the batcher's limits.
+        batching: buckets and batching limits (the worker compiles every
+            bucket; its scheduler in the coordinator forms the batches).
         max_adapters: LoRA adapter slots per worker (besides the base model).
         max_adapter_rank: the largest LoRA rank a slot holds; smaller ranks
             are zero-padded. Slots cost max_adapters x max_adapter_rank x
@@ -122,8 +111,7 @@ class WorkerSpec:
             placement, not pinned cores) and the worker's XLA CPU runtime
             runs that many compute threads. XLA's threads spin while they
             wait for each other, so more of them than cores fight for the
-            cores (on one core under load, a worker's 8x128 batches took
-            24 ms with two threads, 19.7 ms with one); XLA keeps at least
+            cores (benchmarks/README.md has a measurement); XLA keeps at least
             one per device, so a CPU mesh of N fake devices runs N at least. None:
             Ray reserves one and XLA starts a thread per core it may run on,
             right for one worker per host, not for several CPU workers

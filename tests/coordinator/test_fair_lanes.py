@@ -105,21 +105,21 @@ class Context:
         return self._metadata
 
 
-class IdlePool:
+class IdleRouter:
     """Workers that take a job and never report: it stays running."""
 
     def fine_tune(self, work):
-        return "worker-0", None
+        async def progress():
+            await asyncio.Event().wait()
+            yield {}
+        return "worker-0", progress()
 
-    async def next_progress(self, worker_id, stream):
-        await asyncio.Event().wait()
-
-    def fine_tune_ended(self, worker_id):
+    def cancel_fine_tune(self, job_id):
         pass
 
 
 def make_servicer(tmp_path, uploads=4, fine_tunes=2):
-    jobs = FineTuneJobs(IdlePool(), None, fine_tunes, journal=tmp_path / "jobs")
+    jobs = FineTuneJobs(IdleRouter(), None, fine_tunes, journal=tmp_path / "jobs")
     return FineTuneServicer(
         TenantAuth(KEYS), jobs, types.SimpleNamespace(max_rank=8),
         DatasetStore(tmp_path / "datasets"), LIMITS, None, max_upload_bytes=64 << 20,

@@ -22,8 +22,8 @@ def record(job_id, state, created="2026-01-01T00:00:00+00:00", **fields):
 
 def jobs_from(journal):
     """FineTuneJobs reading `journal`, no workers behind it (a started job
-    fails at once: there is no pool)."""
-    return FineTuneJobs(pool=None, adapters=None, journal=journal)
+    fails at once: there is no router)."""
+    return FineTuneJobs(router=None, adapters=None, journal=journal)
 
 
 def test_unfinished_jobs_come_back_interrupted_and_bad_records_are_skipped(tmp_path):
@@ -87,7 +87,7 @@ def test_a_job_that_published_before_the_restart_comes_back_succeeded(tmp_path):
                      "finetune:ft-late")
 
     async def main():
-        jobs = FineTuneJobs(pool=None, adapters=AdapterManager(registry, None, 8, 1 << 20),
+        jobs = FineTuneJobs(router=None, adapters=AdapterManager(registry, None, 8, 1 << 20),
                             journal=journal)
         job = jobs.get("acme", "ft-published")
         assert (job.state, job.adapter_id) == ("succeeded", "a@1")
@@ -97,18 +97,14 @@ def test_a_job_that_published_before_the_restart_comes_back_succeeded(tmp_path):
     assert not list(journal.glob("*.tmp"))
 
 
-class ProgressPool:
+class ProgressRouter:
     """A worker that reports a step, then that the job was cancelled."""
 
     def fine_tune(self, work):
-        return "worker-0", iter([{"state": "running", "step": 1, "total_steps": 2},
-                                 {"state": "cancelled"}])
-
-    async def next_progress(self, worker_id, stream):
-        return next(stream, None)
-
-    def fine_tune_ended(self, worker_id):
-        pass
+        async def progress():
+            yield {"state": "running", "step": 1, "total_steps": 2}
+            yield {"state": "cancelled"}
+        return "worker-0", progress()
 
 
 def test_journal_writes_wait_off_the_event_loop_and_keep_their_order(tmp_path, monkeypatch):
@@ -134,7 +130,7 @@ def test_journal_writes_wait_off_the_event_loop_and_keep_their_order(tmp_path, m
                 await asyncio.sleep(0.005)
                 gaps.append(time.perf_counter() - before)
         ticker = asyncio.create_task(tick())
-        jobs = FineTuneJobs(ProgressPool(), None, journal=tmp_path)
+        jobs = FineTuneJobs(ProgressRouter(), None, journal=tmp_path)
         started = await jobs.start("acme", "a", lambda job_id: None)
         seen = [(job.state, job.step) async for job in jobs.watch("acme", started.job_id)]
         done.set()
@@ -159,7 +155,7 @@ def test_starts_racing_for_the_last_place_while_their_records_are_written(tmp_pa
     monkeypatch.setattr(JobJournal, "write", slowly)
 
     async def main():
-        jobs = FineTuneJobs(pool=None, adapters=None, max_per_tenant=1, journal=tmp_path)
+        jobs = FineTuneJobs(router=None, adapters=None, max_per_tenant=1, journal=tmp_path)
         jobs._run = lambda job, work: asyncio.sleep(3600)  # stays queued
         outcomes = await asyncio.gather(*(jobs.start("acme", "a", lambda job_id: None)
                                           for _ in range(3)), return_exceptions=True)

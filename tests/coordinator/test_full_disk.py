@@ -124,24 +124,18 @@ def test_datasets_on_a_full_disk(disk):
         assert free_bytes(disk) > 0
 
 
-class FakePool:
-    """A worker pool whose one job "trains" and hands back `adapter`."""
+class FakeRouter:
+    """Workers whose one job "trains" and hands back `adapter`."""
 
     def __init__(self, adapter, before_result=lambda: None):
         self.adapter, self.before_result = adapter, before_result
 
     def fine_tune(self, work):
-        return "worker-0", iter([{"state": "running", "step": 1, "total_steps": 1},
-                                 {"state": "succeeded", "adapter": self.adapter}])
-
-    async def next_progress(self, worker_id, stream):
-        update = next(stream, None)
-        if update is not None and update["state"] == "succeeded":
+        async def progress():
+            yield {"state": "running", "step": 1, "total_steps": 1}
             self.before_result()
-        return update
-
-    def fine_tune_ended(self, worker_id):
-        pass
+            yield {"state": "succeeded", "adapter": self.adapter}
+        return "worker-0", progress()
 
 
 def test_a_job_that_failed_on_a_full_disk_reads_failed_after_a_restart(disk):
@@ -157,7 +151,7 @@ def test_a_job_that_failed_on_a_full_disk_reads_failed_after_a_restart(disk):
         filling[-1].__enter__()
 
     async def run():
-        jobs = FineTuneJobs(FakePool(adapter(), fill_the_disk), manager, journal=disk / "jobs")
+        jobs = FineTuneJobs(FakeRouter(adapter(), fill_the_disk), manager, journal=disk / "jobs")
         started = await jobs.start("acme", "faq", lambda job_id: None)
         *_, end = [job async for job in jobs.watch("acme", started.job_id)]
         return end

@@ -71,20 +71,16 @@ def test_the_byte_quota_refuses_with_usage_and_stores_nothing(tmp_path):
     assert [r.adapter_id for r in registry.list("acme")] == ["a@1", "b@1"]
 
 
-class TrainedPool:
-    """A worker pool whose every job ends at once with `adapter` trained."""
+class TrainedRouter:
+    """Workers whose every job ends at once with `adapter` trained."""
 
     def __init__(self, adapter):
         self.adapter = adapter
 
     def fine_tune(self, work):
-        return "worker-0", iter([{"state": "succeeded", "adapter": self.adapter}])
-
-    async def next_progress(self, worker_id, stream):
-        return next(stream, None)
-
-    def fine_tune_ended(self, worker_id):
-        pass
+        async def progress():
+            yield {"state": "succeeded", "adapter": self.adapter}
+        return "worker-0", progress()
 
 
 def test_a_fine_tune_publish_is_held_to_the_quota_too(tmp_path):
@@ -93,7 +89,7 @@ def test_a_fine_tune_publish_is_held_to_the_quota_too(tmp_path):
     registry.publish("acme", "faq", adapter(0), "test")
 
     async def run():
-        jobs = FineTuneJobs(TrainedPool(adapter(1)), AdapterManager(registry, None, 8, 1 << 20),
+        jobs = FineTuneJobs(TrainedRouter(adapter(1)), AdapterManager(registry, None, 8, 1 << 20),
                             journal=tmp_path / "jobs")
         started = await jobs.start("acme", "faq", lambda job_id: None)
         *_, end = [job async for job in jobs.watch("acme", started.job_id)]
@@ -240,14 +236,14 @@ def test_concurrent_dataset_saves_never_pass_the_byte_quota_together(tmp_path):
 
 
 def test_a_dataset_is_durable_once_saved(tmp_path, monkeypatch):
-    """Written straight into its temporary file (durable_file: fsynced, then
+    """Written straight into its temporary file (replacing_file: fsynced, then
     renamed), and the rename made durable by fsyncing the directory."""
-    from coordinator import dataset_store
+    from coordinator import durable_files
     synced, fsynced_dirs = [], []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(
         f"/proc/self/fd/{fd}")) or real_fsync(fd))
-    monkeypatch.setattr(dataset_store, "fsync_dir",
+    monkeypatch.setattr(durable_files, "fsync_dir",
                         lambda path: fsynced_dirs.append((path, sorted(os.listdir(path)))))
     store = DatasetStore(tmp_path)
     store.save("acme", "kept", [np.arange(2, 10, dtype="int32")])
@@ -264,7 +260,7 @@ def test_a_job_that_fails_on_a_disk_error_names_no_server_path(tmp_path, caplog)
     registry = BrokenDiskRegistry(tmp_path / "adapters", CONFIG, "base")
 
     async def run():
-        jobs = FineTuneJobs(TrainedPool(adapter(1)), AdapterManager(registry, None, 8, 1 << 20),
+        jobs = FineTuneJobs(TrainedRouter(adapter(1)), AdapterManager(registry, None, 8, 1 << 20),
                             journal=tmp_path / "jobs")
         started = await jobs.start("acme", "faq", lambda job_id: None)
         *_, end = [job async for job in jobs.watch("acme", started.job_id)]

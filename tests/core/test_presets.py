@@ -9,7 +9,7 @@ import pytest
 
 from gemma_core import GEMMA_PRESETS, GemmaBackbone
 
-# From REFERENCE.md, written out independently of gemma_presets.py.
+# From docs/model.md, written out independently of gemma_presets.py.
 EXPECTED_PARAMS = {
     **dict.fromkeys(["gemma_2b_en", "gemma_instruct_2b_en", "gemma_1.1_instruct_2b_en",
                      "code_gemma_2b_en", "code_gemma_1.1_2b_en"], 2_506_172_416),

@@ -116,11 +116,11 @@ def test_sixteen_concurrent_clients_get_their_own_rows(service, client, local_mo
         start.wait()
         return own_client.forward(token_ids=ids_list, layers=[-1], pooling="mean")
 
-    counters = ("batches_run", "sequences_run", "forward_calls", "forward_requests")
+    counters = ("batches_run", "sequences_run", "forward_requests")
     before = worker_totals(client, *counters)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(call, clients, requests))
-    batches, sequences, calls, received = np.subtract(worker_totals(client, *counters), before)
+    batches, sequences, received = np.subtract(worker_totals(client, *counters), before)
     for own_client in clients:
         own_client.close()
     for ids_list, result in zip(requests, results):
@@ -128,8 +128,7 @@ def test_sixteen_concurrent_clients_get_their_own_rows(service, client, local_mo
         for got, want in zip(result.hidden_states, expected):
             np.testing.assert_allclose(got[0], want[0].mean(0), atol=1e-5)
     assert sequences == 16 and received == 16
-    assert batches < 16  # requests shared batches
-    assert calls < 16    # and actor calls: the ones arriving while a worker was busy
+    assert batches < 16  # requests shared batches, each batch one call to its worker
 
 
 def test_every_bucket_is_compiled_before_ready_and_nothing_after(service, client,

@@ -45,9 +45,8 @@ def test_counters_move_after_requests(service, client):
         before, "gemma_worker_batches_total") >= 3
     assert total(after, "gemma_worker_batch_rows_count") >= 3
     assert total(after, "gemma_worker_ready") == 2
-    assert total(after, "gemma_worker_forward_channel_up") == 2
-    assert total(after, "gemma_worker_forward_channel_calls_total") - total(
-        before, "gemma_worker_forward_channel_calls_total") >= 3
+    assert total(after, "gemma_worker_forward_requests_total") - total(
+        before, "gemma_worker_forward_requests_total") == 3
     assert total(after, "gemma_forward_tokens_per_second") >= 15 / 10  # last 10 s
     for name in ("gemma_worker_queue_depth", "gemma_worker_adapters_resident",
                  "gemma_worker_adapter_evictions_total", "gemma_fine_tune_jobs"):

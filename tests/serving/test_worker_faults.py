@@ -77,8 +77,6 @@ def test_killed_worker_is_replaced_and_nothing_wrong_is_served(service, client, 
     assert any(t > recovered_at and o[0] == "ok" for t, o in outcomes)
     resident = {a["adapter_id"]: a["resident_on"] for a in client.list_adapters()}
     assert victim["worker_id"] in resident["fault@1"]  # reloaded after the restart
-    # The restarted worker opened a new forward channel and the pool found it.
-    assert {w["forward_transport"] for w in client.model_info()["workers"]} == {"direct"}
     print(f"recovered in {recovered_at - killed_at:.1f}s; "
           f"{sum(o[0] == 'ok' for _, o in outcomes)} ok, "
           f"{sum(o[0] != 'ok' for _, o in outcomes)} UNAVAILABLE")

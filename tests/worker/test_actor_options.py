@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from worker.worker_config import XLA_CPU_THREADS_ENV, WorkerSpec
-from worker.worker_pool import actor_options, worker_resources
+from worker.actor_options import actor_options, worker_resources
 
 
 def env_of(options):

@@ -171,7 +171,7 @@ class TenantUsage(_message.Message):
     def __init__(self, requests_in_flight: _Optional[int] = ..., tokens_in_flight: _Optional[int] = ..., adapter_versions: _Optional[int] = ..., adapter_bytes: _Optional[int] = ..., fine_tunes_active: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled", "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen", "compiled_slot_writers", "pid", "state", "forward_calls", "forward_requests", "forward_transport", "forward_channel_calls", "cpus", "xla_cpu_threads", "programs_compiled", "programs_from_cache", "compile_seconds")
+    __slots__ = ("worker_id", "node_id", "mesh_shape", "mesh_axes", "devices", "ready", "in_flight_sequences", "batches_run", "sequences_run", "max_sequences_in_a_batch", "compiled_functions", "sequences_cancelled", "adapter_slots", "adapters_resident", "adapter_loads", "adapter_evictions", "fine_tune_steps", "max_adapters_in_a_batch", "batch_shapes_seen", "compiled_slot_writers", "pid", "state", "forward_requests", "cpus", "xla_cpu_threads", "programs_compiled", "programs_from_cache", "compile_seconds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MESH_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -194,10 +194,7 @@ class WorkerInfo(_message.Message):
     COMPILED_SLOT_WRITERS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    FORWARD_CALLS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
-    FORWARD_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
-    FORWARD_CHANNEL_CALLS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     XLA_CPU_THREADS_FIELD_NUMBER: _ClassVar[int]
     PROGRAMS_COMPILED_FIELD_NUMBER: _ClassVar[int]
@@ -225,16 +222,13 @@ class WorkerInfo(_message.Message):
     compiled_slot_writers: int
     pid: int
     state: str
-    forward_calls: int
     forward_requests: int
-    forward_transport: str
-    forward_channel_calls: int
     cpus: int
     xla_cpu_threads: int
     programs_compiled: int
     programs_from_cache: int
     compile_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_calls: _Optional[int] = ..., forward_requests: _Optional[int] = ..., forward_transport: _Optional[str] = ..., forward_channel_calls: _Optional[int] = ..., cpus: _Optional[int] = ..., xla_cpu_threads: _Optional[int] = ..., programs_compiled: _Optional[int] = ..., programs_from_cache: _Optional[int] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_requests: _Optional[int] = ..., cpus: _Optional[int] = ..., xla_cpu_threads: _Optional[int] = ..., programs_compiled: _Optional[int] = ..., programs_from_cache: _Optional[int] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes")

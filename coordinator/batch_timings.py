@@ -1,4 +1,4 @@
-"""How long the device takes per batch shape, as the batcher's cost model."""
+"""How long the device takes per batch shape: the scheduler's cost model."""
 
 from __future__ import annotations
 

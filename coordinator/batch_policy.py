@@ -1,0 +1,185 @@
+"""How one worker's scheduler forms batches: which rows go together, how
+long to wait for more, and how they are padded; decided by the device
+times measured per batch shape (the cost model).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+from typing import Iterable, Protocol
+
+import numpy as np
+
+from coordinator.batch_timings import BatchTimings
+from coordinator.forward_work import ForwardWork
+from worker.batch import Batch, BatchRow
+from worker.worker_config import BatchingConfig
+
+# Never wait longer than this for stragglers, whatever the last batch took.
+MAX_STRAGGLER_WAIT_S = 0.2
+# The last batch's callers come back within a round trip of its end; a
+# device idle longer than this since has nobody on the way.
+CALLERS_RETURN_WITHIN_S = 0.2
+# A padded shape avoided (by trimming) this long is run whole again, so its
+# time is measured afresh.
+RETIME_AFTER_S = 30.0
+
+
+class Row(Protocol):
+    work: ForwardWork
+    token_ids: np.ndarray
+    tokens: int
+    slot: int       # its adapter's slot; 0: the base model
+
+
+class BatchPolicy:
+    """Batch formation and the measurements it is decided by.
+
+    Args:
+        config: buckets, token budget, least wait.
+    """
+
+    def __init__(self, config: BatchingConfig):
+        self.config = config
+        self.timings = BatchTimings()  # (rows, length, any adapter) -> device seconds
+        self._overheads: collections.deque[float] = collections.deque(maxlen=16)
+        self.last_batch_rows = 1
+        self.last_batch_seconds = 0.0
+        self.last_batch_ended = float("-inf")
+
+    def take(self, rows_in_order: Iterable[Row]) -> list[Row]:
+        """The next batch: rows in the order given, skipping those that
+        would break the token budget or the layer slots, then trimmed to a
+        cheaper bucket where that pays."""
+        cfg, batch, layers, longest = self.config, [], set(), 0
+        for row in rows_in_order:
+            new_layers = layers | set(row.work.layers)
+            new_longest = max(longest, row.tokens)
+            if len(new_layers) <= cfg.layer_slots and cfg.fits(len(batch) + 1, new_longest):
+                batch.append(row)
+                layers, longest = new_layers, new_longest
+                if len(batch) == cfg.batch_buckets[-1]:
+                    break
+        return self._trim_to_a_cheaper_bucket(batch)
+
+    def _seconds(self, rows: int, length: int, adapters: bool,
+                 max_age_s: float | None = None) -> float | None:
+        cfg = self.config
+        return self.timings.seconds((cfg.batch_bucket(rows), cfg.length_bucket(length), adapters),
+                                    max_age_s)
+
+    def _trim_to_a_cheaper_bucket(self, batch: list[Row]) -> list[Row]:
+        """Where a batch's cost grows with its rows (a CPU), padding 10 rows
+        to a bucket of 16 wastes 6 rows of work: run the next smaller bucket
+        full when that costs the device less per row; the rest stay queued
+        for the next batch. Where cost hardly grows (a GPU), padding is
+        nearly free and the batch runs whole. A padded shape not timed for a
+        while runs whole, so one that looked dear once is measured again,
+        not avoided for good."""
+        cfg, rows = self.config, len(batch)
+        smaller = [b for b in cfg.batch_buckets if b < rows]
+        if not smaller or cfg.batch_bucket(rows) == rows:
+            return batch
+        full = smaller[-1]
+        length = max(r.tokens for r in batch)
+        adapters = any(r.slot for r in batch)
+        whole = self._seconds(rows, length, adapters, RETIME_AFTER_S)
+        part = self._seconds(full, length, adapters)
+        if whole is None or part is None or part / full >= whole / rows:
+            return batch
+        return batch[:full]
+
+    def straggler_wait_s(self) -> float:
+        """The most a batch waits for the last batch's callers to return.
+        Waiting a fifth of a batch's run time to fill it costs at most 20%;
+        splitting one batch in two costs a whole extra batch."""
+        return max(self.config.max_wait_ms / 1000,
+                   min(0.2 * self.last_batch_seconds, MAX_STRAGGLER_WAIT_S))
+
+    def _wait_that_can_pay(self, ready: list[Row], wait_s: float) -> float:
+        """How long waiting for the expected stragglers can pay, at most
+        `wait_s`: what running the ready rows now and the stragglers in a
+        batch of their own costs the device over one batch of all of them
+        (most of a batch on a GPU, little on a CPU)."""
+        length = max(r.tokens for r in ready)
+        adapters = any(r.slot for r in ready)
+        stragglers = self.last_batch_rows - len(ready)
+        now, later, together = (self._seconds(n, length, adapters)
+                                for n in (len(ready), stragglers, len(ready) + stragglers))
+        if now is None or later is None or together is None:
+            return wait_s
+        return min(wait_s, max(0.0, now + later - together))
+
+    def overhead_s(self) -> float:
+        """The time a batch spends outside the device (the call there and
+        back), median of the recent ones."""
+        return statistics.median(self._overheads) if self._overheads else 0.0
+
+    def wait_left(self, ready: list[Row], busy_until: float | None, in_flight: int,
+                  started: float, now: float) -> float:
+        """How much longer to hold the `ready` rows before sending a batch.
+
+        Args:
+            busy_until: when the device should be done with what is in
+                flight (None: unknown).
+            in_flight: batches or steps sent and not answered.
+            started: when this wait began.
+            now: the loop's time.
+        """
+        cfg = self.config
+        if not ready or len(ready) >= cfg.batch_buckets[-1] or not cfg.fits(
+                len(ready) + 1, max(r.tokens for r in ready)):
+            return 0.0  # full (or nothing to wait for)
+        if in_flight:
+            # The device is busy: send the next batch so that it arrives as
+            # the last one ends, with whatever has queued by then.
+            return 0.0 if busy_until is None else busy_until - self.overhead_s() - now
+        # After an idle spell a lone request runs at once instead of waiting
+        # for the last batch's callers, who are long gone; as many rows as
+        # the last batch had means they are back.
+        if now - self.last_batch_ended > CALLERS_RETURN_WITHIN_S or len(
+                ready) >= self.last_batch_rows:
+            return 0.0
+        return started + self._wait_that_can_pay(ready, self.straggler_wait_s()) - now
+
+    def pack(self, batch: list[Row]) -> Batch:
+        """The rows padded to their (rows, length) bucket."""
+        cfg = self.config
+        rows, length = cfg.batch_bucket(len(batch)), cfg.length_bucket(
+            max(r.tokens for r in batch))
+        token_ids = np.zeros((rows, length), "int32")
+        padding_mask = np.zeros((rows, length), "int32")
+        slot_ids = np.zeros((rows,), "int32")
+        for i, row in enumerate(batch):
+            token_ids[i, : row.tokens] = row.token_ids
+            padding_mask[i, : row.tokens] = 1
+            slot_ids[i] = row.slot
+        layers = sorted({layer for row in batch for layer in row.work.layers})
+        position = {layer: k for k, layer in enumerate(layers)}
+        # Unused layer slots repeat a layer: the shape stays fixed, the work is tiny.
+        layer_ids = np.array(layers + [layers[0]] * (cfg.layer_slots - len(layers)), "int32")
+        specs = tuple(BatchRow(length=row.tokens,
+                               layers=tuple(position[layer] for layer in row.work.layers),
+                               pooling=row.work.pooling, dtype=row.work.dtype)
+                      for row in batch)
+        return Batch(token_ids, padding_mask, layer_ids, slot_ids, specs)
+
+    @staticmethod
+    def shape_key(batch: Batch) -> tuple:
+        """What the cost model times a batch by."""
+        return (*batch.shape, bool(batch.slot_ids.any()))
+
+    def estimate(self, batch: Batch) -> float | None:
+        return self.timings.seconds(self.shape_key(batch))
+
+    def ran(self, batch: Batch, rows: int, device_seconds: float, call_seconds: float,
+            ended: float) -> None:
+        """Records a batch that came back."""
+        self.timings.record(self.shape_key(batch), device_seconds)
+        self._overheads.append(max(0.0, call_seconds - device_seconds))
+        self.last_batch_seconds = device_seconds
+        self.last_batch_ended = ended
+
+    def sent(self, rows: int) -> None:
+        self.last_batch_rows = rows

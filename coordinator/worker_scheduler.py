@@ -1,0 +1,458 @@
+"""One worker's scheduler: its queue, its batches, its adapter slots, its
+fine-tune turns.
+
+Runs on the coordinator's event loop; the worker (an `Executor`) only runs
+what this sends it. Rows of any requests, tenants and adapters share
+padded (rows, length) buckets; tenants are served fair shares of tokens
+(coordinator/fair_queue.py); rows cancelled or past their deadline are
+dropped before dispatch; up to `MAX_IN_FLIGHT` batches or training steps
+are out at once, so the next batch is already on the worker when the
+device finishes the last one. Adapter slots are written here before a
+batch that reads them is sent, and never rewritten while a queued or
+running row uses them, so a batch never waits for a load and nothing
+recompiles (slots are data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Any, Protocol
+
+import numpy as np
+
+from coordinator.adapter_slot_table import AdapterSlotTable, SlotEntry
+from coordinator.batch_policy import BatchPolicy
+from coordinator.fair_queue import FairQueue
+from coordinator.forward_work import AdapterRef, ForwardResult, ForwardWork
+from worker.batch import Batch, BatchResult
+from worker.errors import AdapterSlotsBusy, DeadlineExpired, WorkerUnavailable, own_copy
+from worker.worker_config import BatchingConfig
+
+log = logging.getLogger("gemma_serve.scheduler")
+
+MAX_IN_FLIGHT = 2
+
+
+class Executor(Protocol):
+    """What the scheduler needs of a worker (coordinator/ray_executor.py
+    calls the actor; tests pass a fake)."""
+
+    async def run_batch(self, batch: Batch) -> BatchResult: ...
+    async def write_slot(self, slot: int, payload: Any) -> None: ...
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    token_ids: np.ndarray
+    work: ForwardWork
+    tenant: str
+    deadline: float | None  # loop time
+    future: asyncio.Future
+    arrival: int
+    entry: SlotEntry | None = None  # its adapter's slot, once one is claimed
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def adapter(self) -> AdapterRef | None:
+        return self.work.adapter
+
+    @property
+    def ready(self) -> bool:
+        return self.adapter is None or (self.entry is not None and self.entry.loaded)
+
+    @property
+    def slot(self) -> int:
+        return self.entry.slot if self.entry is not None else 0
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    forward_requests: int = 0
+    batches_run: int = 0
+    sequences_run: int = 0
+    max_sequences_in_a_batch: int = 0
+    sequences_cancelled: int = 0
+    max_adapters_in_a_batch: int = 0
+    batch_shapes: set = dataclasses.field(default_factory=set)
+    batch_size_counts: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)  # rows in a batch -> batches
+
+
+class WorkerScheduler:
+    """Schedules one worker.
+
+    Args:
+        worker_id: for results and errors.
+        executor: the worker.
+        config: buckets, token budget, waiting.
+        num_slots: the worker's adapter slots (besides the base model).
+    """
+
+    def __init__(self, worker_id: str, executor: Executor, config: BatchingConfig,
+                 num_slots: int):
+        self.worker_id = worker_id
+        self.executor = executor
+        self.config = config
+        self.slots = AdapterSlotTable(num_slots)
+        self.stats = SchedulerStats()
+        self.policy = BatchPolicy(config)
+        self._queue: FairQueue[_Row] = FairQueue()
+        self._arrivals = itertools.count()
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._writes: dict[SlotEntry, asyncio.Task] = {}
+        self._slot_freed = asyncio.Event()
+        self._in_flight = 0
+        self._running_rows = 0
+        self._tenant_rows: collections.Counter[str] = collections.Counter()
+        # Per batch or step in flight: when the device should be done with
+        # it (they run one after another there), from the measured times.
+        self._expected_ends: dict[int, float] = {}
+        self._flights = itertools.count()
+        self._last_step_seconds = 0.0
+        self._training: collections.deque[asyncio.Future] = collections.deque()
+        self._batches_since_step = 0
+        self.down = False
+
+    # --- what routing reads ---------------------------------------------
+
+    def in_flight(self) -> int:
+        """Rows queued or running."""
+        return len(self._queue) + self._running_rows
+
+    def rows_of(self, tenant: str) -> int:
+        """`tenant`'s rows queued or running."""
+        return self._tenant_rows[tenant]
+
+    def holds(self, key: str) -> bool:
+        return self.slots.get(key) is not None
+
+    # --- forward ----------------------------------------------------------
+
+    async def submit(self, work: ForwardWork, tenant: str = "") -> ForwardResult:
+        """Runs `work`'s sequences in whatever batches suit; returns each one's
+        tensors. Cancelling the caller drops its rows that have not been sent.
+
+        Raises:
+            WorkerUnavailable: the worker is down (or went down meanwhile).
+            DeadlineExpired, AdapterSlotsBusy: the deadline passed first.
+            AdapterRejected: the adapter does not fit the worker's slots.
+        """
+        if self.down:
+            raise WorkerUnavailable(f"{self.worker_id} is restarting")
+        cfg = self.config
+        if not 1 <= len(work.layers) <= cfg.layer_slots:
+            raise ValueError(f"{len(work.layers)} layers requested; a batch holds 1 to "
+                             f"{cfg.layer_slots}.")
+        for sequence in work.sequences:
+            if not 1 <= len(sequence) <= cfg.max_sequence_length:
+                raise ValueError(f"a sequence of {len(sequence)} tokens; this worker takes "
+                                 f"1 to {cfg.max_sequence_length}.")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = None if work.timeout_s is None else started + work.timeout_s
+        self.stats.forward_requests += 1
+        rows = [_Row(np.asarray(s, "int32"), work, tenant, deadline, loop.create_future(),
+                     next(self._arrivals)) for s in work.sequences]
+        for row in rows:
+            if row.adapter is not None:
+                self._claim(row)
+            self._queue.push(row)
+            self._tenant_rows[tenant] += 1
+        self._start()
+        self._wake.set()
+        try:
+            tensors = list(await asyncio.gather(*(row.future for row in rows)))
+        except BaseException:
+            for row in rows:
+                row.future.cancel()  # no-op for rows already done
+            self._wake.set()  # so the loop drops them now
+            raise
+        return ForwardResult(self.worker_id, tensors,
+                             round(1e3 * (loop.time() - started), 2))
+
+    def _start(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_forever())
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in self._writes.values():
+            task.cancel()
+
+    # --- adapter slots ------------------------------------------------------
+
+    def _claim(self, row: _Row) -> None:
+        """Gives `row` its adapter's slot (writing it first if new); leaves
+        it without one while every slot is pinned by other adapters' rows."""
+        claimed = self.slots.claim(row.adapter)
+        if claimed is not None:
+            row.entry, new = claimed
+            if new:
+                self._write(row.entry)
+
+    def _write(self, entry: SlotEntry) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self._write_slot(entry))
+        self._writes[entry] = task
+        task.add_done_callback(lambda _: self._writes.pop(entry, None))
+        return task
+
+    async def _write_slot(self, entry: SlotEntry) -> Exception | None:
+        """Writes the slot; returns the error that failed it (its rows are
+        failed with it here), or None. Returned, not raised: rows hear it
+        through their futures, and an explicit load from this result."""
+        try:
+            await self.executor.write_slot(entry.slot, entry.adapter.payload)
+        except Exception as error:
+            self.slots.failed(entry)
+            self._fail_rows([r for r in self._queue if r.entry is entry], error)
+            return error
+        except BaseException:
+            self.slots.failed(entry)
+            raise
+        else:
+            self.slots.written(entry)
+            return None
+        finally:
+            self._slot_freed.set()  # a written slot with no rows is evictable
+            self._wake.set()
+
+    async def load(self, adapter: AdapterRef) -> float:
+        """Makes `adapter` resident; returns how long its write took (ms; 0
+        if it was resident already). Waits while every slot is pinned."""
+        started = time.perf_counter()
+        while (claimed := self.slots.claim(adapter)) is None:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        entry, new = claimed
+        try:
+            task = self._write(entry) if new else self._writes.get(entry)
+            if task is not None:
+                error = await asyncio.shield(task)
+                if error is not None:
+                    raise error
+        finally:
+            self._unpin(entry)
+        return 1e3 * (time.perf_counter() - started) if task is not None else 0.0
+
+    def unload(self, key: str) -> bool:
+        """Frees `key`'s slot now (True) or once its rows are done (False)."""
+        freed = self.slots.unload(key)
+        if freed:
+            self._slot_freed.set()
+            self._wake.set()
+        return freed
+
+    def _unpin(self, entry: SlotEntry) -> None:
+        if self.slots.unpin(entry):
+            self._slot_freed.set()
+            self._wake.set()
+
+    async def rewrite_slots(self) -> list[str]:
+        """After the worker restarted (its table is zeros): writes every
+        adapter the table holds again; returns the keys that failed."""
+        entries = self.slots.forget_writes()
+        outcomes = await asyncio.gather(*(self._write(e) for e in entries),
+                                        return_exceptions=True)
+        return [e.key for e, outcome in zip(entries, outcomes) if outcome is not None]
+
+    # --- fine-tune turns ----------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def training_turn(self):
+        """Holds the worker for one training step: granted between forward
+        batches (when both wait, they alternate), counted in flight."""
+        if self.down:
+            raise WorkerUnavailable(f"{self.worker_id} is restarting")
+        turn = asyncio.get_running_loop().create_future()
+        self._training.append(turn)
+        self._start()
+        self._wake.set()
+        try:
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled():
+                self._step_ended(turn.result())  # granted as we were cancelled: give it back
+            else:
+                turn.cancel()
+            raise
+        flight, granted = turn.result(), time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last_step_seconds = time.perf_counter() - granted
+            self._step_ended(flight)
+
+    def _step_ended(self, flight: int | None = None) -> None:
+        self._in_flight -= 1
+        self._expected_ends.pop(flight, None)
+        self._wake.set()
+
+    def _expect(self, seconds: float) -> int:
+        """Notes one more batch or step in flight, expected to take the
+        device `seconds` after what is already there; returns its key."""
+        now = asyncio.get_running_loop().time()
+        flight = next(self._flights)
+        self._expected_ends[flight] = max([now, *self._expected_ends.values()]) + seconds
+        return flight
+
+    def _grant_training_turn(self) -> bool:
+        while self._training and self._training[0].done():  # cancelled waiters
+            self._training.popleft()
+        if not self._training:
+            return False
+        if self._batches_since_step == 0 and any(r.ready for r in self._queue):
+            return False  # a forward batch first: they take turns
+        self._in_flight += 1
+        self._training.popleft().set_result(self._expect(self._last_step_seconds))
+        self._batches_since_step = 0
+        return True
+
+    # --- the loop -----------------------------------------------------------
+
+    def _drop_dead_rows(self) -> None:
+        now = asyncio.get_running_loop().time()
+        dead = []
+        for row in self._queue:
+            if row.future.done():
+                self.stats.sequences_cancelled += 1
+                dead.append(row)
+            elif row.deadline is not None and now >= row.deadline:
+                self.stats.sequences_cancelled += 1
+                dead.append(row)
+                row.future.set_exception(
+                    DeadlineExpired("the deadline passed while the request waited for the "
+                                    "device") if row.adapter is None or row.entry is not None
+                    else AdapterSlotsBusy(
+                        f"all {self.slots.num_slots} adapter slots were in use by queued or "
+                        "running requests with other adapters until the deadline; retry, "
+                        "or start workers with more --max-adapters."))
+            elif row.adapter is not None and row.entry is None:
+                self._claim(row)  # a slot may have come free
+        if dead:
+            self._remove(dead)
+
+    def _remove(self, rows: list[_Row]) -> None:
+        """Takes queued rows out for good (dropped or failed)."""
+        self._queue.remove(rows, served=False)
+        for row in rows:
+            self._release(row)
+
+    def _release(self, row: _Row) -> None:
+        """A row is done (answered, failed or dropped): its tenant's share
+        and its adapter's slot are free of it."""
+        self._tenant_rows[row.tenant] -= 1
+        if not self._tenant_rows[row.tenant]:
+            del self._tenant_rows[row.tenant]
+        if row.entry is not None:
+            self._unpin(row.entry)
+
+    def _fail_rows(self, rows: list[_Row], error: BaseException) -> None:
+        for row in rows:
+            if not row.future.done():
+                row.future.set_exception(own_copy(error))
+        self._remove(rows)
+
+    def fail_queued(self, error: BaseException) -> None:
+        """Fails every queued row (the worker went down)."""
+        self._fail_rows(list(self._queue), error)
+
+    async def _run_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._schedule()
+            except Exception:  # a bug here must not leave every queued row waiting forever
+                log.exception("%s: the scheduler failed; failing its queued rows",
+                              self.worker_id)
+                self.fail_queued(WorkerUnavailable(f"{self.worker_id}'s scheduler failed"))
+
+    async def _schedule(self) -> None:
+        """One round: drop what is dead, then grant a training turn or send a
+        batch (after waiting for more rows where that pays)."""
+        loop = asyncio.get_running_loop()
+        self._drop_dead_rows()
+        if self._in_flight >= MAX_IN_FLIGHT:
+            return  # a batch coming back wakes the loop
+        if self._grant_training_turn():
+            self._wake.set()  # a forward batch may go beside the step
+            return
+        started = loop.time()
+        while (remaining := self.policy.wait_left(self._ready(), self._busy_until(),
+                                                  self._in_flight, started, loop.time())) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+            self._wake.clear()
+            self._drop_dead_rows()
+        batch = self.policy.take(r for r in self._queue.in_fair_order() if r.ready)
+        if batch:
+            self._dispatch(batch)
+        if self._ready() or self._training:
+            self._wake.set()
+
+    def _ready(self) -> list[_Row]:
+        """Queued rows whose adapter (if any) is written."""
+        return [r for r in self._queue if r.ready]
+
+    def _dispatch(self, rows: list[_Row]) -> None:
+        self._queue.remove(rows, served=True)
+        self._in_flight += 1
+        self._running_rows += len(rows)
+        self._batches_since_step += 1
+        self.policy.sent(len(rows))
+        batch = self.policy.pack(rows)
+        estimate = self.policy.estimate(batch)
+        flight = self._expect(self.policy.last_batch_seconds if estimate is None else estimate)
+        asyncio.get_running_loop().create_task(self._run(rows, batch, flight))
+
+    def _busy_until(self) -> float | None:
+        """When the device should be done with everything in flight."""
+        return max(self._expected_ends.values(), default=None)
+
+    async def _run(self, rows: list[_Row], batch: Batch, flight: int) -> None:
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        try:
+            result = await self.executor.run_batch(batch)
+        except BaseException as error:  # the batch's rows learn why; the loop goes on
+            for row in rows:
+                if not row.future.done():
+                    row.future.set_exception(own_copy(error) if isinstance(error, Exception)
+                                             else WorkerUnavailable(str(error)))
+        else:
+            ended = loop.time()
+            self.policy.ran(batch, len(rows), result.device_seconds, ended - sent, ended)
+            self._count(rows, batch)
+            for row, tensors in zip(rows, result.tensors):
+                if not row.future.done():
+                    row.future.set_result(tensors)
+        finally:
+            self._in_flight -= 1
+            self._expected_ends.pop(flight, None)
+            self._running_rows -= len(rows)
+            for row in rows:
+                self._release(row)
+            self._wake.set()
+
+    def _count(self, rows: list[_Row], batch: Batch) -> None:
+        stats = self.stats
+        stats.batches_run += 1
+        stats.sequences_run += len(rows)
+        stats.max_sequences_in_a_batch = max(stats.max_sequences_in_a_batch, len(rows))
+        stats.max_adapters_in_a_batch = max(stats.max_adapters_in_a_batch,
+                                            len({int(s) for s in batch.slot_ids[:len(rows)]}))
+        stats.batch_shapes.add(batch.shape)
+        stats.batch_size_counts[len(rows)] += 1

@@ -1,0 +1,175 @@
+"""Batch formation on its own: which rows a batch takes, when it is trimmed
+to a cheaper bucket, how long it waits for more rows, and how it is padded."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from coordinator.batch_policy import (CALLERS_RETURN_WITHIN_S, MAX_STRAGGLER_WAIT_S,
+                                      BatchPolicy)
+from coordinator.batch_timings import BatchTimings
+from scheduler_support import CONFIG, make_work
+from worker.batch import BatchRow
+
+
+@dataclasses.dataclass(eq=False)
+class Row:
+    work: object
+    token_ids: np.ndarray
+    slot: int = 0
+
+    @property
+    def tokens(self):
+        return len(self.token_ids)
+
+
+def row(tokens, layers=(0,), slot=0, pooling="none", dtype="float32"):
+    work = make_work([tokens], layers, pooling=pooling, dtype=dtype)
+    return Row(work, work.sequences[0], slot)
+
+
+def seeded(cost, config=CONFIG, length=4, adapters=False):
+    policy = BatchPolicy(config)
+    for rows in config.batch_buckets:
+        for _ in range(2):                     # the first run of a shape is its compilation
+            policy.timings.record((rows, length, adapters), cost(rows))
+    return policy
+
+
+# ---- take ------------------------------------------------------------------------------------
+
+
+def test_take_keeps_the_order_given_and_skips_rows_that_break_the_budget_or_layer_slots():
+    policy = BatchPolicy(CONFIG)
+    rows = [row([1] * 16), row([2], (1,)), row([3], (2,)), row([4] * 16), row([5])]
+    # [1]*16 and [2]: 2 x 16 = 32 tokens; [3] would make 3 layers; [4]*16 and [5]
+    # would make 3 rows (a bucket of 4 x 16 = 64 tokens).
+    assert policy.take(rows) == rows[:2]
+    short = [row([k]) for k in range(1, 7)]
+    assert policy.take(short) == short[:4]     # the largest bucket
+    assert policy.take([]) == []
+
+
+def test_take_trims_to_a_full_smaller_bucket_only_where_timed_cheaper_per_row():
+    rows = [row([k]) for k in (1, 2, 3)]
+    assert seeded(lambda b: 0.15 * b).take(rows) == rows[:2]     # 0.3/2 < 0.6/3
+    assert seeded(lambda b: 0.5).take(rows) == rows               # 0.5/2 > 0.5/3
+    assert BatchPolicy(CONFIG).take(rows) == rows                 # nothing timed: whole
+    # Timings of base-model batches do not decide for adapter rows.
+    with_adapter = [row([k], slot=1) for k in (1, 2, 3)]
+    assert seeded(lambda b: 0.15 * b).take(with_adapter) == with_adapter
+    assert seeded(lambda b: 0.15 * b, adapters=True).take(with_adapter) == with_adapter[:2]
+    # A full bucket is never trimmed.
+    four = [row([k]) for k in (1, 2, 3, 4)]
+    assert seeded(lambda b: 0.15 * b).take(four) == four
+
+
+def test_a_stale_timing_of_the_whole_bucket_runs_it_whole_again():
+    now = [0.0]
+    policy = BatchPolicy(CONFIG)
+    policy.timings = BatchTimings(clock=lambda: now[0])
+    for rows in CONFIG.batch_buckets:
+        for _ in range(2):
+            policy.timings.record((rows, 4, False), 0.15 * rows)
+    rows = [row([k]) for k in (1, 2, 3)]
+    assert policy.take(rows) == rows[:2]
+    now[0] = 31.0
+    assert policy.take(rows) == rows
+
+
+# ---- wait_left -------------------------------------------------------------------------------
+
+
+def test_a_full_batch_or_nothing_ready_never_waits():
+    policy = seeded(lambda b: 0.5, dataclasses.replace(CONFIG, max_wait_ms=50.0))
+    policy.sent(4)
+    policy.last_batch_ended = 0.0
+    assert policy.wait_left([], None, 0, 0.0, 0.0) == 0.0
+    assert policy.wait_left([row([1])] * 4, None, 0, 0.0, 0.0) == 0.0
+    assert policy.wait_left([row([1] * 16)] * 2, None, 0, 0.0, 0.0) == 0.0   # the budget's full
+    assert policy.wait_left([row([1])] * 2, None, 0, 0.0, 0.0) > 0.0
+
+
+def test_while_the_device_is_busy_the_next_batch_is_sent_to_arrive_as_it_frees():
+    policy = BatchPolicy(CONFIG)
+    ready = [row([1])]
+    assert policy.wait_left(ready, None, 1, 10.0, 10.0) == 0.0           # end unknown: now
+    assert policy.wait_left(ready, 10.3, 1, 10.0, 10.0) == pytest.approx(0.3)
+    # Less the time a batch spends on its way (the median of recent calls).
+    for call_s in (0.05, 0.1, 0.5):
+        policy.ran(policy.pack(ready), 1, 0.0, call_s, 10.0)
+    assert policy.overhead_s() == pytest.approx(0.1)
+    assert policy.wait_left(ready, 10.3, 1, 10.0, 10.0) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("cost, ready, expected", [
+    (lambda b: 0.15 * b, 2, 0.0),     # 2 now + 2 later cost what 4 do: no wait
+    (lambda b: 0.15 * b, 3, 0.12),    # 3 pad to 4 anyway: up to a fifth of the last batch
+    (lambda b: 0.5, 2, 0.1)],         # a second batch costs a whole one: a fifth of 0.5
+    ids=["linear 2 of 4", "linear 3 of 4", "flat 2 of 4"])
+def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, ready, expected):
+    policy = seeded(cost)
+    policy.sent(4)
+    batch = policy.pack([row([7])] * 4)
+    policy.ran(batch, 4, cost(4), cost(4), ended=100.0)
+    rows = [row([1])] * ready
+    assert policy.wait_left(rows, 100.0, 0, 100.0, 100.0) == pytest.approx(expected)
+    # Time already waited counts.
+    assert policy.wait_left(rows, 100.0, 0, 100.0, 100.05) == pytest.approx(
+        max(expected - 0.05, -0.05))
+
+
+def test_nobody_is_waited_for_after_an_idle_spell_or_once_as_many_rows_are_back():
+    policy = seeded(lambda b: 0.5)
+    policy.sent(4)
+    policy.ran(policy.pack([row([7])] * 4), 4, 0.5, 0.5, ended=100.0)
+    two = [row([1])] * 2
+    assert policy.wait_left(two, 100.0, 0, 100.0, 100.0) > 0.0
+    late = 100.0 + CALLERS_RETURN_WITHIN_S + 0.01
+    assert policy.wait_left(two, 100.0, 0, late, late) == 0.0
+    policy.sent(2)                                  # the last batch had 2: they are back
+    assert policy.wait_left(two, 100.0, 0, 100.0, 100.0) == 0.0
+
+
+def test_the_straggler_wait_is_a_fifth_of_the_last_batch_capped_and_floored_by_max_wait():
+    policy = BatchPolicy(dataclasses.replace(CONFIG, max_wait_ms=5.0))
+    policy.last_batch_seconds = 0.1
+    assert policy.straggler_wait_s() == pytest.approx(0.02)
+    policy.last_batch_seconds = 10.0
+    assert policy.straggler_wait_s() == MAX_STRAGGLER_WAIT_S
+    policy.last_batch_seconds = 0.001
+    assert policy.straggler_wait_s() == pytest.approx(0.005)
+
+
+# ---- pack ----------------------------------------------------------------------------------
+
+
+def test_pack_pads_to_the_buckets_and_records_each_rows_slot_and_layers():
+    policy = BatchPolicy(CONFIG)
+    rows = [row([5, 6, 7], (3,), slot=2, pooling="mean"),
+            row([8] * 6, (1, 3), dtype="bfloat16")]
+    batch = policy.pack(rows)
+    assert batch.shape == (2, 8)
+    assert batch.token_ids.tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [8] * 6 + [0, 0]]
+    assert batch.padding_mask.tolist() == [[1] * 3 + [0] * 5, [1] * 6 + [0] * 2]
+    assert batch.slot_ids.tolist() == [2, 0]
+    assert batch.layer_ids.tolist() == [1, 3]
+    assert batch.rows == (BatchRow(3, (1,), "mean", "float32"),
+                          BatchRow(6, (0, 1), "none", "bfloat16"))
+    three = policy.pack([row([1], (2,))] * 3)
+    assert three.shape == (4, 4) and three.layer_ids.tolist() == [2, 2]   # unused slot repeats
+    assert not three.padding_mask[3].any() and three.slot_ids.tolist() == [0] * 4
+    assert BatchPolicy.shape_key(batch) == (2, 8, True)
+    assert BatchPolicy.shape_key(three) == (4, 4, False)
+
+
+def test_estimate_is_the_timed_seconds_of_a_batchs_shape():
+    policy = BatchPolicy(CONFIG)
+    batch = policy.pack([row([1])] * 2)
+    assert policy.estimate(batch) is None
+    policy.ran(batch, 2, 9.0, 9.0, 0.0)           # compiled
+    policy.ran(batch, 2, 0.25, 0.3, 1.0)
+    assert policy.estimate(batch) == 0.25
+    assert policy.last_batch_seconds == 0.25 and policy.last_batch_ended == 1.0
+    assert policy.estimate(policy.pack([row([1], slot=1)] * 2)) is None   # adapters apart
