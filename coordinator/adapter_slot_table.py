@@ -64,9 +64,6 @@ class AdapterSlotTable:
         """Keys whose slots are written, least recently used first."""
         return [key for key, entry in self._entries.items() if entry.loaded]
 
-    def entries(self) -> list[SlotEntry]:
-        return list(self._entries.values())
-
     def claim(self, adapter: AdapterRef) -> tuple[SlotEntry, bool] | None:
         """The entry for `adapter`, pinned once, and whether it is new (the
         caller must then write its slot and call `written` or `failed`);

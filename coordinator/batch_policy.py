@@ -13,7 +13,7 @@ import numpy as np
 
 from coordinator.batch_timings import BatchTimings
 from coordinator.forward_work import ForwardWork
-from worker.batch import Batch, BatchRow
+from worker.batch import Batch, BatchResult, BatchRow
 from worker.worker_config import BatchingConfig
 
 # Never wait longer than this for stragglers, whatever the last batch took.
@@ -173,12 +173,16 @@ class BatchPolicy:
     def estimate(self, batch: Batch) -> float | None:
         return self.timings.seconds(self.shape_key(batch))
 
-    def ran(self, batch: Batch, rows: int, device_seconds: float, call_seconds: float,
-            ended: float) -> None:
-        """Records a batch that came back."""
-        self.timings.record(self.shape_key(batch), device_seconds)
-        self._overheads.append(max(0.0, call_seconds - device_seconds))
-        self.last_batch_seconds = device_seconds
+    def ran(self, batch: Batch, result: BatchResult, call_seconds: float,
+            ended: float, alone: bool) -> None:
+        """Records a batch that came back after `call_seconds`. The round
+        trip (what sending ahead has to cover) is what the call took beyond
+        the device, measured on batches sent `alone`: one sent behind
+        another also waited for that one's device time."""
+        self.timings.record(self.shape_key(batch), result.device_seconds)
+        if alone:
+            self._overheads.append(max(0.0, call_seconds - result.device_seconds))
+        self.last_batch_seconds = result.device_seconds
         self.last_batch_ended = ended
 
     def sent(self, rows: int) -> None:

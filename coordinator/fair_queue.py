@@ -3,7 +3,9 @@
 Start-time fair queueing over tenants: each tenant has a count of tokens
 served; the next row comes from the tenant that has been served least
 (ties: the older row). A tenant that was idle starts level with the least
-served busy tenant, so idle time is not banked as credit. One tenant
+served busy tenant, or, with none busy, with the count of the last row
+served (the queue's virtual clock, which never goes back), so idle time is
+not banked as credit, even across a moment when the queue is empty. One tenant
 sending many long sequences therefore gets the device in proportion to the
 others, not in proportion to what it queued.
 """
@@ -30,6 +32,7 @@ class FairQueue(Generic[Row]):
     def __init__(self):
         self._queues: dict[str, collections.deque[Row]] = {}
         self._served: dict[str, int] = {}
+        self._clock = 0  # tokens served to its tenant before the last row served
         self._rows = 0
 
     def __len__(self) -> int:
@@ -46,12 +49,14 @@ class FairQueue(Generic[Row]):
     def push(self, row: Row) -> None:
         queue = self._queues.get(row.tenant)
         if queue is None:
-            busy = [self._served[t] for t in self._queues]
-            floor = min(busy) if busy else 0
-            self._served[row.tenant] = max(self._served.get(row.tenant, 0), floor)
+            self._served[row.tenant] = max(self._served.get(row.tenant, 0), self._floor())
             queue = self._queues[row.tenant] = collections.deque()
         queue.append(row)
         self._rows += 1
+
+    def _floor(self) -> int:
+        """Where a tenant that was idle starts."""
+        return min((self._served[t] for t in self._queues), default=self._clock)
 
     def in_fair_order(self) -> Iterator[Row]:
         """Every queued row, in the order fair shares would serve them (as
@@ -76,6 +81,7 @@ class FairQueue(Generic[Row]):
         for row in rows:
             gone[row.tenant].add(id(row))
             if served:
+                self._clock = max(self._clock, self._served[row.tenant])
                 self._served[row.tenant] += row.tokens
         for tenant, ids in gone.items():
             queue = self._queues[tenant]
@@ -86,8 +92,8 @@ class FairQueue(Generic[Row]):
             else:
                 del self._queues[tenant]
         # Counts of tenants gone idle are kept (so they cannot restart below
-        # the others) until they are far behind every busy one.
+        # the others) until the floor has caught up with them.
         if len(self._served) > 4 * len(self._queues) + 64:
-            floor = min((self._served[t] for t in self._queues), default=0)
+            floor = self._floor()
             self._served = {t: s for t, s in self._served.items()
                             if t in self._queues or s > floor}

@@ -301,8 +301,10 @@ class FineTuneJobs:
     async def _run(self, job: FineTuneJob, work: FineTuneWork) -> None:
         try:
             worker_id, stream = self._router.fine_tune(work)
-            await self._update(job, state="running", worker_id=worker_id)
-            async with contextlib.aclosing(stream):  # the worker's state goes with it
+            # Closed however the job ends: its state on the worker and its
+            # place there go with it.
+            async with contextlib.aclosing(stream):
+                await self._update(job, state="running", worker_id=worker_id)
                 async for progress in stream:
                     state = progress.pop("state")
                     adapter = progress.pop("adapter", None)

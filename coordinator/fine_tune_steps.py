@@ -35,16 +35,17 @@ async def train(scheduler, work: FineTuneWork,
     total = work.total_steps
     progress = {"state": "running", "step": 0, "total_steps": total, "loss": 0.0,
                 "first_loss": 0.0, "tokens_per_second": 0.0, "eta_seconds": 0.0}
-    await executor.start_fine_tune(work)
     finished = False
     try:
+        await executor.start_fine_tune(work)
         started, tokens, last_report = time.perf_counter(), 0, 0.0
         while True:
             if cancelled.is_set():
                 yield {**progress, "state": "cancelled", "eta_seconds": 0.0}
                 return
-            async with scheduler.training_turn():
+            async with scheduler.training_turn() as turn:
                 report = await executor.fine_tune_step(work.job_id)
+                turn.device_seconds = None if report is None else report.seconds
             if report is None:
                 break
             step = progress["step"] + 1
@@ -66,7 +67,12 @@ async def train(scheduler, work: FineTuneWork,
         yield {**progress, "state": "succeeded", "eta_seconds": 0.0, "adapter": adapter}
     finally:
         if not finished:  # the worker's training state is dropped, whatever ended the job
-            asyncio.get_running_loop().create_task(_drop(executor, work.job_id))
+            _DROPS.add(task := asyncio.get_running_loop().create_task(
+                _drop(executor, work.job_id)))
+            task.add_done_callback(_DROPS.discard)
+
+
+_DROPS: set[asyncio.Task] = set()  # strong refs: the loop keeps weak ones
 
 
 async def _drop(executor, job_id: str) -> None:

@@ -24,6 +24,17 @@ from worker.errors import WorkerError
 from worker.log_format import LOG_FORMAT_ENV, LOG_LEVEL_ENV, configure_logging
 from worker.worker_config import BatchingConfig, WorkerSpec
 
+# Flags of the removed socket transport between coordinator and workers.
+REMOVED_FLAGS = ("--forward-transport", "--coalesce-ms")
+
+
+def _warn_removed(args) -> None:
+    for flag in REMOVED_FLAGS:
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
+            print(f"gemma-serve: {flag} is ignored: forward work always travels as Ray calls "
+                  "now, batched by each worker's scheduler in the coordinator.",
+                  file=sys.stderr)
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.replace("x", ",").split(",") if part)
@@ -69,6 +80,10 @@ def parse_args(argv=None) -> ServiceConfig:
                    help="least time a batch waits for the rows expected to join it "
                         "(default %(default)s); under load the scheduler waits up to a fifth of "
                         "the last batch's time, and only as long as waiting can pay")
+    # Removed with the socket transport: accepted, so existing command lines
+    # keep working, and ignored with a warning (see `_warn_removed`).
+    for removed in REMOVED_FLAGS:
+        p.add_argument(removed, help=argparse.SUPPRESS)
     p.add_argument("--max-layers-per-request", type=int, default=BatchingConfig.layer_slots,
                    help="distinct layers a request (and a batch) may ask for "
                         "(default %(default)s)")
@@ -151,6 +166,7 @@ def parse_args(argv=None) -> ServiceConfig:
                         "request id and its time in the worker; DEBUG adds the worker's own "
                         "line (env GEMMA_SERVE_LOG_LEVEL)")
     args = p.parse_args(argv)
+    _warn_removed(args)
     # Through the environment, so the worker actors follow.
     if args.log_format:
         os.environ[LOG_FORMAT_ENV] = args.log_format

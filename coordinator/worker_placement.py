@@ -22,7 +22,7 @@ from coordinator.ray_executor import RayExecutor
 from coordinator.worker_scheduler import WorkerScheduler
 from coordinator.worker_stats import WorkerStats
 from worker.actor_options import actor_options, worker_resources
-from worker.backbone_worker import BackboneWorker, ExecutorInfo
+from worker.backbone_worker import CONCURRENCY_GROUPS, BackboneWorker, ExecutorInfo
 from worker.errors import WorkerUnavailable
 from worker.worker_config import WorkerSpec
 
@@ -50,14 +50,15 @@ class WorkerPlacement:
         # allow: a node's loss then takes out as few workers as possible.
         self._placement = placement_group([worker_resources(spec)] * num_workers,
                                           strategy="SPREAD")
-        remote_class = ray.remote(BackboneWorker)
+        remote_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(BackboneWorker)
         self._actors, self.schedulers = {}, {}
         for i in range(num_workers):
             worker_id = f"worker-{i}"
             strategy = PlacementGroupSchedulingStrategy(self._placement,
                                                         placement_group_bundle_index=i)
             actor = remote_class.options(
-                scheduling_strategy=strategy, max_concurrency=1000, max_restarts=-1,
+                # The default group: info, until_stopped (always one), drops.
+                scheduling_strategy=strategy, max_concurrency=8, max_restarts=-1,
                 **actor_options(spec)).remote(worker_id, spec)
             self._actors[worker_id] = actor
             self.schedulers[worker_id] = WorkerScheduler(
@@ -68,7 +69,6 @@ class WorkerPlacement:
         self._watchers: dict[str, asyncio.Task] = {}
         self._background: set[asyncio.Task] = set()  # strong refs: the loop keeps weak ones
         self._stopping = False
-        self.restarts = 0
         self.on_serving_change: Callable[[bool], None] | None = None
 
     async def wait_ready(self) -> list[ExecutorInfo]:
@@ -96,10 +96,16 @@ class WorkerPlacement:
             try:
                 await ref
             except asyncio.CancelledError:
-                ray.cancel(ref)
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - the actor is gone already
+                    pass
                 raise
             except Exception:  # noqa: BLE001 - RayActorError or its relatives: gone
                 self.worker_died(worker_id, "Ray reports it dead")
+        old = self._watchers.get(worker_id)
+        if old is not None and not old.done():
+            old.cancel()  # one per incarnation of the actor
         self._watchers[worker_id] = self._in_background(
             watch(self._actors[worker_id].until_stopped.remote()))
 
@@ -124,6 +130,10 @@ class WorkerPlacement:
                 if restarting else "no worker is alive")
         return ids
 
+    def dead(self) -> set[str]:
+        """Workers given up on: they did not come back after a restart."""
+        return set(self._dead)
+
     def serving(self) -> bool:
         return any(i not in self._down and i not in self._dead for i in self._actors)
 
@@ -134,9 +144,7 @@ class WorkerPlacement:
             return
         was_serving = self.serving()
         self._down.add(worker_id)
-        scheduler = self.schedulers[worker_id]
-        scheduler.down = True
-        scheduler.fail_queued(WorkerUnavailable(f"{worker_id} died: {why}"))
+        self.schedulers[worker_id].worker_down(WorkerUnavailable(f"{worker_id} died: {why}"))
         log.warning("%s is out of routing until it answers again: %s", worker_id, why)
         self._in_background(self._await_restart(worker_id))
         if was_serving and not self.serving() and self.on_serving_change:
@@ -162,9 +170,8 @@ class WorkerPlacement:
             log.warning("%s could not reload adapter %s", worker_id, key)
         self._watch(worker_id)
         was_serving = self.serving()
-        scheduler.down = False
+        scheduler.worker_up()
         self._down.discard(worker_id)
-        self.restarts += 1
         log.warning("%s is back with %d adapters", worker_id,
                     len(scheduler.slots.resident()))
         if not was_serving and self.on_serving_change:

@@ -109,12 +109,6 @@ class WorkerRouter:
                 freed.append(worker_id)
         return freed
 
-    def resident_adapters(self) -> dict[str, list[str]]:
-        """worker id -> adapter keys in its slots now (the schedulers write
-        the slots, so this is exact)."""
-        return {worker_id: scheduler.slots.resident()
-                for worker_id, scheduler in self.placement.schedulers.items()}
-
     def fine_tune(self, work: FineTuneWork) -> tuple[str, AsyncIterator[dict]]:
         """Starts `work` on a worker training the fewest jobs (a job slows its
         worker's serving; two on one worker take turns), the least loaded of
@@ -127,18 +121,41 @@ class WorkerRouter:
         cancelled = self._cancelled[work.job_id] = asyncio.Event()
         self._training[worker_id] += 1
 
-        async def progress():
-            try:
-                async for update in fine_tune_steps.train(
-                        self.placement.schedulers[worker_id], work, cancelled):
-                    yield update
-            finally:
-                self._training[worker_id] -= 1
-                self._cancelled.pop(work.job_id, None)
-        return worker_id, progress()
+        def ended():
+            self._training[worker_id] -= 1
+            self._cancelled.pop(work.job_id, None)
+        return worker_id, _JobProgress(fine_tune_steps.train(
+            self.placement.schedulers[worker_id], work, cancelled), ended)
 
     def cancel_fine_tune(self, job_id: str) -> None:
         """The job stops at its next step boundary, reporting "cancelled"."""
         cancelled = self._cancelled.get(job_id)
         if cancelled is not None:
             cancelled.set()
+
+    def resident_adapters(self) -> dict[str, list[str]]:
+        """worker id -> adapter keys in its slots now (the schedulers write
+        the slots, so this is exact); a worker that never came back holds
+        none."""
+        dead = self.placement.dead()
+        return {worker_id: [] if worker_id in dead else scheduler.slots.resident()
+                for worker_id, scheduler in self.placement.schedulers.items()}
+
+
+class _JobProgress:
+    """A job's progress dicts; `aclose()` (however far it was read, even
+    not at all) ends the job on its worker and frees its place there."""
+
+    def __init__(self, updates, ended):
+        self._updates, self._ended = updates, ended
+
+    def __aiter__(self):
+        return self._updates
+
+    async def aclose(self) -> None:
+        ended, self._ended = self._ended, None
+        try:
+            await self._updates.aclose()
+        finally:
+            if ended is not None:
+                ended()

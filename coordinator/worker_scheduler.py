@@ -30,6 +30,7 @@ from coordinator.adapter_slot_table import AdapterSlotTable, SlotEntry
 from coordinator.batch_policy import BatchPolicy
 from coordinator.fair_queue import FairQueue
 from coordinator.forward_work import AdapterRef, ForwardResult, ForwardWork
+from coordinator.queued_row import QueuedRow
 from worker.batch import Batch, BatchResult
 from worker.errors import AdapterSlotsBusy, DeadlineExpired, WorkerUnavailable, own_copy
 from worker.worker_config import BatchingConfig
@@ -40,42 +41,21 @@ MAX_IN_FLIGHT = 2
 
 
 class Executor(Protocol):
-    """What the scheduler needs of a worker (coordinator/ray_executor.py
-    calls the actor; tests pass a fake)."""
+    """What the scheduler and its fine-tune jobs need of a worker
+    (coordinator/ray_executor.py calls the actor; tests pass a fake)."""
 
     async def run_batch(self, batch: Batch) -> BatchResult: ...
     async def write_slot(self, slot: int, payload: Any) -> None: ...
-
-
-@dataclasses.dataclass(eq=False)
-class _Row:
-    token_ids: np.ndarray
-    work: ForwardWork
-    tenant: str
-    deadline: float | None  # loop time
-    future: asyncio.Future
-    arrival: int
-    entry: SlotEntry | None = None  # its adapter's slot, once one is claimed
-
-    @property
-    def tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def adapter(self) -> AdapterRef | None:
-        return self.work.adapter
-
-    @property
-    def ready(self) -> bool:
-        return self.adapter is None or (self.entry is not None and self.entry.loaded)
-
-    @property
-    def slot(self) -> int:
-        return self.entry.slot if self.entry is not None else 0
+    async def start_fine_tune(self, work) -> None: ...
+    async def fine_tune_step(self, job_id: str): ...
+    async def finish_fine_tune(self, job_id: str): ...
+    async def drop_fine_tune(self, job_id: str) -> None: ...
 
 
 @dataclasses.dataclass
 class SchedulerStats:
+    """What a worker's scheduler counted (see coordinator/worker_stats.py)."""
+
     forward_requests: int = 0
     batches_run: int = 0
     sequences_run: int = 0
@@ -85,6 +65,14 @@ class SchedulerStats:
     batch_shapes: set = dataclasses.field(default_factory=set)
     batch_size_counts: collections.Counter = dataclasses.field(
         default_factory=collections.Counter)  # rows in a batch -> batches
+
+
+@dataclasses.dataclass
+class TrainingTurn:
+    """A granted turn; the step sets `device_seconds` (the cost model's)."""
+
+    flight: int
+    device_seconds: float | None = None
 
 
 class WorkerScheduler:
@@ -105,10 +93,12 @@ class WorkerScheduler:
         self.slots = AdapterSlotTable(num_slots)
         self.stats = SchedulerStats()
         self.policy = BatchPolicy(config)
-        self._queue: FairQueue[_Row] = FairQueue()
+        self.down = False
+        self._queue: FairQueue[QueuedRow] = FairQueue()
         self._arrivals = itertools.count()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # batches and writes: strong refs
         self._writes: dict[SlotEntry, asyncio.Task] = {}
         self._slot_freed = asyncio.Event()
         self._in_flight = 0
@@ -118,10 +108,9 @@ class WorkerScheduler:
         # it (they run one after another there), from the measured times.
         self._expected_ends: dict[int, float] = {}
         self._flights = itertools.count()
-        self._last_step_seconds = 0.0
+        self._step_seconds = 0.0
         self._training: collections.deque[asyncio.Future] = collections.deque()
         self._batches_since_step = 0
-        self.down = False
 
     # --- what routing reads ---------------------------------------------
 
@@ -136,6 +125,10 @@ class WorkerScheduler:
     def holds(self, key: str) -> bool:
         return self.slots.get(key) is not None
 
+    def _refuse_if_down(self) -> None:
+        if self.down:
+            raise WorkerUnavailable(f"{self.worker_id} is restarting")
+
     # --- forward ----------------------------------------------------------
 
     async def submit(self, work: ForwardWork, tenant: str = "") -> ForwardResult:
@@ -147,8 +140,7 @@ class WorkerScheduler:
             DeadlineExpired, AdapterSlotsBusy: the deadline passed first.
             AdapterRejected: the adapter does not fit the worker's slots.
         """
-        if self.down:
-            raise WorkerUnavailable(f"{self.worker_id} is restarting")
+        self._refuse_if_down()
         cfg = self.config
         if not 1 <= len(work.layers) <= cfg.layer_slots:
             raise ValueError(f"{len(work.layers)} layers requested; a batch holds 1 to "
@@ -161,13 +153,15 @@ class WorkerScheduler:
         started = loop.time()
         deadline = None if work.timeout_s is None else started + work.timeout_s
         self.stats.forward_requests += 1
-        rows = [_Row(np.asarray(s, "int32"), work, tenant, deadline, loop.create_future(),
-                     next(self._arrivals)) for s in work.sequences]
+        rows = [QueuedRow(np.asarray(s, "int32"), work, tenant, deadline,
+                          loop.create_future(), next(self._arrivals)) for s in work.sequences]
         for row in rows:
             if row.adapter is not None:
                 self._claim(row)
             self._queue.push(row)
             self._tenant_rows[tenant] += 1
+        if deadline is not None:  # so that an expired row is dropped on time
+            loop.call_at(deadline, self._wake.set)
         self._start()
         self._wake.set()
         try:
@@ -177,22 +171,26 @@ class WorkerScheduler:
                 row.future.cancel()  # no-op for rows already done
             self._wake.set()  # so the loop drops them now
             raise
-        return ForwardResult(self.worker_id, tensors,
-                             round(1e3 * (loop.time() - started), 2))
+        return ForwardResult(self.worker_id, tensors, round(1e3 * (loop.time() - started), 2))
 
     def _start(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.get_running_loop().create_task(self._run_forever())
 
+    def _in_background(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        for task in self._writes.values():
-            task.cancel()
+        for task in [self._loop_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
 
     # --- adapter slots ------------------------------------------------------
 
-    def _claim(self, row: _Row) -> None:
+    def _claim(self, row: QueuedRow) -> None:
         """Gives `row` its adapter's slot (writing it first if new); leaves
         it without one while every slot is pinned by other adapters' rows."""
         claimed = self.slots.claim(row.adapter)
@@ -202,15 +200,19 @@ class WorkerScheduler:
                 self._write(row.entry)
 
     def _write(self, entry: SlotEntry) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(self._write_slot(entry))
+        task = self._in_background(self._write_slot(entry))
         self._writes[entry] = task
-        task.add_done_callback(lambda _: self._writes.pop(entry, None))
+
+        def forget(done):
+            if self._writes.get(entry) is done:
+                del self._writes[entry]
+        task.add_done_callback(forget)
         return task
 
     async def _write_slot(self, entry: SlotEntry) -> Exception | None:
         """Writes the slot; returns the error that failed it (its rows are
         failed with it here), or None. Returned, not raised: rows hear it
-        through their futures, and an explicit load from this result."""
+        through their futures, an explicit load from this result."""
         try:
             await self.executor.write_slot(entry.slot, entry.adapter.payload)
         except Exception as error:
@@ -228,12 +230,14 @@ class WorkerScheduler:
             self._wake.set()
 
     async def load(self, adapter: AdapterRef) -> float:
-        """Makes `adapter` resident; returns how long its write took (ms; 0
-        if it was resident already). Waits while every slot is pinned."""
+        """Makes `adapter` resident; returns how long that took (ms; 0 if it
+        was resident already). Waits while every slot is pinned."""
         started = time.perf_counter()
+        self._refuse_if_down()
         while (claimed := self.slots.claim(adapter)) is None:
             self._slot_freed.clear()
             await self._slot_freed.wait()
+            self._refuse_if_down()
         entry, new = claimed
         try:
             task = self._write(entry) if new else self._writes.get(entry)
@@ -260,7 +264,10 @@ class WorkerScheduler:
 
     async def rewrite_slots(self) -> list[str]:
         """After the worker restarted (its table is zeros): writes every
-        adapter the table holds again; returns the keys that failed."""
+        adapter the table holds again (after any write still in flight);
+        returns the keys that failed."""
+        pending = [t for t in self._writes.values() if not t.done()]
+        await asyncio.gather(*pending, return_exceptions=True)
         entries = self.slots.forget_writes()
         outcomes = await asyncio.gather(*(self._write(e) for e in entries),
                                         return_exceptions=True)
@@ -271,31 +278,31 @@ class WorkerScheduler:
     @contextlib.asynccontextmanager
     async def training_turn(self):
         """Holds the worker for one training step: granted between forward
-        batches (when both wait, they alternate), counted in flight."""
-        if self.down:
-            raise WorkerUnavailable(f"{self.worker_id} is restarting")
-        turn = asyncio.get_running_loop().create_future()
-        self._training.append(turn)
+        batches (when both wait, they alternate), counted in flight. Yields
+        a `TrainingTurn`, whose `device_seconds` the step should set."""
+        self._refuse_if_down()
+        waiting = asyncio.get_running_loop().create_future()
+        self._training.append(waiting)
         self._start()
         self._wake.set()
         try:
-            await turn
+            turn = await waiting
         except BaseException:
-            if turn.done() and not turn.cancelled():
-                self._step_ended(turn.result())  # granted as we were cancelled: give it back
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+                self._step_ended(waiting.result())  # granted as we were cancelled
             else:
-                turn.cancel()
+                waiting.cancel()
             raise
-        flight, granted = turn.result(), time.perf_counter()
         try:
-            yield
+            yield turn
         finally:
-            self._last_step_seconds = time.perf_counter() - granted
-            self._step_ended(flight)
+            if turn.device_seconds is not None:
+                self._step_seconds = turn.device_seconds
+            self._step_ended(turn)
 
-    def _step_ended(self, flight: int | None = None) -> None:
+    def _step_ended(self, turn: TrainingTurn) -> None:
         self._in_flight -= 1
-        self._expected_ends.pop(flight, None)
+        self._expected_ends.pop(turn.flight, None)
         self._wake.set()
 
     def _expect(self, seconds: float) -> int:
@@ -309,14 +316,36 @@ class WorkerScheduler:
     def _grant_training_turn(self) -> bool:
         while self._training and self._training[0].done():  # cancelled waiters
             self._training.popleft()
-        if not self._training:
+        if not self._training or self.down:
             return False
         if self._batches_since_step == 0 and any(r.ready for r in self._queue):
             return False  # a forward batch first: they take turns
         self._in_flight += 1
-        self._training.popleft().set_result(self._expect(self._last_step_seconds))
+        self._training.popleft().set_result(TrainingTurn(self._expect(self._step_seconds)))
         self._batches_since_step = 0
         return True
+
+    # --- failures -----------------------------------------------------------
+
+    def _fail_rows(self, rows: list[QueuedRow], error: BaseException) -> None:
+        for row in rows:
+            if not row.future.done():
+                row.future.set_exception(own_copy(error))
+        self._remove(rows)
+
+    def worker_down(self, error: WorkerUnavailable) -> None:
+        """The worker died: take nothing more until `worker_up`, and fail
+        what was queued (rows and training turns) with `error`, for the
+        router to retry elsewhere."""
+        self.down = True
+        self._fail_rows(list(self._queue), error)
+        while self._training:
+            waiting = self._training.popleft()
+            if not waiting.done():
+                waiting.set_exception(own_copy(error))
+
+    def worker_up(self) -> None:
+        self.down = False
 
     # --- the loop -----------------------------------------------------------
 
@@ -342,13 +371,13 @@ class WorkerScheduler:
         if dead:
             self._remove(dead)
 
-    def _remove(self, rows: list[_Row]) -> None:
+    def _remove(self, rows: list[QueuedRow]) -> None:
         """Takes queued rows out for good (dropped or failed)."""
         self._queue.remove(rows, served=False)
         for row in rows:
             self._release(row)
 
-    def _release(self, row: _Row) -> None:
+    def _release(self, row: QueuedRow) -> None:
         """A row is done (answered, failed or dropped): its tenant's share
         and its adapter's slot are free of it."""
         self._tenant_rows[row.tenant] -= 1
@@ -356,16 +385,6 @@ class WorkerScheduler:
             del self._tenant_rows[row.tenant]
         if row.entry is not None:
             self._unpin(row.entry)
-
-    def _fail_rows(self, rows: list[_Row], error: BaseException) -> None:
-        for row in rows:
-            if not row.future.done():
-                row.future.set_exception(own_copy(error))
-        self._remove(rows)
-
-    def fail_queued(self, error: BaseException) -> None:
-        """Fails every queued row (the worker went down)."""
-        self._fail_rows(list(self._queue), error)
 
     async def _run_forever(self) -> None:
         while True:
@@ -376,7 +395,8 @@ class WorkerScheduler:
             except Exception:  # a bug here must not leave every queued row waiting forever
                 log.exception("%s: the scheduler failed; failing its queued rows",
                               self.worker_id)
-                self.fail_queued(WorkerUnavailable(f"{self.worker_id}'s scheduler failed"))
+                self._fail_rows(list(self._queue),
+                                WorkerUnavailable(f"{self.worker_id}'s scheduler failed"))
 
     async def _schedule(self) -> None:
         """One round: drop what is dead, then grant a training turn or send a
@@ -398,47 +418,51 @@ class WorkerScheduler:
             self._wake.clear()
             self._drop_dead_rows()
         batch = self.policy.take(r for r in self._queue.in_fair_order() if r.ready)
-        if batch:
+        if batch and not self.down:
             self._dispatch(batch)
         if self._ready() or self._training:
             self._wake.set()
 
-    def _ready(self) -> list[_Row]:
+    def _ready(self) -> list[QueuedRow]:
         """Queued rows whose adapter (if any) is written."""
         return [r for r in self._queue if r.ready]
-
-    def _dispatch(self, rows: list[_Row]) -> None:
-        self._queue.remove(rows, served=True)
-        self._in_flight += 1
-        self._running_rows += len(rows)
-        self._batches_since_step += 1
-        self.policy.sent(len(rows))
-        batch = self.policy.pack(rows)
-        estimate = self.policy.estimate(batch)
-        flight = self._expect(self.policy.last_batch_seconds if estimate is None else estimate)
-        asyncio.get_running_loop().create_task(self._run(rows, batch, flight))
 
     def _busy_until(self) -> float | None:
         """When the device should be done with everything in flight."""
         return max(self._expected_ends.values(), default=None)
 
-    async def _run(self, rows: list[_Row], batch: Batch, flight: int) -> None:
+    def _dispatch(self, rows: list[QueuedRow]) -> None:
+        batch = self.policy.pack(rows)  # first: nothing changes if it fails
+        estimate = self.policy.estimate(batch)
+        self._queue.remove(rows, served=True)
+        self._running_rows += len(rows)
+        self._batches_since_step += 1
+        self.policy.sent(len(rows))
+        alone = self._in_flight == 0
+        self._in_flight += 1
+        flight = self._expect(self.policy.last_batch_seconds if estimate is None else estimate)
+        self._in_background(self._run(rows, batch, flight, alone))
+
+    async def _run(self, rows: list[QueuedRow], batch: Batch, flight: int,
+                   alone: bool) -> None:
         loop = asyncio.get_running_loop()
         sent = loop.time()
         try:
             result = await self.executor.run_batch(batch)
-        except BaseException as error:  # the batch's rows learn why; the loop goes on
-            for row in rows:
-                if not row.future.done():
-                    row.future.set_exception(own_copy(error) if isinstance(error, Exception)
-                                             else WorkerUnavailable(str(error)))
-        else:
-            ended = loop.time()
-            self.policy.ran(batch, len(rows), result.device_seconds, ended - sent, ended)
-            self._count(rows, batch)
-            for row, tensors in zip(rows, result.tensors):
+            for row, tensors in zip(rows, result.tensors, strict=True):
                 if not row.future.done():
                     row.future.set_result(tensors)
+            ended = loop.time()
+            self.policy.ran(batch, result, ended - sent, ended, alone)
+            self._count(rows, batch)
+        except BaseException as error:  # the batch's rows learn why; the loop goes on
+            failure = (error if isinstance(error, Exception)
+                       else WorkerUnavailable(f"{self.worker_id}: the batch was abandoned"))
+            for row in rows:
+                if not row.future.done():
+                    row.future.set_exception(own_copy(failure))
+            if not isinstance(error, Exception):
+                raise
         finally:
             self._in_flight -= 1
             self._expected_ends.pop(flight, None)
@@ -447,7 +471,7 @@ class WorkerScheduler:
                 self._release(row)
             self._wake.set()
 
-    def _count(self, rows: list[_Row], batch: Batch) -> None:
+    def _count(self, rows: list[QueuedRow], batch: Batch) -> None:
         stats = self.stats
         stats.batches_run += 1
         stats.sequences_run += len(rows)

@@ -2,16 +2,17 @@
 
 It makes no scheduling decisions: the coordinator's scheduler for this
 worker forms the batches, chooses the adapter slots and interleaves the
-fine-tune steps. Forward batches and training steps run one at a time on
-one device thread, in the order they arrive; slot writes run on a thread
-of their own, so a load never holds up a batch.
+fine-tune steps. A threaded actor: forward batches and training steps run
+one at a time in its "device" concurrency group, in the order they arrive;
+slot writes in a group of their own, so a load never holds up a batch.
+Plain methods on Ray's threads, not coroutines: that saves an event-loop
+and thread hop per call (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
+import threading
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ import ray
 
 from gemma_core.errors import AdapterMismatch
 from worker.batch import Batch, BatchResult, row_results
-from worker.errors import AdapterRejected, FineTuneFailed
+from worker.errors import AdapterRejected, FineTuneFailed, SlotsNotWritten
 from worker.fine_tune_session import FineTuneSession, FineTuneWork, StepReport
 from worker.log_format import configure_logging
 from worker.worker_config import XLA_CPU_THREADS_ENV, WorkerSpec
@@ -75,9 +76,17 @@ def _undo_ray_niceness() -> None:
         log.info("worker keeps Ray's niceness %d (no permission to lower it)", os.nice(0))
 
 
+# Ray's concurrency groups of the actor (`ray.remote(concurrency_groups=...)`,
+# see worker/actor_options.py): one thread runs the device's work in order,
+# one writes adapter slots beside it; the rest (info, until_stopped) run on
+# the default group.
+CONCURRENCY_GROUPS = {"device": 1, "slot_writer": 1}
+
+
 class BackboneWorker:
     """Executes batches, slot writes and training steps for one worker id.
-    Wrap with `ray.remote` (worker/actor_options.py says how).
+    Wrap with `ray.remote(concurrency_groups=CONCURRENCY_GROUPS)` (the
+    coordinator's placement does, with worker/actor_options.py's options).
 
     Its devices are fixed before JAX starts: XLA_FLAGS (fake CPU devices) or
     Ray's GPU assignment, so JAX is imported here, not at module level.
@@ -100,10 +109,7 @@ class BackboneWorker:
         self.model.compile_buckets(spec.batching.shapes())
         self.compile_seconds = time.time() - loaded_at
         self._xla_cpu_threads = _xla_cpu_threads(spec)  # as XLA saw the process start
-        self._device = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"{worker_id}-device")
-        self._slot_writer = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"{worker_id}-slot-writer")
+        self._written_slots: set[int] = set()  # slots written since this process started
         self._fine_tunes: dict[str, FineTuneSession] = {}
         self._fine_tune_steps = 0
         log.info("%s loaded %s on %s in %.1fs, compiled %d bucket programs in %.1fs "
@@ -111,83 +117,99 @@ class BackboneWorker:
                  self.model.devices, loaded_at - started, len(spec.batching.shapes()),
                  self.compile_seconds, self._compiles.compiled, self._compiles.loaded)
 
-    async def _on(self, executor, call, *args):
-        return await asyncio.get_running_loop().run_in_executor(executor, call, *args)
-
-    def _run(self, batch: Batch) -> BatchResult:
-        started = time.perf_counter()
-        hidden = self.model.run(batch.token_ids, batch.padding_mask, batch.layer_ids,
-                                batch.slot_ids)
-        seconds = time.perf_counter() - started
-        return BatchResult(row_results(hidden, batch.rows), seconds)
-
-    async def run_batch(self, batch: Batch) -> BatchResult:
+    @ray.method(concurrency_group="device")
+    def run_batch(self, batch: Batch) -> BatchResult:
         """Runs one padded batch; each row's tensors, pooled and cast here so
-        that only what the caller asked for travels back."""
+        that only what the caller asked for travels back.
+
+        Raises:
+            SlotsNotWritten: a row reads a slot not written in this process
+                (it restarted since): the batch is refused, not run with
+                empty adapters; the coordinator retries it elsewhere.
+        """
+        unwritten = {int(s) for s in batch.slot_ids} - self._written_slots - {0}
+        if unwritten:
+            raise SlotsNotWritten(f"{self.worker_id} restarted: adapter slots "
+                                  f"{sorted(unwritten)} are not written in it yet")
         try:
-            return await self._on(self._device, self._run, batch)
+            started = time.perf_counter()
+            hidden = self.model.run(batch.token_ids, batch.padding_mask, batch.layer_ids,
+                                    batch.slot_ids)
+            seconds = time.perf_counter() - started
+            return BatchResult(row_results(hidden, batch.rows), seconds)
         except Exception:
             log.exception("%s: a batch of shape %s failed", self.worker_id, batch.shape)
             raise
 
-    async def write_slot(self, slot: int, adapter) -> None:
+    @ray.method(concurrency_group="slot_writer")
+    def write_slot(self, slot: int, adapter) -> None:
         """Puts `adapter` (a `LoraAdapter`, resolved by Ray from the object
         reference the scheduler passed; None: zeros) in `slot`.
 
         Raises:
             AdapterRejected: it does not fit this model or the slots' rank.
         """
+        self._written_slots.discard(slot)
         try:
-            await self._on(self._slot_writer, self.model.write_slot, slot, adapter)
+            self.model.write_slot(slot, adapter)
         except (ValueError, AdapterMismatch) as error:
             raise AdapterRejected(str(error)) from None
+        if adapter is not None:
+            self._written_slots.add(slot)
 
-    async def start_fine_tune(self, work: FineTuneWork) -> None:
+    @ray.method(concurrency_group="device")
+    def start_fine_tune(self, work: FineTuneWork) -> None:
         """Prepares `work`; its steps run on `fine_tune_step`."""
         try:
             initial = work.initial
             if isinstance(initial, ray.ObjectRef):
-                initial = await initial
-            self._fine_tunes[work.job_id] = await self._on(
-                self._device, FineTuneSession, self.model.backbone, work, initial)
+                initial = ray.get(initial)
+            self._fine_tunes[work.job_id] = FineTuneSession(self.model.backbone, work, initial)
         except Exception as error:  # noqa: BLE001 - reported to the job's owner
             log.warning("fine-tune %s could not start", work.job_id, exc_info=True)
             raise FineTuneFailed(f"{type(error).__name__}: {error}") from None
 
-    def _step(self, session: FineTuneSession) -> StepReport | None:
+    @ray.method(concurrency_group="device")
+    def fine_tune_step(self, job_id: str) -> StepReport | None:
+        """Runs the job's next step; None when it has run them all."""
+        session = self._session(job_id)
         try:
             report = session.step()
         except StopIteration:
             return None
+        except Exception as error:  # noqa: BLE001
+            log.warning("fine-tune %s failed", job_id, exc_info=True)
+            raise FineTuneFailed(f"{type(error).__name__}: {error}") from None
         self._fine_tune_steps += 1
         return report
 
-    async def fine_tune_step(self, job_id: str) -> StepReport | None:
-        """Runs the job's next step; None when it has run them all."""
+    @ray.method(concurrency_group="device")
+    def finish_fine_tune(self, job_id: str):
+        """The trained `LoraAdapter`; the job's state is dropped."""
+        session = self._session(job_id)
+        del self._fine_tunes[job_id]
+        try:
+            return session.adapter()
+        except Exception as error:  # noqa: BLE001 - reported to the job's owner
+            log.warning("fine-tune %s failed at its end", job_id, exc_info=True)
+            raise FineTuneFailed(f"{type(error).__name__}: {error}") from None
+
+    def _session(self, job_id: str) -> FineTuneSession:
         session = self._fine_tunes.get(job_id)
         if session is None:
             raise FineTuneFailed(f"fine-tune {job_id} is not running on {self.worker_id} "
                                  "(the worker restarted since it started).")
-        try:
-            return await self._on(self._device, self._step, session)
-        except Exception as error:  # noqa: BLE001
-            log.warning("fine-tune %s failed", job_id, exc_info=True)
-            raise FineTuneFailed(f"{type(error).__name__}: {error}") from None
+        return session
 
-    async def finish_fine_tune(self, job_id: str):
-        """The trained `LoraAdapter`; the job's state is dropped."""
-        session = self._fine_tunes.pop(job_id)
-        return await self._on(self._device, session.adapter)
-
-    async def drop_fine_tune(self, job_id: str) -> None:
+    def drop_fine_tune(self, job_id: str) -> None:
         self._fine_tunes.pop(job_id, None)
 
-    async def until_stopped(self) -> None:
+    def until_stopped(self) -> None:
         """Never returns: the coordinator keeps one pending, so that Ray
         tells it when this actor (or its node) is gone, even when idle."""
-        await asyncio.Event().wait()
+        threading.Event().wait()
 
-    async def info(self) -> ExecutorInfo:
+    def info(self) -> ExecutorInfo:
         return ExecutorInfo(
             worker_id=self.worker_id, node_id=ray.get_runtime_context().get_node_id(),
             pid=os.getpid(), mesh_shape=tuple(self.spec.mesh_shape),

@@ -62,7 +62,7 @@ class Batch:
 @dataclasses.dataclass(frozen=True)
 class BatchResult:
     """`tensors[i][j]`: row i at its j-th requested layer, pooled and cast;
-    `device_seconds`: the forward's time on the device, without the queue
+    `device_seconds`: the forward's time on the device, without any wait
     in front of it (the scheduler's cost model)."""
 
     tensors: list[list[np.ndarray]]

@@ -15,6 +15,12 @@ class WorkerUnavailable(WorkerError):
     """No worker could take the request (dead, restarting, or none ready)."""
 
 
+class SlotsNotWritten(WorkerUnavailable):
+    """A batch read adapter slots this worker process has not written (it
+    restarted and its scheduler has not written them back yet); retried
+    on another worker."""
+
+
 class AdapterSlotsBusy(WorkerError):
     """Every adapter slot stayed pinned by other adapters' rows until the
     request's deadline."""

@@ -7,6 +7,7 @@ batches); the worker only keeps the trainer and the job's batches.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,10 +40,12 @@ class FineTuneWork:
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
-    """One training step: the loss before its update, and its real tokens."""
+    """One training step: the loss before its update, its real tokens, and
+    its time on the device."""
 
     loss: float
     tokens: int
+    seconds: float = 0.0
 
 
 class FineTuneSession:
@@ -67,7 +70,10 @@ class FineTuneSession:
             StopIteration: every step has run.
         """
         ids, mask = next(self._batches)
-        return StepReport(loss=self._trainer.step(ids, mask), tokens=int(mask.sum()))
+        started = time.perf_counter()
+        loss = self._trainer.step(ids, mask)
+        return StepReport(loss=loss, tokens=int(mask.sum()),
+                          seconds=time.perf_counter() - started)
 
     def adapter(self):
         """The trained `LoraAdapter`."""

@@ -24,14 +24,11 @@ class BatchingConfig:
         batch_buckets: padded row counts, ascending; the last is the most
             rows in one batch.
         max_batch_tokens: rows x padded length never exceeds this.
-        max_wait_ms: how long a batch smaller than the previous one waits
-            for more rows, at least (a fifth of the previous batch's run
-            time if that is longer, up to 200 ms); a batch at least as large
-            runs at once, and a smaller one waits no longer than running
-            the stragglers separately would cost the device by the measured
-            batch times (little on a CPU, whose cost grows with the rows).
-            After the device was idle 200 ms, nobody is waited for: the
-            previous batch's callers would have come back by then.
+        max_wait_ms: with the device idle, how long a batch smaller than
+            the previous one waits for more rows, at least (the policy is
+            coordinator/batch_policy.py's: the measured batch times decide,
+            up to 200 ms, and not at all after an idle spell). With a batch
+            in flight, the next is sent as the device is expected to finish.
         layer_slots: how many distinct layers one batch can return.
     """
 

@@ -10,7 +10,7 @@ from coordinator.batch_policy import (CALLERS_RETURN_WITHIN_S, MAX_STRAGGLER_WAI
                                       BatchPolicy)
 from coordinator.batch_timings import BatchTimings
 from scheduler_support import CONFIG, make_work
-from worker.batch import BatchRow
+from worker.batch import BatchResult, BatchRow
 
 
 @dataclasses.dataclass(eq=False)
@@ -98,9 +98,21 @@ def test_while_the_device_is_busy_the_next_batch_is_sent_to_arrive_as_it_frees()
     assert policy.wait_left(ready, 10.3, 1, 10.0, 10.0) == pytest.approx(0.3)
     # Less the time a batch spends on its way (the median of recent calls).
     for call_s in (0.05, 0.1, 0.5):
-        policy.ran(policy.pack(ready), 1, 0.0, call_s, 10.0)
+        policy.ran(policy.pack(ready), BatchResult([], 0.0), call_s, 10.0, alone=True)
     assert policy.overhead_s() == pytest.approx(0.1)
     assert policy.wait_left(ready, 10.3, 1, 10.0, 10.0) == pytest.approx(0.2)
+
+
+def test_a_batchs_wait_behind_the_one_sent_before_it_is_not_counted_as_round_trip():
+    """With two batches out, the second's call includes the first's time on
+    the device; counted as round trip, that would make every next batch go
+    at once, in batches of one (seen at 4 clients before this was fixed)."""
+    policy = BatchPolicy(CONFIG)
+    ready = [row([1])]
+    policy.ran(policy.pack(ready), BatchResult([], 0.08), 0.085, 1.0, alone=True)
+    for _ in range(3):  # each sent behind another: 0.075 s of its call was that one's
+        policy.ran(policy.pack(ready), BatchResult([], 0.08), 0.16, 1.0, alone=False)
+    assert policy.overhead_s() == pytest.approx(0.005)
 
 
 @pytest.mark.parametrize("cost, ready, expected", [
@@ -112,7 +124,7 @@ def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, ready, expec
     policy = seeded(cost)
     policy.sent(4)
     batch = policy.pack([row([7])] * 4)
-    policy.ran(batch, 4, cost(4), cost(4), ended=100.0)
+    policy.ran(batch, BatchResult([], cost(4)), cost(4), ended=100.0, alone=True)
     rows = [row([1])] * ready
     assert policy.wait_left(rows, 100.0, 0, 100.0, 100.0) == pytest.approx(expected)
     # Time already waited counts.
@@ -123,7 +135,7 @@ def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, ready, expec
 def test_nobody_is_waited_for_after_an_idle_spell_or_once_as_many_rows_are_back():
     policy = seeded(lambda b: 0.5)
     policy.sent(4)
-    policy.ran(policy.pack([row([7])] * 4), 4, 0.5, 0.5, ended=100.0)
+    policy.ran(policy.pack([row([7])] * 4), BatchResult([], 0.5), 0.5, ended=100.0, alone=True)
     two = [row([1])] * 2
     assert policy.wait_left(two, 100.0, 0, 100.0, 100.0) > 0.0
     late = 100.0 + CALLERS_RETURN_WITHIN_S + 0.01
@@ -168,8 +180,8 @@ def test_estimate_is_the_timed_seconds_of_a_batchs_shape():
     policy = BatchPolicy(CONFIG)
     batch = policy.pack([row([1])] * 2)
     assert policy.estimate(batch) is None
-    policy.ran(batch, 2, 9.0, 9.0, 0.0)           # compiled
-    policy.ran(batch, 2, 0.25, 0.3, 1.0)
+    policy.ran(batch, BatchResult([], 9.0), 9.0, 0.0, alone=True)           # compiled
+    policy.ran(batch, BatchResult([], 0.25), 0.3, 1.0, alone=True)
     assert policy.estimate(batch) == 0.25
     assert policy.last_batch_seconds == 0.25 and policy.last_batch_ended == 1.0
     assert policy.estimate(policy.pack([row([1], slot=1)] * 2)) is None   # adapters apart

@@ -123,3 +123,19 @@ def test_in_fair_order_yields_every_queued_row_once_each_tenant_in_its_order(ops
         for t in "abcd":
             assert [r for r in order if r.tenant == t] == [r for r in queued if r.tenant == t]
             assert queue.rows_of(t) == sum(r.tenant == t for r in queued)
+
+
+def test_a_newcomer_while_the_queue_is_empty_starts_at_the_clock_not_at_zero():
+    """The queue often empties between batches: a tenant arriving then must
+    not start at 0 against a tenant served for a long time (which would then
+    wait until the newcomer had caught up)."""
+    queue = FairQueue()
+    old = push(queue, "a", *[100] * 10)
+    queue.remove(old, served=True)              # a: 1000 tokens served; queue empty
+    assert len(queue) == 0
+    push(queue, "b", *[100] * 5)                # b arrives first, into the empty queue
+    push(queue, "a", 100, 100, prefix="a_again")
+    order = names(queue.in_fair_order())
+    # b starts level with the last row served (900), a at 1000: a waits a row
+    # or two, not all of b's (from 0, b would go first five times).
+    assert order.index("a_again0") <= 2, order

@@ -15,6 +15,7 @@ from coordinator.fine_tune_steps import train
 from coordinator.worker_scheduler import MAX_IN_FLIGHT, WorkerScheduler
 from scheduler_support import (CONFIG, FakeExecutor, adapter, check_result, make_work, settle,
                                until)
+from worker.batch import BatchResult
 from worker.errors import DeadlineExpired, FineTuneFailed, WorkerUnavailable
 from worker.fine_tune_session import StepReport
 from worker.worker_config import BatchingConfig
@@ -630,7 +631,7 @@ def test_a_job_cancelled_while_waiting_for_its_turn_leaves_no_turn_behind():
 # ---- a worker going down -------------------------------------------------------------------
 
 
-def test_fail_queued_fails_every_queued_row_and_a_down_scheduler_refuses_at_once():
+def test_worker_down_fails_every_queued_row_and_a_down_scheduler_refuses_at_once():
     async def main():
         fake = FakeExecutor()
         s = new_scheduler(fake)
@@ -641,8 +642,7 @@ def test_fail_queued_fails_every_queued_row_and_a_down_scheduler_refuses_at_once
         await settle()
         assert s.in_flight() == 4 + 3 and s.rows_of("t") == 3 and s.rows_of("") == 4
         assert s.holds(A.key) and s.slots.get(A.key).pins == 1
-        s.down = True
-        s.fail_queued(WorkerUnavailable("w0 is restarting"))
+        s.worker_down(WorkerUnavailable("w0 is restarting"))
         errors = await asyncio.gather(*queued, return_exceptions=True)
         assert all(isinstance(e, WorkerUnavailable) for e in errors)
         assert errors[0] is not errors[1]
@@ -665,6 +665,54 @@ def test_fail_queued_fails_every_queued_row_and_a_down_scheduler_refuses_at_once
 
 
 # ---- the cost model's timings ------------------------------------------------------------
+
+
+def test_a_worker_going_down_fails_a_training_turn_still_waiting_and_grants_none():
+    """A step waiting for its turn when the worker dies hears at once (not
+    after the restart), and no turn is granted to a down worker."""
+    async def main():
+        fake = FakeExecutor()
+        fake.step_reports.extend([StepReport(loss=1.0, tokens=10)] * 3)
+        s = new_scheduler(fake)
+        gate, blockers = await fill_the_device(s, fake)
+        job = asyncio.create_task(_drain(train(s, fine_tune_work(3), asyncio.Event())))
+        await settle()
+        assert [c for c, _ in fake.fine_tune_calls] == ["start"]     # waiting for a turn
+        s.worker_down(WorkerUnavailable("w0 died"))
+        with pytest.raises(WorkerUnavailable):
+            await job
+        gate.set()
+        await asyncio.gather(*blockers)
+        await settle()
+        return fake
+
+    fake = run(main)
+    assert [c for c, _ in fake.fine_tune_calls] == ["start", "drop"]   # no step ran
+
+
+async def _drain(updates):
+    async for _ in updates:
+        pass
+
+
+def test_a_batch_answered_with_too_few_rows_fails_its_rows_instead_of_hanging():
+    async def main():
+        fake = FakeExecutor()
+        real = fake.run_batch
+
+        async def short(batch):
+            result = await real(batch)
+            return BatchResult(result.tensors[:-1], result.device_seconds)
+        fake.run_batch = short
+        s = new_scheduler(fake)
+        outcomes = await asyncio.gather(s.submit(make_work([[1], [2]])),
+                                        return_exceptions=True)
+        fake.run_batch = real
+        return outcomes, await s.submit(make_work([[3]])), s
+
+    outcomes, later, s = run(main)
+    assert isinstance(outcomes[0], ValueError)      # zip(strict=True): the count is checked
+    assert s.in_flight() == 0 and later.tensors     # nothing leaked; the next one runs
 
 
 def test_batch_timings_skip_compilation_take_a_median_and_say_how_old_they_are():

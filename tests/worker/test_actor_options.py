@@ -101,3 +101,15 @@ def test_a_worker_reads_its_xla_thread_count_as_xla_does(monkeypatch):
     monkeypatch.setenv(XLA_CPU_THREADS_ENV, "5")
     assert _xla_cpu_threads(WorkerSpec("default")) == 5
     assert _xla_cpu_threads(WorkerSpec("default", use_gpus=True)) == 0
+
+
+def test_the_removed_transport_flags_are_accepted_with_a_warning(capsys):
+    """Command lines written for the socket transport keep starting the
+    service; the flags do nothing and say so."""
+    from coordinator.serve_cli import parse_args
+    config = parse_args(["--forward-transport", "ray", "--coalesce-ms", "2"])
+    assert config.worker.preset
+    err = capsys.readouterr().err
+    assert "--forward-transport is ignored" in err and "--coalesce-ms is ignored" in err
+    parse_args([])
+    assert "ignored" not in capsys.readouterr().err
