@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python benchmarks/forward_throughput.py
 	$(BIN)/python benchmarks/service_throughput.py --worker-cores 1
 	$(BIN)/python benchmarks/service_throughput.py
+	$(BIN)/python benchmarks/ray_call_overhead.py
 	$(BIN)/python benchmarks/adapter_throughput.py
 
 # Writes (once) a 5.2 GB checkpoint under ~/.cache/gemma-serve-bench and holds

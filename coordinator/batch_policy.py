@@ -111,13 +111,28 @@ class BatchPolicy:
             return wait_s
         return min(wait_s, max(0.0, now + later - together))
 
+    def _merge_pays(self, ready: list[Row], rows_in_flight: int) -> bool:
+        """Whether the ready rows, run with the callers of the rows in
+        flight once they are back, save the device more than the round
+        trip it idles for them (unknown timings: no)."""
+        together = len(ready) + rows_in_flight
+        length = max(r.tokens for r in ready)
+        if not rows_in_flight or not self.config.fits(together, length):
+            return False
+        adapters = any(r.slot for r in ready)
+        now, later, merged = (self._seconds(n, length, adapters)
+                              for n in (len(ready), rows_in_flight, together))
+        if now is None or later is None or merged is None:
+            return False
+        return now + later - merged > self.overhead_s()
+
     def overhead_s(self) -> float:
         """The time a batch spends outside the device (the call there and
         back), median of the recent ones."""
         return statistics.median(self._overheads) if self._overheads else 0.0
 
     def wait_left(self, ready: list[Row], busy_until: float | None, in_flight: int,
-                  started: float, now: float) -> float:
+                  started: float, now: float, rows_in_flight: int = 0) -> float:
         """How much longer to hold the `ready` rows before sending a batch.
 
         Args:
@@ -126,14 +141,22 @@ class BatchPolicy:
             in_flight: batches or steps sent and not answered.
             started: when this wait began.
             now: the loop's time.
+            rows_in_flight: rows of the batches in flight (their callers
+                are expected back once they are answered).
         """
         cfg = self.config
         if not ready or len(ready) >= cfg.batch_buckets[-1] or not cfg.fits(
                 len(ready) + 1, max(r.tokens for r in ready)):
             return 0.0  # full (or nothing to wait for)
         if in_flight:
-            # The device is busy: send the next batch so that it arrives as
-            # the last one ends, with whatever has queued by then.
+            if self._merge_pays(ready, rows_in_flight):
+                # Few rows now, many on the device whose callers come back
+                # when it ends: one batch of all of them after it costs the
+                # device less than a small batch now, more than the round
+                # trip the device then idles. Woken when that batch is back.
+                return max(0.0, (busy_until or now) - now) + self.straggler_wait_s()
+            # Else send the next batch so that it arrives as the last one
+            # ends, with whatever has queued by then.
             return 0.0 if busy_until is None else busy_until - self.overhead_s() - now
         # After an idle spell a lone request runs at once instead of waiting
         # for the last batch's callers, who are long gone; as many rows as

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import heapq
-from typing import Generic, Iterator, Protocol, TypeVar
+from typing import Callable, Generic, Iterator, Protocol, TypeVar
 
 
 class QueuedRow(Protocol):
@@ -58,9 +58,11 @@ class FairQueue(Generic[Row]):
         """Where a tenant that was idle starts."""
         return min((self._served[t] for t in self._queues), default=self._clock)
 
-    def in_fair_order(self) -> Iterator[Row]:
-        """Every queued row, in the order fair shares would serve them (as
-        if each were served as it is yielded)."""
+    def in_fair_order(self, eligible: Callable[[Row], bool] = lambda row: True
+                      ) -> Iterator[Row]:
+        """The queued rows `eligible` says can go now, in the order fair
+        shares would serve them (as if each were served as it is yielded;
+        a row passed over charges nothing)."""
         served = {t: self._served[t] for t in self._queues}
         positions = dict.fromkeys(self._queues, 0)
         heap = [(served[t], q[0].arrival, t) for t, q in self._queues.items()]
@@ -69,8 +71,9 @@ class FairQueue(Generic[Row]):
             _, _, tenant = heapq.heappop(heap)
             queue, i = self._queues[tenant], positions[tenant]
             row = queue[i]
-            yield row
-            served[tenant] += row.tokens
+            if eligible(row):
+                yield row
+                served[tenant] += row.tokens
             positions[tenant] = i + 1
             if i + 1 < len(queue):
                 heapq.heappush(heap, (served[tenant], queue[i + 1].arrival, tenant))

@@ -22,34 +22,23 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Any, Protocol
 
 import numpy as np
 
 from coordinator.adapter_slot_table import AdapterSlotTable, SlotEntry
 from coordinator.batch_policy import BatchPolicy
+from coordinator.device_timeline import DeviceTimeline
+from coordinator.executor import Executor
 from coordinator.fair_queue import FairQueue
 from coordinator.forward_work import AdapterRef, ForwardResult, ForwardWork
 from coordinator.queued_row import QueuedRow
-from worker.batch import Batch, BatchResult
+from worker.batch import Batch
 from worker.errors import AdapterSlotsBusy, DeadlineExpired, WorkerUnavailable, own_copy
 from worker.worker_config import BatchingConfig
 
 log = logging.getLogger("gemma_serve.scheduler")
 
 MAX_IN_FLIGHT = 2
-
-
-class Executor(Protocol):
-    """What the scheduler and its fine-tune jobs need of a worker
-    (coordinator/ray_executor.py calls the actor; tests pass a fake)."""
-
-    async def run_batch(self, batch: Batch) -> BatchResult: ...
-    async def write_slot(self, slot: int, payload: Any) -> None: ...
-    async def start_fine_tune(self, work) -> None: ...
-    async def fine_tune_step(self, job_id: str): ...
-    async def finish_fine_tune(self, job_id: str): ...
-    async def drop_fine_tune(self, job_id: str) -> None: ...
 
 
 @dataclasses.dataclass
@@ -104,10 +93,7 @@ class WorkerScheduler:
         self._in_flight = 0
         self._running_rows = 0
         self._tenant_rows: collections.Counter[str] = collections.Counter()
-        # Per batch or step in flight: when the device should be done with
-        # it (they run one after another there), from the measured times.
-        self._expected_ends: dict[int, float] = {}
-        self._flights = itertools.count()
+        self._timeline = DeviceTimeline()  # when the device should be done
         self._step_seconds = 0.0
         self._training: collections.deque[asyncio.Future] = collections.deque()
         self._batches_since_step = 0
@@ -302,16 +288,11 @@ class WorkerScheduler:
 
     def _step_ended(self, turn: TrainingTurn) -> None:
         self._in_flight -= 1
-        self._expected_ends.pop(turn.flight, None)
+        self._timeline.ended(turn.flight)
         self._wake.set()
 
     def _expect(self, seconds: float) -> int:
-        """Notes one more batch or step in flight, expected to take the
-        device `seconds` after what is already there; returns its key."""
-        now = asyncio.get_running_loop().time()
-        flight = next(self._flights)
-        self._expected_ends[flight] = max([now, *self._expected_ends.values()]) + seconds
-        return flight
+        return self._timeline.sent(asyncio.get_running_loop().time(), seconds)
 
     def _grant_training_turn(self) -> bool:
         while self._training and self._training[0].done():  # cancelled waiters
@@ -409,15 +390,16 @@ class WorkerScheduler:
             self._wake.set()  # a forward batch may go beside the step
             return
         started = loop.time()
-        while (remaining := self.policy.wait_left(self._ready(), self._busy_until(),
-                                                  self._in_flight, started, loop.time())) > 0:
+        while (remaining := self.policy.wait_left(
+                self._ready(), self._timeline.busy_until(), self._in_flight, started,
+                loop.time(), self._running_rows)) > 0:
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except asyncio.TimeoutError:
                 break
             self._wake.clear()
             self._drop_dead_rows()
-        batch = self.policy.take(r for r in self._queue.in_fair_order() if r.ready)
+        batch = self.policy.take(self._queue.in_fair_order(lambda row: row.ready))
         if batch and not self.down:
             self._dispatch(batch)
         if self._ready() or self._training:
@@ -426,10 +408,6 @@ class WorkerScheduler:
     def _ready(self) -> list[QueuedRow]:
         """Queued rows whose adapter (if any) is written."""
         return [r for r in self._queue if r.ready]
-
-    def _busy_until(self) -> float | None:
-        """When the device should be done with everything in flight."""
-        return max(self._expected_ends.values(), default=None)
 
     def _dispatch(self, rows: list[QueuedRow]) -> None:
         batch = self.policy.pack(rows)  # first: nothing changes if it fails
@@ -465,7 +443,7 @@ class WorkerScheduler:
                 raise
         finally:
             self._in_flight -= 1
-            self._expected_ends.pop(flight, None)
+            self._timeline.ended(flight)
             self._running_rows -= len(rows)
             for row in rows:
                 self._release(row)

@@ -185,3 +185,23 @@ def test_estimate_is_the_timed_seconds_of_a_batchs_shape():
     assert policy.estimate(batch) == 0.25
     assert policy.last_batch_seconds == 0.25 and policy.last_batch_ended == 1.0
     assert policy.estimate(policy.pack([row([1], slot=1)] * 2)) is None   # adapters apart
+
+
+@pytest.mark.parametrize("cost, holds", [
+    (lambda b: {1: 1.2, 2: 1.5, 4: 2.5}[b], True),   # real size on a CPU: a lone row is dear
+    (lambda b: 0.3 * b, False)],                       # cost in proportion: nothing to save
+    ids=["lone row dear", "linear"])
+def test_a_few_rows_wait_for_the_callers_of_the_batch_in_flight_only_where_that_pays(
+        cost, holds):
+    """One row ready, three on the device: sending it now costs a batch of
+    its own; holding it until the three come back costs the device only
+    the round trip. The measured times decide which."""
+    policy = seeded(cost)
+    ready = [row([1])]
+    wait = policy.wait_left(ready, 10.5, 1, 10.0, 10.0, rows_in_flight=3)
+    if holds:
+        assert wait >= 0.5                          # past the batch in flight's end
+    else:
+        assert wait == pytest.approx(0.5)           # sent to arrive as it ends
+    # Rows that could not join them in one batch are never held for them.
+    assert policy.wait_left(ready, 10.5, 1, 10.0, 10.0, rows_in_flight=4) == pytest.approx(0.5)
