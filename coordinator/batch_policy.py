@@ -6,6 +6,7 @@ times measured per batch shape (the cost model).
 from __future__ import annotations
 
 import collections
+import math
 import statistics
 from typing import Iterable, Protocol
 
@@ -16,10 +17,14 @@ from coordinator.forward_work import ForwardWork
 from worker.batch import Batch, BatchResult, BatchRow
 from worker.worker_config import BatchingConfig
 
-# Never wait longer than this for stragglers, whatever the last batch took.
-MAX_STRAGGLER_WAIT_S = 0.2
-# The last batch's callers come back within a round trip of its end; a
-# device idle longer than this since has nobody on the way.
+# Never wait longer than this for stragglers, whatever the last batch took
+# (a fifth of a real-size batch on a CPU is seconds; the measured saving
+# bounds the wait further).
+MAX_STRAGGLER_WAIT_S = 2.0
+# The last batch's callers come back within a round trip of its end: a
+# device idle longer than this since (or than a fifth of the last batch, if
+# longer: answering a large batch's callers takes the service a while) has
+# nobody on the way.
 CALLERS_RETURN_WITHIN_S = 0.2
 # A padded shape avoided (by trimming) this long is run whole again, so its
 # time is measured afresh.
@@ -30,7 +35,8 @@ class Row(Protocol):
     work: ForwardWork
     token_ids: np.ndarray
     tokens: int
-    slot: int       # its adapter's slot; 0: the base model
+    slot: int         # its adapter's slot; 0: the base model
+    queued_at: float  # the loop time it arrived
 
 
 class BatchPolicy:
@@ -44,9 +50,11 @@ class BatchPolicy:
         self.config = config
         self.timings = BatchTimings()  # (rows, length, any adapter) -> device seconds
         self._overheads: collections.deque[float] = collections.deque(maxlen=16)
-        self.last_batch_rows = 1
+        # (when it ended, its rows, its device seconds) of the batches
+        # answered lately: their callers are expected back.
+        self._answered: collections.deque[tuple[float, int, float]] = collections.deque(
+            maxlen=64)
         self.last_batch_seconds = 0.0
-        self.last_batch_ended = float("-inf")
 
     def take(self, rows_in_order: Iterable[Row]) -> list[Row]:
         """The next batch: rows in the order given, skipping those that
@@ -97,14 +105,14 @@ class BatchPolicy:
         return max(self.config.max_wait_ms / 1000,
                    min(0.2 * self.last_batch_seconds, MAX_STRAGGLER_WAIT_S))
 
-    def _wait_that_can_pay(self, ready: list[Row], wait_s: float) -> float:
+    def _wait_that_can_pay(self, ready: list[Row], expected: int, wait_s: float) -> float:
         """How long waiting for the expected stragglers can pay, at most
         `wait_s`: what running the ready rows now and the stragglers in a
         batch of their own costs the device over one batch of all of them
         (most of a batch on a GPU, little on a CPU)."""
         length = max(r.tokens for r in ready)
         adapters = any(r.slot for r in ready)
-        stragglers = self.last_batch_rows - len(ready)
+        stragglers = expected - len(ready)
         now, later, together = (self._seconds(n, length, adapters)
                                 for n in (len(ready), stragglers, len(ready) + stragglers))
         if now is None or later is None or together is None:
@@ -153,18 +161,38 @@ class BatchPolicy:
                 # Few rows now, many on the device whose callers come back
                 # when it ends: one batch of all of them after it costs the
                 # device less than a small batch now, more than the round
-                # trip the device then idles. Woken when that batch is back.
-                return max(0.0, (busy_until or now) - now) + self.straggler_wait_s()
+                # trip the device then idles. Held until that batch is back
+                # (however late: it wakes the scheduler).
+                return math.inf
             # Else send the next batch so that it arrives as the last one
             # ends, with whatever has queued by then.
             return 0.0 if busy_until is None else busy_until - self.overhead_s() - now
-        # After an idle spell a lone request runs at once instead of waiting
-        # for the last batch's callers, who are long gone; as many rows as
-        # the last batch had means they are back.
-        if now - self.last_batch_ended > CALLERS_RETURN_WITHIN_S or len(
-                ready) >= self.last_batch_rows:
+        # The callers of the batches answered lately are on their way back;
+        # after an idle spell nobody is, and a lone request runs at once.
+        # No more than one batch can take: beyond that they are the next one's.
+        expected = min(self._expected_back(now, ready), cfg.batch_buckets[-1])
+        if len(ready) >= expected:
             return 0.0
-        return started + self._wait_that_can_pay(ready, self.straggler_wait_s()) - now
+        return started + self._wait_that_can_pay(ready, expected, self.straggler_wait_s()) - now
+
+    def _expected_back(self, now: float, ready: list[Row]) -> int:
+        """How many rows to wait for: those of the batches answered lately
+        (their callers may still be on their way: within a round trip of its
+        end, or a fifth of the batch's time if longer, since answering a
+        large batch's callers takes the service a while), and the ready rows
+        that were already waiting before those batches ended. Every such
+        batch counts, not the last one alone: with two in flight, a lone
+        row answered just after fifteen would otherwise set the target at
+        one; and a row that was waiting counts too, or it would take the
+        place of one of the returning callers, batch after batch."""
+        recent = [(ended, rows) for ended, rows, seconds in self._answered
+                  if now - ended <= max(CALLERS_RETURN_WITHIN_S,
+                                        min(0.2 * seconds, MAX_STRAGGLER_WAIT_S))]
+        if not recent:
+            return 0
+        first_end = min(ended for ended, _ in recent)
+        return (sum(rows for _, rows in recent)
+                + sum(1 for r in ready if r.queued_at < first_end))
 
     def pack(self, batch: list[Row]) -> Batch:
         """The rows padded to their (rows, length) bucket."""
@@ -206,7 +234,4 @@ class BatchPolicy:
         if alone:
             self._overheads.append(max(0.0, call_seconds - result.device_seconds))
         self.last_batch_seconds = result.device_seconds
-        self.last_batch_ended = ended
-
-    def sent(self, rows: int) -> None:
-        self.last_batch_rows = rows
+        self._answered.append((ended, len(batch.rows), result.device_seconds))

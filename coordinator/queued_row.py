@@ -22,6 +22,7 @@ class QueuedRow:
         deadline: the loop time after which it is not worth running; None.
         future: set to its tensors, or to the error that failed it.
         arrival: order of arrival, for ties.
+        queued_at: the loop time it arrived.
         entry: its adapter's slot once one is claimed (None: not yet, or
             the base model).
     """
@@ -32,6 +33,7 @@ class QueuedRow:
     deadline: float | None
     future: asyncio.Future
     arrival: int
+    queued_at: float
     entry: SlotEntry | None = None
 
     @property

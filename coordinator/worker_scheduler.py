@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import time
 
 import numpy as np
@@ -140,7 +141,8 @@ class WorkerScheduler:
         deadline = None if work.timeout_s is None else started + work.timeout_s
         self.stats.forward_requests += 1
         rows = [QueuedRow(np.asarray(s, "int32"), work, tenant, deadline,
-                          loop.create_future(), next(self._arrivals)) for s in work.sequences]
+                          loop.create_future(), next(self._arrivals), started)
+                for s in work.sequences]
         for row in rows:
             if row.adapter is not None:
                 self._claim(row)
@@ -389,16 +391,20 @@ class WorkerScheduler:
         if self._grant_training_turn():
             self._wake.set()  # a forward batch may go beside the step
             return
-        started = loop.time()
+        started, in_flight = loop.time(), self._in_flight
         while (remaining := self.policy.wait_left(
                 self._ready(), self._timeline.busy_until(), self._in_flight, started,
                 loop.time(), self._running_rows)) > 0:
             try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                await asyncio.wait_for(self._wake.wait(),
+                                       None if math.isinf(remaining) else remaining)
             except asyncio.TimeoutError:
                 break
             self._wake.clear()
             self._drop_dead_rows()
+            if self._in_flight != in_flight:  # a batch came back: decide afresh
+                self._wake.set()
+                return
         batch = self.policy.take(self._queue.in_fair_order(lambda row: row.ready))
         if batch and not self.down:
             self._dispatch(batch)
@@ -415,7 +421,6 @@ class WorkerScheduler:
         self._queue.remove(rows, served=True)
         self._running_rows += len(rows)
         self._batches_since_step += 1
-        self.policy.sent(len(rows))
         alone = self._in_flight == 0
         self._in_flight += 1
         flight = self._expect(self.policy.last_batch_seconds if estimate is None else estimate)

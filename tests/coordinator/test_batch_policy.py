@@ -2,6 +2,7 @@
 to a cheaper bucket, how long it waits for more rows, and how it is padded."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ class Row:
     work: object
     token_ids: np.ndarray
     slot: int = 0
+    queued_at: float = math.inf   # arrived now, unless a test says
 
     @property
     def tokens(self):
@@ -83,8 +85,7 @@ def test_a_stale_timing_of_the_whole_bucket_runs_it_whole_again():
 
 def test_a_full_batch_or_nothing_ready_never_waits():
     policy = seeded(lambda b: 0.5, dataclasses.replace(CONFIG, max_wait_ms=50.0))
-    policy.sent(4)
-    policy.last_batch_ended = 0.0
+    policy.ran(policy.pack([row([7])] * 4), BatchResult([], 0.5), 0.5, ended=0.0, alone=True)
     assert policy.wait_left([], None, 0, 0.0, 0.0) == 0.0
     assert policy.wait_left([row([1])] * 4, None, 0, 0.0, 0.0) == 0.0
     assert policy.wait_left([row([1] * 16)] * 2, None, 0, 0.0, 0.0) == 0.0   # the budget's full
@@ -122,7 +123,6 @@ def test_a_batchs_wait_behind_the_one_sent_before_it_is_not_counted_as_round_tri
     ids=["linear 2 of 4", "linear 3 of 4", "flat 2 of 4"])
 def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, ready, expected):
     policy = seeded(cost)
-    policy.sent(4)
     batch = policy.pack([row([7])] * 4)
     policy.ran(batch, BatchResult([], cost(4)), cost(4), ended=100.0, alone=True)
     rows = [row([1])] * ready
@@ -134,21 +134,48 @@ def test_stragglers_are_waited_for_only_as_long_as_it_can_pay(cost, ready, expec
 
 def test_nobody_is_waited_for_after_an_idle_spell_or_once_as_many_rows_are_back():
     policy = seeded(lambda b: 0.5)
-    policy.sent(4)
     policy.ran(policy.pack([row([7])] * 4), BatchResult([], 0.5), 0.5, ended=100.0, alone=True)
     two = [row([1])] * 2
     assert policy.wait_left(two, 100.0, 0, 100.0, 100.0) > 0.0
     late = 100.0 + CALLERS_RETURN_WITHIN_S + 0.01
     assert policy.wait_left(two, 100.0, 0, late, late) == 0.0
-    policy.sent(2)                                  # the last batch had 2: they are back
-    assert policy.wait_left(two, 100.0, 0, 100.0, 100.0) == 0.0
+    four = [row([1])] * 4                           # as many as were answered: all back
+    assert policy.wait_left(four[:3] + [row([2])], 100.0, 0, 100.0, 100.0) == 0.0
+
+
+def test_the_callers_expected_back_are_those_of_every_batch_answered_lately():
+    """Two batches in flight, 15 rows and then 1, answered a moment apart:
+    16 callers are on their way, not the last batch's one (which split
+    every batch in two at real size, 6.4 rows a batch at 16 clients)."""
+    policy = seeded(lambda b: {1: 1.3, 2: 2.0, 4: 3.0}[b])
+    policy.ran(policy.pack([row([7])] * 3), BatchResult([], 10.0), 10.0, ended=100.0,
+               alone=True)
+    policy.ran(policy.pack([row([7])]), BatchResult([], 1.3), 1.3, ended=101.3, alone=False)
+    three = [row([1])] * 3
+    assert policy.wait_left(three, None, 0, 101.3, 101.3) > 0.0      # the fourth is coming
+    assert policy.wait_left(three + [row([2])], None, 0, 101.3, 101.3) == 0.0
+
+
+def test_after_a_long_batch_its_callers_are_waited_for_longer():
+    """Answering the callers of a 10 s batch (real size on a CPU) and their
+    next calls take the service longer than 0.2 s; they are still on the
+    way, and a lone row sent without them costs the device a whole extra
+    batch (seen: 6.4 rows a batch instead of 16 at 16 clients)."""
+    policy = seeded(lambda b: {1: 1.3, 2: 2.0, 4: 3.0}[b])
+    policy.ran(policy.pack([row([7])] * 4), BatchResult([], 10.0), 10.0, ended=100.0, alone=True)
+    one = [row([1])]
+    wait = policy.wait_left(one, None, 0, 100.5, 100.5)   # half a second after its end
+    assert wait > 0.5
+    assert policy.wait_left(one, None, 0, 103.0, 103.0) == 0.0   # long after: nobody
 
 
 def test_the_straggler_wait_is_a_fifth_of_the_last_batch_capped_and_floored_by_max_wait():
     policy = BatchPolicy(dataclasses.replace(CONFIG, max_wait_ms=5.0))
     policy.last_batch_seconds = 0.1
     assert policy.straggler_wait_s() == pytest.approx(0.02)
-    policy.last_batch_seconds = 10.0
+    policy.last_batch_seconds = 4.0                 # a real-size batch on a CPU: 0.8 s
+    assert policy.straggler_wait_s() == pytest.approx(0.8)
+    policy.last_batch_seconds = 100.0
     assert policy.straggler_wait_s() == MAX_STRAGGLER_WAIT_S
     policy.last_batch_seconds = 0.001
     assert policy.straggler_wait_s() == pytest.approx(0.005)
@@ -183,7 +210,7 @@ def test_estimate_is_the_timed_seconds_of_a_batchs_shape():
     policy.ran(batch, BatchResult([], 9.0), 9.0, 0.0, alone=True)           # compiled
     policy.ran(batch, BatchResult([], 0.25), 0.3, 1.0, alone=True)
     assert policy.estimate(batch) == 0.25
-    assert policy.last_batch_seconds == 0.25 and policy.last_batch_ended == 1.0
+    assert policy.last_batch_seconds == 0.25
     assert policy.estimate(policy.pack([row([1], slot=1)] * 2)) is None   # adapters apart
 
 
@@ -193,15 +220,15 @@ def test_estimate_is_the_timed_seconds_of_a_batchs_shape():
     ids=["lone row dear", "linear"])
 def test_a_few_rows_wait_for_the_callers_of_the_batch_in_flight_only_where_that_pays(
         cost, holds):
-    """One row ready, three on the device: sending it now costs a batch of
-    its own; holding it until the three come back costs the device only
+    """Two rows ready, two on the device: sending them now costs a batch of
+    their own; holding them until the two come back costs the device only
     the round trip. The measured times decide which."""
     policy = seeded(cost)
-    ready = [row([1])]
-    wait = policy.wait_left(ready, 10.5, 1, 10.0, 10.0, rows_in_flight=3)
+    ready = [row([1])] * 2
+    wait = policy.wait_left(ready, 10.5, 1, 10.0, 10.0, rows_in_flight=2)
     if holds:
-        assert wait >= 0.5                          # past the batch in flight's end
+        assert wait == math.inf                     # until the batch in flight is back
     else:
         assert wait == pytest.approx(0.5)           # sent to arrive as it ends
     # Rows that could not join them in one batch are never held for them.
-    assert policy.wait_left(ready, 10.5, 1, 10.0, 10.0, rows_in_flight=4) == pytest.approx(0.5)
+    assert policy.wait_left(ready, 10.5, 1, 10.0, 10.0, rows_in_flight=3) == pytest.approx(0.5)
