@@ -21,7 +21,8 @@ if "keras" in _sys.modules:
 
 from gemma_core.backbone import Backbone, read_preset_config
 from gemma_core.default_preset import DEFAULT_PRESET
-from gemma_core.errors import AdapterMismatch, PresetError, TokenIdError
+from gemma_core.errors import (AdapterMismatch, MalformedAdapter, PresetError, TokenIdError,
+                               UnsupportedAdapter)
 from gemma_core.fine_tune_config import FineTuneConfig
 from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
@@ -30,12 +31,15 @@ from gemma_core.gemma_tokenizer import GemmaTokenizer
 from gemma_core.layer_indices import LayerIndexError, normalize_layer_index, normalize_layers
 from gemma_core.lora_adapter import LoraAdapter
 from gemma_core.lora_slot_table import LoraSlotTable
+from gemma_core.lora_targets import PEFT_MODULES as LORA_PEFT_MODULES
+from gemma_core.lora_targets import TARGETS as LORA_PROJECTIONS
 from gemma_core.lora_trainer import (LoraTrainer, causal_lm_loss, iterate_batches,
                                      make_batches, total_steps)
 from gemma_core.mesh_axes import MESH_AXES
 
 __all__ = ["AdapterMismatch", "Backbone", "DEFAULT_PRESET", "FineTuneConfig", "GEMMA_PRESETS",
-           "GemmaBackbone", "GemmaConfig", "GemmaTokenizer", "LayerIndexError", "LoraAdapter",
-           "LoraSlotTable", "LoraTrainer", "MESH_AXES", "PresetError", "TokenIdError",
+           "GemmaBackbone", "GemmaConfig", "GemmaTokenizer", "LORA_PEFT_MODULES",
+           "LORA_PROJECTIONS", "LayerIndexError", "LoraAdapter", "LoraSlotTable", "LoraTrainer",
+           "MESH_AXES", "MalformedAdapter", "PresetError", "TokenIdError", "UnsupportedAdapter",
            "causal_lm_loss", "iterate_batches", "make_batches", "normalize_layer_index",
            "normalize_layers", "read_preset_config", "total_steps"]

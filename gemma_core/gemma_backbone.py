@@ -13,13 +13,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from gemma_core import gemma_layout, gemma_lora, gemma_weight_names
+from gemma_core import gemma_layout, gemma_lora, gemma_weight_names, lora_targets
 from gemma_core.backbone import Backbone, weights_will_be_loaded
 from gemma_core.errors import PresetError, TokenIdError
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_decoder_block import GemmaDecoderBlock
 from gemma_core.gemma_presets import GEMMA_PRESETS
 from gemma_core.layer_indices import normalize_layers
+from gemma_core.lora_adapter import LoraAdapter
 from gemma_core.lora_slot_table import LoraSlotTable
 from gemma_core.mesh_axes import DATA_AXIS, MODEL_AXIS
 from gemma_core.reversible_embedding import ReversibleEmbedding
@@ -284,23 +285,45 @@ class GemmaBackbone(Backbone):
 
     # ---- LoRA -----------------------------------------------------------------
 
-    def _lora_layers(self):
-        """(block index, target, projection layer) for every LoRA target."""
+    def _lora_layers(self, targets: Sequence[str] = lora_targets.TARGETS):
+        """(block index, target, projection layer) for every block and target."""
         for index, block in enumerate(self.transformer_layers):
-            for target in gemma_lora.LORA_TARGETS:
-                yield index, target, getattr(block.attention, target)
+            for target in targets:
+                owner = block.attention if target in lora_targets.ATTENTION_TARGETS else block
+                yield index, target, getattr(owner, target)
 
-    def enable_lora(self, rank: int, target_names: Sequence[str] | None = None) -> None:
-        """Freezes every weight and adds rank-`rank` LoRA to the query and
-        value projections; then the LoRA kernels are the only trainable
-        weights (alpha = rank, so the update is `a @ b` unscaled)."""
-        targets = tuple(target_names or gemma_lora.LORA_TARGETS)
-        unknown = set(targets) - set(gemma_lora.LORA_TARGETS)
-        if unknown:
-            raise ValueError(f"LoRA targets must be among {gemma_lora.LORA_TARGETS}; "
-                             f"got {sorted(unknown)}.")
+    def enable_lora(self, rank: int, target_names: Sequence[str] | None = None,
+                    form: str = lora_targets.KERAS_HUB_FORM) -> None:
+        """Freezes every weight and adds rank-`rank` LoRA to the projections
+        `target_names` of every block (default: keras_hub's query and value);
+        then the LoRA kernels are the only trainable weights (alpha = rank,
+        so the update is `a @ b` unscaled).
+
+        Args:
+            rank: r.
+            target_names: among lora_targets.TARGETS (`query`, `key`,
+                `value`, `attention_output`, `ffw_gating`, `ffw_gating_2`,
+                `ffw_linear`), or PEFT's names (`q_proj`, ..., `down_proj`).
+            form: how query/key/value factors are laid out: "keras_hub"
+                (per-head a, what `.lora.h5` files hold) or "peft" (one a
+                for all heads, what PEFT directories hold).
+
+        Example:
+        >>> backbone.enable_lora(8, ["q_proj", "v_proj", "down_proj"], form="peft")
+        """
+        targets = tuple(map(lora_targets.canonical_target,
+                            target_names or gemma_lora.LORA_TARGETS))
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        if form not in lora_targets.FORMS:
+            raise ValueError(f"LoRA form must be one of {lora_targets.FORMS}, got {form!r}.")
+        self._enable_lora_layers({(block, target): (rank, form)
+                                  for block in range(self.num_layers) for target in targets},
+                                 rank)
+
+    def _enable_lora_layers(self, plan, rank: int) -> None:
+        """Enables LoRA as `plan` says, (block, target) -> (rank, form);
+        `rank` is the one `LoraAdapter.from_backbone` reports."""
         if self._lora_rank is not None:
             raise ValueError(f"LoRA is already enabled with rank {self._lora_rank}.")
         self.trainable = True
@@ -309,28 +332,35 @@ class GemmaBackbone(Backbone):
         scope = (self._distribution.scope() if self._distribution is not None
                  else contextlib.nullcontext())
         with scope:
-            for _, target, layer in self._lora_layers():
-                if target in targets:
+            for block, target, layer in self._lora_layers():
+                if (block, target) in plan:
+                    layer_rank, form = plan[(block, target)]
                     layer.trainable = True
-                    layer.enable_lora(rank)
+                    layer.enable_lora(layer_rank, shared_input=(
+                        form == lora_targets.PEFT_FORM and target in lora_targets.HEAD_TARGETS))
         self._lora_rank = rank
 
     def save_lora_weights(self, filepath: str | os.PathLike) -> None:
-        """Writes the LoRA kernels as a keras_hub `.lora.h5` file."""
+        """Writes the LoRA kernels as a keras_hub `.lora.h5` file (query and
+        value only: LoRA on other projections is refused, see
+        `LoraAdapter.write_peft` for those)."""
         if self._lora_rank is None:
             raise ValueError("LoRA is not enabled; call enable_lora(rank) first.")
         if not os.fspath(filepath).endswith(".lora.h5"):
             raise ValueError(f"LoRA files end in '.lora.h5', got {filepath}.")
-        kernels = {(block, target): (ops.convert_to_numpy(layer.lora_kernel_a),
-                                     ops.convert_to_numpy(layer.lora_kernel_b))
-                   for block, target, layer in self._lora_layers()
-                   if getattr(layer, "lora_enabled", False)}
-        gemma_lora.write_lora_file(filepath, self._lora_rank,
-                                   gemma_lora.to_file_kernels(kernels, self.config))
+        LoraAdapter.from_backbone(self).write_lora_file(filepath, self.config)
 
     def load_lora_weights(self, filepath: str | os.PathLike) -> None:
-        """Reads a keras_hub `.lora.h5` file, enabling LoRA at its rank if
-        needed."""
+        """Reads a keras_hub `.lora.h5` file, or a PEFT adapter directory
+        (`LoraAdapter.from_peft`), enabling LoRA at its rank on its targets
+        if needed.
+
+        Example:
+        >>> backbone.load_lora_weights("adapters/my-peft-adapter")
+        """
+        if os.path.isdir(filepath):
+            LoraAdapter.from_peft(filepath, self.config).apply_to(self)
+            return
         rank, kernels = gemma_lora.read_lora_file(filepath)
         if self._lora_rank is not None and self._lora_rank != rank:
             raise PresetError(f"{filepath} has LoRA rank {rank} but this model has "
@@ -351,10 +381,17 @@ class GemmaBackbone(Backbone):
                     raise PresetError(
                         f"{filepath}: lora/{index} {name} has shape {value.shape}, expected "
                         f"{shape} for block {block} {target}.")
+        layers = list(self._lora_layers(gemma_lora.LORA_TARGETS))
+        if self._lora_rank is not None and any(
+                not layer.lora_enabled or layer.lora_shared_input or layer.lora_rank != rank
+                for _, _, layer in layers):
+            raise PresetError(f"{filepath} has keras_hub LoRA of rank {rank} on every query and "
+                              "value projection, but this model's LoRA there is of another "
+                              "rank or form.")
         if self._lora_rank is None:
             self.enable_lora(rank)
         by_place, _ = gemma_lora.from_file_kernels(kernels, self.config)
-        for block, target, layer in self._lora_layers():
+        for block, target, layer in layers:
             a, b = by_place[(block, target)]
             layer.lora_kernel_a.assign(a)
             layer.lora_kernel_b.assign(b)

@@ -1,44 +1,55 @@
 """A LoRA adapter as plain arrays: what the registry stores and workers load.
 
-keras_hub's `enable_lora` puts rank-r factors on each block's query and
-value projections; the effective kernel is `kernel + (alpha / r) * a @ b`.
-An adapter here is those factors for every block, independent of any model
-instance, so it can be checked against a config, written to disk, sent to
-a worker and written into an adapter slot.
+An adapter holds rank-r factors (a, b) for some of the seven projections
+(lora_targets) of some blocks, each adding `scale * a @ b` to its kernel,
+scale = alpha / r (alpha / sqrt(r) with rsLoRA), independent of any model
+instance: it can be checked against a config, converted between formats,
+sent to a worker and written into an adapter slot. keras_hub adapts query
+and value with per-head factors; PEFT adapters may adapt all seven, with
+their own factor form for query, key and value and a rank and alpha per
+module. keras_hub `.lora.h5` files, the registry's safetensors, the served
+adapter slots and the trainer hold only "keras_hub form" (query and value,
+per-head factors, one rank and alpha): `check_fits` refuses anything else
+by default, so none of them ever drops factors it cannot hold.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import BinaryIO, Mapping
 
 import ml_dtypes
 import numpy as np
 
-from gemma_core import gemma_lora
-from gemma_core.errors import AdapterMismatch, PresetError
+from gemma_core import gemma_lora, lora_model, lora_targets, peft_format
+from gemma_core.errors import AdapterMismatch, MalformedAdapter, PresetError
 from gemma_core.gemma_config import GemmaConfig
+from gemma_core.lora_targets import HEAD_TARGETS, KERAS_HUB_FORM, PEFT_FORM, form_of
 
-# (block index, "query" | "value") -> (a (heads, d, r), b (r, head_dim))
+# (block index, target) -> (a, b); see lora_targets for the shapes.
 Kernels = Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]]
 
-# The largest magnitude allowed for an entry of a, of (alpha / rank) * b
-# and of the update (alpha / rank) * a @ b; trained updates are around 1e-2.
-# A projection's input is RMS-normalized, so each entry of x @ a and of the
-# LoRA output is at most hidden_dim * (1 + the norm's largest scale) times
-# this: about 5e7 times that scale for the largest presets. Attention mixes
-# such values, the output projection sums a few thousand into the residual
-# stream, and every block normalizes its input again, so hidden states (and
-# the squares the norms take) stay many orders of magnitude below float32's
-# and bfloat16's 3.4e38. A factor or alpha of 3e38 overflows at once.
+# The largest magnitude allowed for an entry of a, of scale * b and of the
+# update scale * a @ b; trained updates are around 1e-2. A projection's
+# input is RMS-normalized (or, for the output projections, computed from
+# such an input in the same block), so each entry of x @ a and of the LoRA output is at most
+# hidden_dim * (1 + the norm's largest scale) times this: about 5e7 times
+# that scale for the largest presets. Attention mixes such values, the
+# output projection sums a few thousand into the residual stream, and every
+# block normalizes its input again, so hidden states (and the squares the
+# norms take) stay many orders of magnitude below float32's and bfloat16's
+# 3.4e38. A factor or alpha of 3e38 overflows at once.
 MAX_LORA_MAGNITUDE = 1e4
 
-
-class MalformedAdapter(AdapterMismatch):
-    """The adapter is wrong in itself, whatever model it is meant for: a rank
-    or alpha that is not a positive number, factors that do not pair up,
-    NaN or infinite values, tensors of the wrong names or element types."""
+# The (a, b) dimensionalities each target accepts, per form.
+_NDIMS = {target: {KERAS_HUB_FORM: (3, 2), PEFT_FORM: (2, 3)} if target in HEAD_TARGETS
+          else {KERAS_HUB_FORM: (3, 2) if target == "attention_output" else (2, 2)}
+          for target in lora_targets.TARGETS}
+_SHAPES_TEXT = {"query": "(heads, d, r) and (r, head_dim), or PEFT's (d, r) and "
+                         "(r, heads, head_dim)",
+                "attention_output": "(heads, head_dim, r) and (r, d)"}
 
 
 def _is_index(text: str) -> bool:
@@ -52,16 +63,29 @@ def tensor_name(block: int, target: str, factor: str) -> str:
     return f"blocks.{block}.{target}.lora_{factor}"
 
 
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoraAdapter:
-    """LoRA factors for some of the query/value projections of a backbone.
+    """LoRA factors for some projections of some blocks of a backbone.
 
     Attributes:
-        rank: r, the inner size of every pair.
-        alpha: the update is scaled by `alpha / rank` (keras_hub: alpha = r).
-        kernels: (block, target) -> (a, b), float32; a is (heads, d, r) with
-            the query or key/value head count, b is (r, head_dim). Blocks or
-            targets absent from the map are not adapted.
+        rank: r, the inner size of every pair not in `ranks`.
+        alpha: every pair not in `alphas` is scaled by `alpha / rank`
+            (keras_hub: alpha = r), or `alpha / sqrt(rank)` with rsLoRA.
+        kernels: (block, target) -> (a, b), float32, target one of
+            lora_targets.TARGETS. Query/key/value pairs are in keras_hub's
+            per-head form (a (heads, d, r), b (r, head_dim)) or PEFT's (a
+            (d, r), b (r, heads, head_dim)); the others are a (*in, r) and
+            b (r, *out) (lora_targets.factor_shapes). Blocks or targets
+            absent from the map are not adapted.
+        ranks: (block, target) -> rank for pairs of another rank than
+            `rank` (PEFT's rank_pattern).
+        alphas: (block, target) -> alpha for pairs scaled by another alpha
+            (PEFT's alpha_pattern).
+        use_rslora: scale by alpha / sqrt(rank) instead of alpha / rank.
 
     Example:
     >>> adapter = LoraAdapter.from_backbone(lora_enabled_backbone)
@@ -71,24 +95,42 @@ class LoraAdapter:
     rank: int
     alpha: float
     kernels: Kernels
+    ranks: Mapping[tuple[int, str], int] = dataclasses.field(default_factory=dict)
+    alphas: Mapping[tuple[int, str], float] = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) \
-                or self.rank < 1:
+        if not _positive_int(self.rank):
             raise MalformedAdapter(f"LoRA rank must be a positive integer, got {self.rank!r}.")
         if not np.isfinite(self.alpha) or self.alpha <= 0:
             raise MalformedAdapter(f"LoRA alpha must be a positive number, got {self.alpha!r}.")
         if not self.kernels:
             raise MalformedAdapter("the adapter has no LoRA kernels.")
+        if not isinstance(self.use_rslora, bool):
+            raise MalformedAdapter(f"use_rslora must be True or False, got {self.use_rslora!r}.")
+        for name, valid, what in (("ranks", _positive_int, "a positive integer"),
+                                  ("alphas", lambda v: np.isfinite(v) and v > 0,
+                                   "a positive number")):
+            values = dict(getattr(self, name))
+            for key, value in values.items():
+                if key not in self.kernels or not valid(value):
+                    raise MalformedAdapter(f"{name}[{key!r}] = {value!r}: it must be {what}, "
+                                           "for a pair the adapter has.")
+            # A copy, so later changes to the caller's map cannot bypass these
+            # checks (a plain dict: adapters are pickled to workers).
+            object.__setattr__(self, name, values)
         for (block, target), (a, b) in self.kernels.items():
-            if target not in gemma_lora.LORA_TARGETS:
+            if target not in lora_targets.TARGETS:
                 raise MalformedAdapter(f"LoRA target {target!r} of block {block} is not one "
-                                       f"of {gemma_lora.LORA_TARGETS}.")
-            if a.ndim != 3 or b.ndim != 2 or a.shape[-1] != self.rank \
-                    or b.shape[0] != self.rank:
+                                       f"of {lora_targets.TARGETS}.")
+            rank = self.pair_rank((block, target))
+            if (a.ndim, b.ndim) not in _NDIMS[target].values() or a.shape[-1] != rank \
+                    or b.shape[0] != rank:
+                shapes = _SHAPES_TEXT.get("query" if target in HEAD_TARGETS else target,
+                                          "(in, r) and (r, out)")
                 raise MalformedAdapter(
                     f"block {block} {target}: factors of shapes {a.shape} and {b.shape} do "
-                    f"not make a rank-{self.rank} pair ((heads, d, r) and (r, head_dim)).")
+                    f"not make a rank-{rank} pair ({shapes}).")
             for factor in (a, b):
                 if not np.all(np.isfinite(factor)):
                     raise MalformedAdapter(f"block {block} {target}: the factors hold NaN or "
@@ -98,10 +140,11 @@ class LoraAdapter:
     def _check_magnitude(self, block: int, target: str, a: np.ndarray, b: np.ndarray) -> None:
         """Refuses factors that could overflow the served model (see
         MAX_LORA_MAGNITUDE). Every entry of scale * a @ b is at most
-        scale * sum_k max|a[..., k]| * max|b[k, :]|, an upper bound that
+        scale * sum_k max|a[..., k]| * max|b[k, ...]|, an upper bound that
         needs no product formed; in float64, so it cannot overflow itself."""
-        a_max = np.max(np.abs(a), axis=(0, 1), initial=0).astype("float64")
-        b_max = np.max(np.abs(b), axis=1, initial=0).astype("float64") * self.scale
+        a_max = np.max(np.abs(a), axis=tuple(range(a.ndim - 1)), initial=0).astype("float64")
+        b_max = (np.max(np.abs(b), axis=tuple(range(1, b.ndim)), initial=0).astype("float64")
+                 * self.pair_scale((block, target)))
         for what, value in (("an entry of lora_a is {:.3g}", a_max.max(initial=0.0)),
                             ("an entry of (alpha / rank) * lora_b is {:.3g}",
                              b_max.max(initial=0.0)),
@@ -116,11 +159,22 @@ class LoraAdapter:
 
     @property
     def scale(self) -> float:
+        """The scale of every pair not in `ranks` or `alphas`."""
+        if self.use_rslora:
+            return float(self.alpha) / math.sqrt(self.rank)
         return float(self.alpha) / self.rank
+
+    def pair_rank(self, key: tuple[int, str]) -> int:
+        return int(self.ranks.get(key, self.rank))
+
+    def pair_scale(self, key: tuple[int, str]) -> float:
+        """The factor on pair `key`'s `a @ b`."""
+        rank, alpha = self.pair_rank(key), float(self.alphas.get(key, self.alpha))
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return tuple(t for t in gemma_lora.LORA_TARGETS
+        return tuple(t for t in lora_targets.TARGETS
                      if any(target == t for _, target in self.kernels))
 
     @property
@@ -130,28 +184,57 @@ class LoraAdapter:
     def num_parameters(self) -> int:
         return sum(a.size + b.size for a, b in self.kernels.values())
 
-    def check_fits(self, config: GemmaConfig) -> None:
-        """Raises AdapterMismatch unless every pair fits `config`'s shapes."""
+    def _not_keras_hub_form(self) -> str | None:
+        """Why keras_hub files and served slots cannot hold this adapter as
+        it is, or None if they can."""
+        others = [t for t in self.targets if t not in gemma_lora.LORA_TARGETS]
+        if others:
+            return (f"it adapts {', '.join(others)}; keras_hub LoRA files and the served "
+                    "adapter slots hold query and value only (apply it with apply_to or "
+                    "write it with write_peft)")
+        if any(form_of(t, a) == PEFT_FORM for (_, t), (a, _) in self.kernels.items()):
+            return ("its query/value factors are in PEFT's form (one a for all heads); "
+                    "as_keras_hub() rewrites them in keras_hub's per-head form")
+        if self.ranks or self.alphas or self.use_rslora:
+            return ("it has a rank or alpha per module, or rsLoRA scaling; as_keras_hub() "
+                    "folds them into one rank")
+        return None
+
+    def check_fits(self, config: GemmaConfig, keras_hub_form: bool = True) -> None:
+        """Raises AdapterMismatch unless every pair fits `config`'s shapes
+        and, with `keras_hub_form` (the default), the adapter is in keras_hub
+        form (module docstring): all that `.lora.h5` files, LoraSlotTable,
+        LoraTrainer and the adapter registry hold.
+
+        Example:
+        >>> adapter.check_fits(config, keras_hub_form=False)  # for apply_to
+        """
         for (block, target), (a, b) in sorted(self.kernels.items()):
             if not 0 <= block < config.num_layers:
                 raise AdapterMismatch(
                     f"the adapter adapts block {block} but the base model has "
                     f"{config.num_layers} blocks; it was made for another model.")
-            want_a, want_b = gemma_lora.factor_shapes(config, target, self.rank)
+            want_a, want_b = lora_targets.factor_shapes(
+                config, target, self.pair_rank((block, target)), form_of(target, a))
             if a.shape != want_a or b.shape != want_b:
                 raise AdapterMismatch(
                     f"block {block} {target}: the adapter's factors are {a.shape} and "
                     f"{b.shape} but this base model needs {want_a} and {want_b}; it was "
                     "made for another model.")
+        problem = self._not_keras_hub_form() if keras_hub_form else None
+        if problem:
+            raise AdapterMismatch(f"the adapter is not in keras_hub's LoRA form: {problem}.")
 
     @classmethod
     def random(cls, config: GemmaConfig, rank: int, alpha: float | None = None,
                seed: int = 0, std: float = 0.2, targets=gemma_lora.LORA_TARGETS,
-               blocks=None, b_std: float | None = None) -> "LoraAdapter":
+               blocks=None, b_std: float | None = None,
+               form: str = KERAS_HUB_FORM) -> "LoraAdapter":
         """An adapter with random factors (b too, so it changes outputs):
         for tests, benchmarks and load generators, not for training (a
         trained adapter starts with b = 0). a ~ N(0, std^2), b ~ N(0,
-        b_std^2) (b_std defaults to std).
+        b_std^2) (b_std defaults to std); `targets` in our names or PEFT's,
+        query/key/value factors in `form`.
 
         Example:
         >>> adapter = LoraAdapter.random(backbone.config, rank=8, seed=1)
@@ -159,17 +242,21 @@ class LoraAdapter:
         rng = np.random.default_rng(seed)
         kernels = {}
         for block in (range(config.num_layers) if blocks is None else blocks):
-            for target in targets:
-                a_shape, b_shape = gemma_lora.factor_shapes(config, target, rank)
+            for target in map(lora_targets.canonical_target, targets):
+                a_shape, b_shape = lora_targets.factor_shapes(config, target, rank, form)
                 kernels[(block, target)] = (
                     rng.normal(0, std, a_shape).astype("float32"),
                     rng.normal(0, std if b_std is None else b_std, b_shape).astype("float32"))
         return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
 
-    # ---- conversions ---------------------------------------------------------
+    # ---- keras_hub form: the registry's safetensors and .lora.h5 files -------------
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """Flat name -> float32 array map, for safetensors."""
+        """Flat name -> float32 array map, for safetensors (keras_hub form
+        only: the names and the rank/alpha metadata hold nothing more)."""
+        problem = self._not_keras_hub_form()
+        if problem:
+            raise AdapterMismatch(f"the adapter's tensors() hold keras_hub form only: {problem}.")
         out = {}
         for (block, target), (a, b) in sorted(self.kernels.items()):
             out[tensor_name(block, target, "a")] = np.ascontiguousarray(a, "float32")
@@ -208,6 +295,38 @@ class LoraAdapter:
                                 np.asarray(pair["lora_b"], "float32"))
         return cls(rank=int(rank), alpha=float(alpha), kernels=kernels)
 
+    def as_keras_hub(self) -> "LoraAdapter":
+        """The same updates in keras_hub form: PEFT-form query/value pairs
+        rewritten per head (at heads times their rank), every pair's scale
+        folded into its b, ranks zero-padded to the largest (alpha = that
+        rank). Returns self if it is in that form already.
+
+        Raises:
+            AdapterMismatch: the adapter adapts projections other than query
+                and value, which keras_hub form cannot hold.
+
+        Example:
+        >>> LoraAdapter.from_peft(path, config).as_keras_hub().write_lora_file(
+        ...     "adapter.lora.h5", config)
+        """
+        problem = self._not_keras_hub_form()
+        if problem is None:
+            return self
+        if any(t not in gemma_lora.LORA_TARGETS for t in self.targets):
+            raise AdapterMismatch(f"the adapter cannot be written in keras_hub's LoRA form: "
+                                  f"{problem}.")
+        pairs = {}
+        for key, (a, b) in self.kernels.items():
+            b = (b * self.pair_scale(key)).astype("float32")
+            pairs[key] = lora_targets.to_per_head(a, b) if form_of(key[1], a) == PEFT_FORM \
+                else (a, b)
+        rank = max(a.shape[-1] for a, _ in pairs.values())
+        # Zero columns of a and zero rows of b add nothing to a @ b.
+        padded = {key: (np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, rank - a.shape[-1])]),
+                        np.pad(b, [(0, rank - b.shape[0]), (0, 0)]))
+                  for key, (a, b) in pairs.items()}
+        return LoraAdapter(rank=rank, alpha=float(rank), kernels=padded)
+
     @classmethod
     def from_lora_file(cls, path: str | os.PathLike, config: GemmaConfig) -> "LoraAdapter":
         """Reads a keras_hub `.lora.h5` file written for a model of `config`
@@ -226,48 +345,108 @@ class LoraAdapter:
 
     def write_lora_file(self, path: str | os.PathLike | BinaryIO, config: GemmaConfig) -> None:
         """Writes a keras_hub `.lora.h5` file, to a path or a binary file
-        object. keras_hub has no alpha (it is the rank there), so
-        `alpha / rank` is folded into each b."""
-        self.check_fits(config)
+        object. keras_hub has no alpha (it is the rank there), so the scale
+        is folded into each b; PEFT-form query/value pairs are rewritten
+        per head (`as_keras_hub`).
+
+        Raises:
+            AdapterMismatch: the adapter adapts projections other than query
+                and value (write it with `write_peft`), or does not fit
+                `config`.
+        """
+        adapter = self.as_keras_hub()
+        adapter.check_fits(config)
         if isinstance(path, (str, os.PathLike)) and not os.fspath(path).endswith(".lora.h5"):
             raise PresetError(f"LoRA files end in '.lora.h5', got {path}.")
         # keras_hub reads a pair for every query and value layer, so the ones
         # this adapter leaves alone are written as zero updates.
         kernels = {}
         for block, target in gemma_lora.file_layout(config).values():
-            a_shape, b_shape = gemma_lora.factor_shapes(config, target, self.rank)
-            a, b = self.kernels.get((block, target), (np.zeros(a_shape, "float32"),
-                                                      np.zeros(b_shape, "float32")))
-            kernels[(block, target)] = (a, (b * self.scale).astype("float32"))
-        gemma_lora.write_lora_file(path, self.rank, gemma_lora.to_file_kernels(kernels, config))
+            a_shape, b_shape = gemma_lora.factor_shapes(config, target, adapter.rank)
+            a, b = adapter.kernels.get((block, target), (np.zeros(a_shape, "float32"),
+                                                         np.zeros(b_shape, "float32")))
+            kernels[(block, target)] = (a, (b * adapter.scale).astype("float32"))
+        gemma_lora.write_lora_file(path, adapter.rank,
+                                   gemma_lora.to_file_kernels(kernels, config))
+
+    # ---- PEFT directories ---------------------------------------------------------
+
+    @classmethod
+    def from_peft(cls, directory: str | os.PathLike, config: GemmaConfig) -> "LoraAdapter":
+        """Reads a PEFT LoRA directory (adapter_config.json and
+        adapter_model.safetensors) made for a Gemma model of `config`.
+
+        Raises:
+            UnsupportedAdapter: anything but plain LoRA on the seven
+                projections (DoRA, biases, modules_to_save, embedding LoRA,
+                fan_in_fan_out, another peft_type or model type, ...).
+            MalformedAdapter, AdapterMismatch, PresetError: see
+                peft_format.read_peft.
+
+        Example:
+        >>> adapter = LoraAdapter.from_peft("my-peft-adapter", backbone.config)
+        >>> adapter.apply_to(backbone)
+        """
+        lora = peft_format.read_peft(directory, config)
+        ranks = {key: a.shape[-1] for key, (a, _) in lora.kernels.items()
+                 if a.shape[-1] != lora.rank}
+        adapter = cls(rank=lora.rank, alpha=lora.alpha, kernels=lora.kernels, ranks=ranks,
+                      alphas=lora.alphas, use_rslora=lora.use_rslora)
+        adapter.check_fits(config, keras_hub_form=False)
+        return adapter
+
+    def write_peft(self, directory: str | os.PathLike, config: GemmaConfig,
+                   base_model_name_or_path: str | None = None) -> None:
+        """Writes a PEFT LoRA directory for the Hugging Face model of
+        `config`. Per-head query/key/value pairs are rewritten in PEFT's
+        form at heads times their rank (with the rank_pattern and
+        alpha_pattern entries that keeps); adapted projections the adapter
+        leaves out in some blocks are written there as zero updates, so
+        PEFT finds every factor it expects.
+
+        Example:
+        >>> adapter.write_peft("out/my-adapter", config, "google/gemma-2-2b")
+        """
+        self.check_fits(config, keras_hub_form=False)
+        peft_format.write_peft(directory, peft_format.from_adapter(self, config),
+                               base_model_name_or_path)
+
+    # ---- a Keras model -------------------------------------------------------------
 
     @classmethod
     def from_backbone(cls, backbone, alpha: float | None = None) -> "LoraAdapter":
-        """The LoRA factors of a backbone after `enable_lora` (and training)."""
-        rank = backbone._lora_rank
-        if rank is None:
-            raise ValueError("LoRA is not enabled on this backbone; call enable_lora first.")
-        kernels = {(block, target): (np.asarray(layer.lora_kernel_a.numpy(), "float32"),
-                                     np.asarray(layer.lora_kernel_b.numpy(), "float32"))
-                   for block, target, layer in backbone._lora_layers()
-                   if getattr(layer, "lora_enabled", False)}
-        return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
+        """The LoRA factors of a backbone after `enable_lora` (and training),
+        or `apply_to`; every enabled projection is included.
+
+        `alpha` (default: the rank) is recorded with the factors: the adapter
+        then means `alpha / rank` times the update the model computes.
+
+        Example:
+        >>> backbone.enable_lora(8, ["q_proj", "v_proj", "down_proj"], form="peft")
+        >>> ...  # train
+        >>> LoraAdapter.from_backbone(backbone).write_peft("out/adapter", backbone.config)
+        """
+        rank, kernels, ranks = lora_model.read_factors(backbone)
+        alpha = float(rank if alpha is None else alpha)
+        # The model computes every pair's a @ b unscaled: a pair of another
+        # rank gets the alpha that gives it the same scale as the others.
+        alphas = {key: alpha * pair_rank / rank for key, pair_rank in ranks.items()}
+        return cls(rank=rank, alpha=alpha, kernels=kernels, ranks=ranks, alphas=alphas)
 
     def apply_to(self, backbone) -> None:
-        """Enables LoRA on `backbone` (rank `self.rank`) and sets these factors,
-        `alpha / rank` folded into b; projections the adapter leaves out get
-        zero factors. The model then computes exactly this adapter."""
-        self.check_fits(backbone.config)
-        if backbone._lora_rank is None:
-            backbone.enable_lora(self.rank)
-        elif backbone._lora_rank != self.rank:
-            raise AdapterMismatch(f"the backbone has LoRA rank {backbone._lora_rank} enabled; "
-                                  f"this adapter has rank {self.rank}.")
-        for block, target, layer in backbone._lora_layers():
-            a, b = self.kernels.get((block, target), (None, None))
-            if a is None:
-                layer.lora_kernel_a.assign(np.zeros(layer.lora_kernel_a.shape, "float32"))
-                layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, "float32"))
-            else:
-                layer.lora_kernel_a.assign(a)
-                layer.lora_kernel_b.assign(b * self.scale)
+        """Sets these factors in `backbone`, each pair's scale folded into b.
+        A backbone without LoRA gets it enabled on the adapter's targets,
+        each projection at its pair's rank and form; one with LoRA enabled
+        must have it on every pair's projection at that rank and form.
+        Enabled projections the adapter leaves out get zero factors. The
+        model then computes exactly this adapter.
+
+        Raises:
+            AdapterMismatch: the adapter does not fit the backbone, or the
+                backbone's LoRA is elsewhere or of another rank or form.
+
+        Example:
+        >>> LoraAdapter.from_peft("my-peft-adapter", backbone.config).apply_to(backbone)
+        """
+        self.check_fits(backbone.config, keras_hub_form=False)
+        lora_model.set_factors(self, backbone)
