@@ -54,6 +54,7 @@ class BatchPolicy:
         # answered lately: their callers are expected back.
         self._answered: collections.deque[tuple[float, int, float]] = collections.deque(
             maxlen=64)
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=4096)  # row times
         self.last_batch_seconds = 0.0
 
     def take(self, rows_in_order: Iterable[Row]) -> list[Row]:
@@ -175,24 +176,29 @@ class BatchPolicy:
             return 0.0
         return started + self._wait_that_can_pay(ready, expected, self.straggler_wait_s()) - now
 
+    def arrived(self, now: float, rows: int) -> None:
+        """Rows that just arrived (the callers coming back are among them)."""
+        self._arrivals.extend([now] * rows)
+
     def _expected_back(self, now: float, ready: list[Row]) -> int:
-        """How many rows to wait for: those of the batches answered lately
-        (their callers may still be on their way: within a round trip of its
-        end, or a fifth of the batch's time if longer, since answering a
-        large batch's callers takes the service a while), and the ready rows
-        that were already waiting before those batches ended. Every such
-        batch counts, not the last one alone: with two in flight, a lone
-        row answered just after fifteen would otherwise set the target at
-        one; and a row that was waiting counts too, or it would take the
-        place of one of the returning callers, batch after batch."""
+        """How many rows to wait for: the ready ones, and the callers of the
+        batches answered lately that have not come back yet (a batch's
+        callers come back within a round trip of its end, or a fifth of its
+        time if longer, since answering a large batch's callers takes the
+        service a while): the rows those batches answered less the rows that
+        arrived since the first of them ended. Every such batch counts, not
+        the last one alone: with two in flight, a lone row answered just
+        after fifteen would otherwise set the target at one and split the
+        next batch again; and a caller that came back and was sent counts as
+        back, so one client's sequential requests never wait for themselves."""
         recent = [(ended, rows) for ended, rows, seconds in self._answered
                   if now - ended <= max(CALLERS_RETURN_WITHIN_S,
                                         min(0.2 * seconds, MAX_STRAGGLER_WAIT_S))]
         if not recent:
             return 0
         first_end = min(ended for ended, _ in recent)
-        return (sum(rows for _, rows in recent)
-                + sum(1 for r in ready if r.queued_at < first_end))
+        back = sum(1 for t in self._arrivals if t >= first_end)
+        return len(ready) + max(0, sum(rows for _, rows in recent) - back)
 
     def pack(self, batch: list[Row]) -> Batch:
         """The rows padded to their (rows, length) bucket."""

@@ -140,6 +140,7 @@ class WorkerScheduler:
         started = loop.time()
         deadline = None if work.timeout_s is None else started + work.timeout_s
         self.stats.forward_requests += 1
+        self.policy.arrived(started, len(work.sequences))
         rows = [QueuedRow(np.asarray(s, "int32"), work, tenant, deadline,
                           loop.create_future(), next(self._arrivals), started)
                 for s in work.sequences]

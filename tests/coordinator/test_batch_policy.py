@@ -232,3 +232,20 @@ def test_a_few_rows_wait_for_the_callers_of_the_batch_in_flight_only_where_that_
         assert wait == pytest.approx(0.5)           # sent to arrive as it ends
     # Rows that could not join them in one batch are never held for them.
     assert policy.wait_left(ready, 10.5, 1, 10.0, 10.0, rows_in_flight=3) == pytest.approx(0.5)
+
+
+def test_one_clients_sequential_requests_never_wait_for_themselves():
+    """Two batches of one answered within the window, their caller came
+    back each time (and was sent): the next lone row is not held for a
+    phantom second caller (that cost the mid model's short request 13 ms)."""
+    policy = seeded(lambda b: {1: 0.05, 2: 0.06, 4: 0.08}[b])
+    for ended in (100.0, 100.06):
+        policy.arrived(ended - 0.06, 1)                  # the request, then its batch
+        policy.ran(policy.pack([row([7])]), BatchResult([], 0.05), 0.05, ended=ended,
+                   alone=True)
+    policy.arrived(100.061, 1)                            # it came back once more
+    assert policy.wait_left([row([1])], None, 0, 100.061, 100.061) == 0.0
+    # Its row not yet back: then one is worth waiting for, briefly.
+    policy.ran(policy.pack([row([7]), row([8])]), BatchResult([], 0.06), 0.06, ended=100.07,
+               alone=True)
+    assert policy.wait_left([row([1])], None, 0, 100.071, 100.071) > 0.0
