@@ -197,7 +197,11 @@ class BatchPolicy:
         if not recent:
             return 0
         first_end = min(ended for ended, _ in recent)
-        back = sum(1 for t in self._arrivals if t >= first_end)
+        back = 0
+        for t in reversed(self._arrivals):  # newest first: only the recent ones count
+            if t < first_end:
+                break
+            back += 1
         return len(ready) + max(0, sum(rows for _, rows in recent) - back)
 
     def pack(self, batch: list[Row]) -> Batch:
