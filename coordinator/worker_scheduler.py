@@ -33,6 +33,7 @@ from coordinator.executor import Executor
 from coordinator.fair_queue import FairQueue
 from coordinator.forward_work import AdapterRef, ForwardResult, ForwardWork
 from coordinator.queued_row import QueuedRow
+from coordinator.scheduler_stats import SchedulerStats
 from worker.batch import Batch
 from worker.errors import AdapterSlotsBusy, DeadlineExpired, WorkerUnavailable, own_copy
 from worker.worker_config import BatchingConfig
@@ -40,21 +41,6 @@ from worker.worker_config import BatchingConfig
 log = logging.getLogger("gemma_serve.scheduler")
 
 MAX_IN_FLIGHT = 2
-
-
-@dataclasses.dataclass
-class SchedulerStats:
-    """What a worker's scheduler counted (see coordinator/worker_stats.py)."""
-
-    forward_requests: int = 0
-    batches_run: int = 0
-    sequences_run: int = 0
-    max_sequences_in_a_batch: int = 0
-    sequences_cancelled: int = 0
-    max_adapters_in_a_batch: int = 0
-    batch_shapes: set = dataclasses.field(default_factory=set)
-    batch_size_counts: collections.Counter = dataclasses.field(
-        default_factory=collections.Counter)  # rows in a batch -> batches
 
 
 @dataclasses.dataclass
