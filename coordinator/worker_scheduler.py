@@ -135,8 +135,9 @@ class WorkerScheduler:
                 self._claim(row)
             self._queue.push(row)
             self._tenant_rows[tenant] += 1
-        if deadline is not None:  # so that an expired row is dropped on time
-            loop.call_at(deadline, self._wake.set)
+        # So that an expired row is dropped on time; cancelled once answered,
+        # so long deadlines do not pile up timers.
+        timer = None if deadline is None else loop.call_at(deadline, self._wake.set)
         self._start()
         self._wake.set()
         try:
@@ -146,6 +147,9 @@ class WorkerScheduler:
                 row.future.cancel()  # no-op for rows already done
             self._wake.set()  # so the loop drops them now
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         return ForwardResult(self.worker_id, tensors, round(1e3 * (loop.time() - started), 2))
 
     def _start(self) -> None:
