@@ -9,6 +9,7 @@ paths kept out of the message.
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -91,10 +92,16 @@ def _read_safetensors(path: Path, base_fingerprint: str) -> LoraAdapter:
             f"this server runs base model {base_fingerprint!r}; import an adapter "
             "made for this base model.")
     try:
-        return LoraAdapter.from_tensors(tensors, int(metadata["rank"]),
-                                        float(metadata["alpha"]))
+        return LoraAdapter.from_tensors(tensors, metadata)
     except ValueError as error:  # AdapterMismatch included: malformed factors
         raise _not_valid("safetensors", path, error) from error
+
+
+def payload_metadata(payload: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file held in memory (the
+    registry reads a stored adapter whole, to check its checksum first)."""
+    size = int.from_bytes(payload[:8], "little")
+    return json.loads(payload[8:8 + size]).get("__metadata__") or {}
 
 
 def _hide(path: Path, error: object) -> str:

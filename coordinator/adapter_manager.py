@@ -97,9 +97,9 @@ class AdapterManager:
             if size == 0:
                 raise InvalidArgument("data", "the upload holds no bytes after the header.")
             adapter = await in_thread(self.registry.read_file, path, fmt)
-            if adapter.rank > self.max_rank:
+            if adapter.largest_rank > self.max_rank:
                 raise InvalidArgument(
-                    "adapter", f"rank {adapter.rank} is above this server's maximum adapter "
+                    "adapter", f"rank {adapter.largest_rank} is above this server's maximum adapter "
                                f"rank {self.max_rank}; retrain at a lower rank or start the "
                                "server with a larger --max-adapter-rank.")
             return await in_thread(self.registry.publish, tenant, name, adapter,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from coordinator.errors import InvalidArgument
+from gemma_core.lora_targets import TARGETS
 
 FORMAT = "gemma-serve-lora/1"
 TENSORS_FILE = "adapter.safetensors"
@@ -25,7 +26,6 @@ NAME_FORM = ("1 to 64 characters from letters, digits, '_', '.' and '-', "
              "starting with a letter or digit")
 _ADAPTER_ID = re.compile(rf"({NAME_PATTERN.pattern})(?:@([1-9][0-9]{{0,8}}))?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_TARGETS = ("query", "value")
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -67,7 +67,7 @@ class AdapterRecord:
         tenant, name, version: where it lives; versions count 1, 2, 3...
         adapter_id: "name@version", what clients send.
         rank, alpha: the LoRA rank and scale numerator (update = alpha/rank * a @ b).
-        targets: the adapted projections, a subset of ("query", "value").
+        targets: the adapted projections, among gemma_core.lora_targets.TARGETS.
         layers: indices of the adapted decoder blocks.
         base_fingerprint: the base model it was made for.
         sha256, size_bytes: of its `adapter.safetensors`.
@@ -133,7 +133,7 @@ class AdapterRecord:
             alpha=float(field("alpha", (int, float),
                               lambda value: math.isfinite(value) and value > 0)),
             targets=tuple(field("targets", list, lambda value: value and all(
-                target in _TARGETS for target in value))),
+                target in TARGETS for target in value))),
             layers=tuple(field("layers", list, lambda value: value and all(
                 isinstance(block, int) and block >= 0 for block in value))),
             base_fingerprint=field("base_fingerprint", str),

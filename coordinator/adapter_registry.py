@@ -36,7 +36,8 @@ from pathlib import Path
 
 import safetensors.numpy
 
-from coordinator.adapter_files import another_base, lora_h5_bytes, read_adapter_file
+from coordinator.adapter_files import (another_base, lora_h5_bytes, payload_metadata,
+                                      read_adapter_file)
 from coordinator.adapter_record import (FORMAT, MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE,
                                         AdapterRecord, check_name, parse_adapter_id,
                                         read_version_dir, shown)
@@ -112,8 +113,8 @@ class AdapterRegistry:
         except AdapterMismatch as error:
             raise another_base(None, error) from error
         payload = safetensors.numpy.save(adapter.tensors(), metadata={
-            "format": FORMAT, "rank": str(adapter.rank), "alpha": repr(float(adapter.alpha)),
-            "base_fingerprint": self.base_fingerprint})
+            "format": FORMAT, "base_fingerprint": self.base_fingerprint,
+            **adapter.metadata()})
         fields = dict(
             tenant=tenant, name=name, rank=int(adapter.rank), alpha=float(adapter.alpha),
             targets=adapter.targets, layers=adapter.blocks,
@@ -336,8 +337,8 @@ class AdapterRegistry:
                 f"adapter_id: adapter {record.adapter_id!r} is corrupt on disk (checksum "
                 "mismatch); delete and re-upload it.")
         try:
-            adapter = LoraAdapter.from_tensors(safetensors.numpy.load(payload), record.rank,
-                                               record.alpha)
+            adapter = LoraAdapter.from_tensors(safetensors.numpy.load(payload),
+                                               payload_metadata(payload))
         except MalformedAdapter as error:  # stored before a check refused such adapters
             raise FailedPrecondition(f"adapter_id: adapter {record.adapter_id!r} cannot be "
                                      f"served: {error} Delete it.") from error

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
+
+from gemma_core import lora_targets
+
+# keras_hub's choice, and what `.lora.h5` files hold.
+DEFAULT_TARGETS = ("query", "value")
+# PEFT's name for every linear projection of a block.
+ALL_LINEAR = "all-linear"
 
 
 def _is_int(value) -> bool:
@@ -13,8 +21,8 @@ def _is_int(value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FineTuneConfig:
-    """How to train a LoRA adapter (query and value of every block) with the
-    causal-LM loss; see `LoraTrainer`.
+    """How to train a LoRA adapter (on chosen projections of every block) with
+    the causal-LM loss; see `LoraTrainer`.
 
     Attributes:
         rank: r, the inner size of every LoRA pair.
@@ -28,6 +36,11 @@ class FineTuneConfig:
         sequence_length: every sequence is truncated (and padded) to this.
         seed: seeds the LoRA initialisation and the per-epoch shuffles.
         weight_decay: AdamW's decoupled weight decay on the LoRA factors.
+        targets: the projections to adapt, in our names or PEFT's
+            (lora_targets), or ("all-linear",) for all seven. Query/value
+            runs train keras_hub's per-head factors (their adapter exports as
+            `.lora.h5` too); any other set trains PEFT's factor form, so its
+            PEFT export has the run's rank on every module.
 
     Example:
     >>> config = FineTuneConfig(rank=8, epochs=3, learning_rate=2e-4)
@@ -44,8 +57,22 @@ class FineTuneConfig:
     sequence_length: int = 128
     seed: int = 0
     weight_decay: float = 0.0
+    targets: Sequence[str] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
+        names = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if names == (ALL_LINEAR,):
+            names = lora_targets.TARGETS
+        try:
+            chosen = {lora_targets.canonical_target(name) for name in names}
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"FineTuneConfig.targets: {error}") from None
+        if not chosen:
+            raise ValueError(f"FineTuneConfig.targets must name at least one projection, or "
+                             f"be {ALL_LINEAR!r}.")
+        # Canonical and in the model's order: equal configs compare equal.
+        object.__setattr__(self, "targets",
+                           tuple(t for t in lora_targets.TARGETS if t in chosen))
         if not _is_int(self.rank) or self.rank < 1:
             raise ValueError(f"FineTuneConfig.rank must be a positive integer, got "
                              f"{self.rank!r}.")
@@ -86,6 +113,12 @@ class FineTuneConfig:
     def lora_alpha(self) -> float:
         """`alpha`, or the rank when it is None."""
         return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def form(self) -> str:
+        """The factor form trained on query/key/value (see `targets`)."""
+        return (lora_targets.KERAS_HUB_FORM if set(self.targets) <= set(DEFAULT_TARGETS)
+                else lora_targets.PEFT_FORM)
 
     @property
     def scale(self) -> float:

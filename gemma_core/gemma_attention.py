@@ -6,6 +6,7 @@ from keras import ops
 
 from gemma_core import dot_product_attention
 from gemma_core.gemma_einsum_dense import GemmaEinsumDense
+from gemma_core.per_row_lora import add_per_row_lora
 
 
 def apply_rotary_embedding(x, base=10000.0):
@@ -28,14 +29,6 @@ def apply_rotary_embedding(x, base=10000.0):
     x1, x2 = x32[..., : head_dim // 2], x32[..., head_dim // 2:]
     rotated = ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return ops.cast(rotated, x.dtype)
-
-
-def _per_row_lora(x, a, b):
-    """Each row's own low-rank update: x (B, T, d), a (B, n, d, R), b (B, R, h)
-    -> (B, T, n, h), computed in float32 and returned in x's dtype."""
-    x32 = ops.cast(x, "float32")
-    down = ops.einsum("btd,bndr->btnr", x32, ops.cast(a, "float32"))
-    return ops.cast(ops.einsum("btnr,brh->btnh", down, ops.cast(b, "float32")), x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="gemma_core")
@@ -93,18 +86,19 @@ class GemmaAttention(keras.layers.Layer):
         self.built = True
 
     def call(self, x, padding_mask, training=False, lora=None):
-        """`lora`: optional per-row LoRA factors (see LoraSlotTable.rows),
-        {"query"|"value": (a (B, heads, d, R), b (B, R, h))}, added to the
-        projections on top of any `enable_lora` kernels."""
+        """`lora`: optional per-row LoRA factors (LoraSlotTable.rows), added
+        to the projections it names on top of any `enable_lora` kernels."""
         B, T = ops.shape(x)[0], ops.shape(x)[1]
         K, G, h = (self.num_key_value_heads,
                    self.num_query_heads // self.num_key_value_heads, self.head_dim)
-        q, v = self.query(x), self.value(x)                       # (B, T, H, h), (B, S, K, h)
-        if lora is not None:
-            q = q + _per_row_lora(x, *lora["query"])
-            v = v + _per_row_lora(x, *lora["value"])
+        q = add_per_row_lora(self.query(x), x, lora, "query",
+                             "btd,bndr->btnr", "btnr,bnrh->btnh")   # (B, T, H, h)
+        k = add_per_row_lora(self.key(x), x, lora, "key",
+                             "bsd,bkdr->bskr", "bskr,bkrh->bskh")   # (B, S, K, h)
+        v = add_per_row_lora(self.value(x), x, lora, "value",
+                             "bsd,bkdr->bskr", "bskr,bkrh->bskh")   # (B, S, K, h)
         q = apply_rotary_embedding(q)
-        k = apply_rotary_embedding(self.key(x))                   # (B, S, K, h)
+        k = apply_rotary_embedding(k)
         q = q * ops.cast(self.query_scale, q.dtype)
         # Heads-first before the einsums: transposing the small q and output
         # is cheap; otherwise XLA transposes the (B, K, G, T, S) scores.
@@ -118,7 +112,8 @@ class GemmaAttention(keras.layers.Layer):
                 q, k, v, padding_mask, self.logit_soft_cap, self.sliding_window_size,
                 block_size=dot_product_attention.BLOCK_SIZE)       # (B, K, G, T, h)
         out = ops.reshape(ops.transpose(out, (0, 3, 1, 2, 4)), (B, T, K * G, h))
-        return self.attention_output(out)
+        return add_per_row_lora(self.attention_output(out), out, lora, "attention_output",
+                                "btnh,bnhr->btr", "btr,brd->btd")
 
     def compute_output_spec(self, x, padding_mask, training=False, lora=None):
         return keras.KerasTensor(x.shape, dtype=self.compute_dtype)

@@ -6,6 +6,7 @@ from keras import ops
 from gemma_core.gemma_attention import GemmaAttention
 from gemma_core.gemma_einsum_dense import GemmaEinsumDense
 from gemma_core.matmul_precision import matmul_precision
+from gemma_core.per_row_lora import add_per_row_lora
 from gemma_core.rms_normalization import RMSNormalization
 
 
@@ -91,8 +92,13 @@ class GemmaDecoderBlock(keras.layers.Layer):
             a = self.post_attention_norm(a)
         x = x + self.dropout_layer(a, training=training)
         h = self.pre_ffw_norm(x)
-        f = ops.gelu(self.ffw_gating(h), approximate=True) * self.ffw_gating_2(h)
-        f = self.ffw_linear(f)
+        gate = add_per_row_lora(self.ffw_gating(h), h, lora, "ffw_gating",
+                                "btd,bdr->btr", "btr,brf->btf")
+        up = add_per_row_lora(self.ffw_gating_2(h), h, lora, "ffw_gating_2",
+                              "btd,bdr->btr", "btr,brf->btf")
+        f = ops.gelu(gate, approximate=True) * up
+        f = add_per_row_lora(self.ffw_linear(f), f, lora, "ffw_linear",
+                             "btf,bfr->btr", "btr,brd->btd")
         if self.use_post_ffw_norm:
             f = self.post_ffw_norm(f)
         return x + f

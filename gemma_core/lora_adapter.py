@@ -7,15 +7,16 @@ instance: it can be checked against a config, converted between formats,
 sent to a worker and written into an adapter slot. keras_hub adapts query
 and value with per-head factors; PEFT adapters may adapt all seven, with
 their own factor form for query, key and value and a rank and alpha per
-module. keras_hub `.lora.h5` files, the registry's safetensors, the served
-adapter slots and the trainer hold only "keras_hub form" (query and value,
-per-head factors, one rank and alpha): `check_fits` refuses anything else
-by default, so none of them ever drops factors it cannot hold.
+module. The registry's safetensors, the served adapter slots and the
+trainer hold any of them; keras_hub `.lora.h5` files hold only "keras_hub
+form" (query and value, per-head factors, one rank and alpha), and
+`as_keras_hub` rewrites what can be rewritten into it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import BinaryIO, Mapping
@@ -173,6 +174,11 @@ class LoraAdapter:
         return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
     @property
+    def largest_rank(self) -> int:
+        """The largest rank of any pair (what an adapter slot must hold)."""
+        return max(self.pair_rank(key) for key in self.kernels)
+
+    @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t for t in lora_targets.TARGETS
                      if any(target == t for _, target in self.kernels))
@@ -185,13 +191,12 @@ class LoraAdapter:
         return sum(a.size + b.size for a, b in self.kernels.values())
 
     def _not_keras_hub_form(self) -> str | None:
-        """Why keras_hub files and served slots cannot hold this adapter as
-        it is, or None if they can."""
+        """Why keras_hub `.lora.h5` files cannot hold this adapter as it is,
+        or None if they can."""
         others = [t for t in self.targets if t not in gemma_lora.LORA_TARGETS]
         if others:
-            return (f"it adapts {', '.join(others)}; keras_hub LoRA files and the served "
-                    "adapter slots hold query and value only (apply it with apply_to or "
-                    "write it with write_peft)")
+            return (f"it adapts {', '.join(others)}; keras_hub LoRA files hold query and "
+                    "value only (write it as PEFT with write_peft)")
         if any(form_of(t, a) == PEFT_FORM for (_, t), (a, _) in self.kernels.items()):
             return ("its query/value factors are in PEFT's form (one a for all heads); "
                     "as_keras_hub() rewrites them in keras_hub's per-head form")
@@ -200,14 +205,13 @@ class LoraAdapter:
                     "folds them into one rank")
         return None
 
-    def check_fits(self, config: GemmaConfig, keras_hub_form: bool = True) -> None:
+    def check_fits(self, config: GemmaConfig, keras_hub_form: bool = False) -> None:
         """Raises AdapterMismatch unless every pair fits `config`'s shapes
-        and, with `keras_hub_form` (the default), the adapter is in keras_hub
-        form (module docstring): all that `.lora.h5` files, LoraSlotTable,
-        LoraTrainer and the adapter registry hold.
+        and, with `keras_hub_form`, the adapter is in keras_hub form (module
+        docstring), all that a `.lora.h5` file holds.
 
         Example:
-        >>> adapter.check_fits(config, keras_hub_form=False)  # for apply_to
+        >>> adapter.check_fits(config)
         """
         for (block, target), (a, b) in sorted(self.kernels.items()):
             if not 0 <= block < config.num_layers:
@@ -249,36 +253,48 @@ class LoraAdapter:
                     rng.normal(0, std if b_std is None else b_std, b_shape).astype("float32"))
         return cls(rank=rank, alpha=float(rank if alpha is None else alpha), kernels=kernels)
 
-    # ---- keras_hub form: the registry's safetensors and .lora.h5 files -------------
+    # ---- the registry's safetensors ----------------------------------------------
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """Flat name -> float32 array map, for safetensors (keras_hub form
-        only: the names and the rank/alpha metadata hold nothing more)."""
-        problem = self._not_keras_hub_form()
-        if problem:
-            raise AdapterMismatch(f"the adapter's tensors() hold keras_hub form only: {problem}.")
+        """Flat name -> float32 array map, for safetensors; with `metadata()`
+        it is the whole adapter (each pair's rank and form are its shapes)."""
         out = {}
         for (block, target), (a, b) in sorted(self.kernels.items()):
             out[tensor_name(block, target, "a")] = np.ascontiguousarray(a, "float32")
             out[tensor_name(block, target, "b")] = np.ascontiguousarray(b, "float32")
         return out
 
+    def metadata(self) -> dict[str, str]:
+        """The scaling, as safetensors string metadata: `rank`, `alpha`, and
+        where set `use_rslora` ("true") and `alpha_pattern` (JSON, "<block>.
+        <target>" -> alpha)."""
+        metadata = {"rank": str(self.rank), "alpha": repr(float(self.alpha))}
+        if self.use_rslora:
+            metadata["use_rslora"] = "true"
+        if self.alphas:
+            metadata["alpha_pattern"] = json.dumps(
+                {f"{block}.{target}": float(alpha)
+                 for (block, target), alpha in sorted(self.alphas.items())})
+        return metadata
+
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, np.ndarray], rank: int,
-                     alpha: float) -> "LoraAdapter":
-        """The inverse of `tensors`; raises MalformedAdapter on unknown or
-        duplicate names, unpaired factors, or elements that are not floats
-        (bfloat16, float16 and float64 are cast to float32; values that
-        overflow it are refused as infinite)."""
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray],
+                     metadata: Mapping[str, str]) -> "LoraAdapter":
+        """The inverse of `tensors` and `metadata`; raises MalformedAdapter on
+        unknown or duplicate names, unpaired factors, elements that are not
+        floats (bfloat16, float16 and float64 are cast to float32; values
+        that overflow it are refused as infinite), or metadata that is not
+        `metadata()`'s."""
         pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
         for name, value in tensors.items():
             parts = name.split(".")
             if (len(parts) != 4 or parts[0] != "blocks" or not _is_index(parts[1])
-                    or parts[2] not in gemma_lora.LORA_TARGETS
+                    or parts[2] not in lora_targets.TARGETS
                     or parts[3] not in ("lora_a", "lora_b")):
                 raise MalformedAdapter(f"unexpected tensor {name!r}; adapter tensors are named "
-                                       "blocks.<i>.<query|value>.lora_<a|b>, <i> a block "
-                                       "index without leading zeros.")
+                                       "blocks.<i>.<target>.lora_<a|b>, <i> a block index "
+                                       "without leading zeros, <target> one of "
+                                       f"{', '.join(lora_targets.TARGETS)}.")
             dtype = np.asarray(value).dtype
             if dtype.kind != "f" and dtype != ml_dtypes.bfloat16:
                 raise MalformedAdapter(f"tensor {name!r} holds {dtype} values; LoRA factors "
@@ -293,7 +309,10 @@ class LoraAdapter:
             with np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
                 kernels[key] = (np.asarray(pair["lora_a"], "float32"),
                                 np.asarray(pair["lora_b"], "float32"))
-        return cls(rank=int(rank), alpha=float(alpha), kernels=kernels)
+        rank, alpha, use_rslora, alphas = _scaling(metadata)
+        ranks = {key: a.shape[-1] for key, (a, _) in kernels.items() if a.shape[-1] != rank}
+        return cls(rank=rank, alpha=alpha, kernels=kernels, ranks=ranks, alphas=alphas,
+                   use_rslora=use_rslora)
 
     def as_keras_hub(self) -> "LoraAdapter":
         """The same updates in keras_hub form: PEFT-form query/value pairs
@@ -340,7 +359,7 @@ class LoraAdapter:
         adapter = cls(rank=rank, alpha=float(rank), kernels={
             place: (np.asarray(a, "float32"), np.asarray(b, "float32"))
             for place, (a, b) in kernels.items()})
-        adapter.check_fits(config)
+        adapter.check_fits(config, keras_hub_form=True)
         return adapter
 
     def write_lora_file(self, path: str | os.PathLike | BinaryIO, config: GemmaConfig) -> None:
@@ -355,7 +374,7 @@ class LoraAdapter:
                 `config`.
         """
         adapter = self.as_keras_hub()
-        adapter.check_fits(config)
+        adapter.check_fits(config, keras_hub_form=True)
         if isinstance(path, (str, os.PathLike)) and not os.fspath(path).endswith(".lora.h5"):
             raise PresetError(f"LoRA files end in '.lora.h5', got {path}.")
         # keras_hub reads a pair for every query and value layer, so the ones
@@ -392,7 +411,7 @@ class LoraAdapter:
                  if a.shape[-1] != lora.rank}
         adapter = cls(rank=lora.rank, alpha=lora.alpha, kernels=lora.kernels, ranks=ranks,
                       alphas=lora.alphas, use_rslora=lora.use_rslora)
-        adapter.check_fits(config, keras_hub_form=False)
+        adapter.check_fits(config)
         return adapter
 
     def write_peft(self, directory: str | os.PathLike, config: GemmaConfig,
@@ -407,7 +426,7 @@ class LoraAdapter:
         Example:
         >>> adapter.write_peft("out/my-adapter", config, "google/gemma-2-2b")
         """
-        self.check_fits(config, keras_hub_form=False)
+        self.check_fits(config)
         peft_format.write_peft(directory, peft_format.from_adapter(self, config),
                                base_model_name_or_path)
 
@@ -448,5 +467,26 @@ class LoraAdapter:
         Example:
         >>> LoraAdapter.from_peft("my-peft-adapter", backbone.config).apply_to(backbone)
         """
-        self.check_fits(backbone.config, keras_hub_form=False)
+        self.check_fits(backbone.config)
         lora_model.set_factors(self, backbone)
+
+
+def _scaling(metadata: Mapping[str, str]) -> tuple[int, float, bool, dict]:
+    """(rank, alpha, use_rslora, alphas) from `LoraAdapter.metadata()`'s form;
+    the values themselves are checked by LoraAdapter."""
+    try:
+        rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
+        use_rslora = {"true": True, "false": False}[metadata.get("use_rslora", "false")]
+        pattern = json.loads(metadata.get("alpha_pattern", "{}"))
+        alphas = {}
+        for key, value in pattern.items():
+            block, target = key.split(".")
+            if not _is_index(block) or isinstance(value, bool):
+                raise ValueError(key)
+            alphas[(int(block), target)] = float(value)
+    except (KeyError, ValueError, TypeError, AttributeError) as error:
+        raise MalformedAdapter(
+            f"the adapter's metadata is not valid ({type(error).__name__}: {error}); it holds "
+            "rank and alpha (numbers), and may hold use_rslora (\"true\" or \"false\") and "
+            "alpha_pattern (JSON mapping \"<block>.<target>\" to a number).") from None
+    return rank, alpha, use_rslora, alphas

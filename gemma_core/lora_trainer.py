@@ -1,7 +1,8 @@
 """Fine-tuning a LoRA adapter with the causal-LM loss, base weights frozen.
 
-The trainable state is one slot of a `LoraSlotTable` (L blocks, 1 slot,
-rank R): the same arrays the serving path feeds to
+The trainable state is one adapter's factors for every block, in the form
+the run trains (lora_targets), turned into one slot of a `LoraSlotTable` on
+every step: the same arrays the serving path feeds to
 `GemmaBackbone.selected_hidden_states`, so what is trained is exactly what is
 served. The backbone's weights enter the jitted step as arguments and are
 never differentiated; only the factors and the optimizer's state change.
@@ -22,11 +23,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from keras import ops
 
+from gemma_core import lora_targets
+from gemma_core.errors import AdapterMismatch
 from gemma_core.fine_tune_config import FineTuneConfig
 from gemma_core.lora_adapter import LoraAdapter
-from gemma_core.lora_slot_table import LoraSlotTable, Tables
-
-_TARGETS = ("query", "value")
+from gemma_core.lora_slot_table import LoraSlotTable, Tables, to_slot_form
+from gemma_core.lora_targets import HEAD_TARGETS
 
 
 def causal_lm_loss(backbone, variable_values, tables: Tables | None, token_ids,
@@ -136,10 +138,10 @@ def _replicated(backbone):
 
 
 class LoraTrainer:
-    """Trains LoRA on the query and value projections of every block.
+    """Trains LoRA on `config.targets` of every block, in `config.form`.
 
-    The factors start as a ~ N(0, 1/d), b = 0 (step 0 is the base model), or
-    as `initial`. b is kept without the `alpha / rank` scale, which the
+    The factors start as a ~ N(0, 1/fan_in), b = 0 (step 0 is the base
+    model), or as `initial`. b is kept without the `alpha / rank` scale, which the
     forward applies; so `adapter()` hands back the trained arrays as they
     are, and `LoraSlotTable.slot_values(trainer.adapter())` equals
     `trainer.tables()` bit for bit.
@@ -148,8 +150,9 @@ class LoraTrainer:
         backbone: a `GemmaBackbone`, possibly sharded under
             `keras.distribution.ModelParallel`; it is never modified.
         config: the run's hyper-parameters.
-        initial: an adapter to continue from (rank <= config.rank; missing
-            blocks or targets and the extra rank start as fresh factors).
+        initial: an adapter to continue from, on some of the run's targets in
+            its form (rank <= config.rank; missing blocks or targets and the
+            extra rank start as fresh factors).
 
     Example:
     >>> trainer = LoraTrainer(backbone, FineTuneConfig(rank=4, epochs=2))
@@ -162,12 +165,14 @@ class LoraTrainer:
                  initial: LoraAdapter | None = None):
         self.backbone = backbone
         self.config = config
-        self.layout = LoraSlotTable(backbone.config, num_slots=1, max_rank=config.rank)
+        self.layout = LoraSlotTable(backbone.config, num_slots=1, max_rank=config.rank,
+                                    targets=config.targets)
         params = self._initial_params(initial)
+        self._names = list(params)
         # Keras' AdamW, used statelessly: it sees these variables only to
         # build its state; the values themselves travel through the step.
         self._variables = [keras.Variable(params[name], name=name, dtype="float32")
-                           for name in self.layout.shapes()]
+                           for name in self._names]
         self._optimizer = keras.optimizers.AdamW(learning_rate=config.learning_rate,
                                                  weight_decay=config.weight_decay)
         self._optimizer.build(self._variables)
@@ -178,22 +183,38 @@ class LoraTrainer:
         self._jitted = jax.jit(self._train_step, out_shardings=sharding)
 
     def _initial_params(self, initial: LoraAdapter | None) -> Tables:
-        shapes, d = self.layout.shapes(), self.backbone.config.hidden_dim
-        rng = np.random.default_rng(self.config.seed)
-        params = {name: (rng.normal(0.0, 1.0 / math.sqrt(d), shape) if name.endswith("_a")
-                         else np.zeros(shape)).astype("float32")
-                  for name, shape in shapes.items()}
+        """"<target>_a" / "_b" -> (L, 1, *factor shape) in the run's form."""
+        model, run = self.backbone.config, self.config
+        rng = np.random.default_rng(run.seed)
+        params = {}
+        for target in run.targets:
+            a_shape, b_shape = lora_targets.factor_shapes(model, target, run.rank, run.form)
+            fan_in = math.prod(lora_targets.peft_axes(model, target)[0])
+            lead = (model.num_layers, 1)
+            params[f"{target}_a"] = rng.normal(0.0, 1.0 / math.sqrt(fan_in),
+                                               lead + a_shape).astype("float32")
+            params[f"{target}_b"] = np.zeros(lead + b_shape, "float32")
         if initial is None:
             return params
-        initial.check_fits(self.backbone.config)
-        r = initial.rank
-        if r > self.config.rank:
-            raise ValueError(f"the initial adapter has rank {r}, more than the fine-tune "
-                             f"rank {self.config.rank}; train at rank >= {r}.")
-        # Its update a @ b * initial.scale, rewritten over our scale; the
-        # extra rank keeps random a and zero b, so the forward is unchanged.
-        rescale = initial.scale / self.config.scale
+        initial.check_fits(model)
+        others = [t for t in initial.targets if t not in run.targets]
+        if others:
+            raise AdapterMismatch(f"the initial adapter adapts {others}, which this run does "
+                                  f"not train (its targets: {list(run.targets)}).")
+        rank = initial.largest_rank
+        if rank > run.rank:
+            raise ValueError(f"the initial adapter has rank {rank}, more than the fine-tune "
+                             f"rank {run.rank}; train at rank >= {rank}.")
         for (block, target), (a, b) in initial.kernels.items():
+            r = initial.pair_rank((block, target))
+            if target in HEAD_TARGETS and lora_targets.form_of(target, a) != run.form:
+                raise AdapterMismatch(
+                    f"the initial adapter's {target} factors are in {lora_targets.form_of(target, a)}"
+                    f"'s form but this run trains {run.form}'s (query/value-only runs train "
+                    "keras_hub's form, others PEFT's); choose targets that match it.")
+            # Its update a @ b * its scale, rewritten over our scale; the
+            # extra rank keeps random a and zero b, so the forward is unchanged.
+            rescale = initial.pair_scale((block, target)) / run.scale
             params[f"{target}_a"][block, 0, ..., :r] = a
             params[f"{target}_b"][block, 0, :r] = b if rescale == 1 else b * rescale
         return params
@@ -201,8 +222,13 @@ class LoraTrainer:
     def _tables(self, params: Tables) -> Tables:
         """Trainable values -> slot tables (the scale folded into b)."""
         scale = np.float32(self.config.scale)
-        return {name: value * scale if name.endswith("_b") else value
-                for name, value in params.items()}
+        tables = {}
+        for target in self.config.targets:
+            a, b = params[f"{target}_a"], params[f"{target}_b"] * scale
+            if target in HEAD_TARGETS:
+                a, b = to_slot_form(a, b, xp=jnp)
+            tables[f"{target}_a"], tables[f"{target}_b"] = a, b
+        return tables
 
     def _train_step(self, params, optimizer_values, base_values, token_ids, padding_mask):
         def loss_fn(params):
@@ -211,7 +237,7 @@ class LoraTrainer:
 
         # Differentiated in `params` only: the base weights are constants here.
         loss, grads = jax.value_and_grad(loss_fn)(params)
-        names = list(self.layout.shapes())
+        names = self._names
         new_values, optimizer_values = self._optimizer.stateless_apply(
             optimizer_values, [grads[n] for n in names], [params[n] for n in names])
         return dict(zip(names, new_values)), optimizer_values, loss
@@ -240,14 +266,16 @@ class LoraTrainer:
     def tables(self) -> Tables:
         """The current LoRA tables (L, 1, ...), float32 on the host, ready for
         `selected_hidden_states(..., lora=(tables, zeros))`."""
-        return self._tables({name: np.asarray(value) for name, value in self._params.items()})
+        return {name: np.asarray(value) for name, value in self._tables(self._params).items()}
 
     def adapter(self) -> LoraAdapter:
         """The current factors as an adapter of rank `config.rank` and alpha
-        `config.lora_alpha`, with kernels for every block and target."""
+        `config.lora_alpha`, with kernels for every block and target, in the
+        run's form."""
         params = {name: np.asarray(value) for name, value in self._params.items()}
         kernels = {(block, target): (params[f"{target}_a"][block, 0].copy(),
                                      params[f"{target}_b"][block, 0].copy())
-                   for block in range(self.backbone.num_layers) for target in _TARGETS}
+                   for block in range(self.backbone.num_layers)
+                   for target in self.config.targets}
         return LoraAdapter(rank=self.config.rank, alpha=self.config.lora_alpha,
                            kernels=kernels)

@@ -65,7 +65,7 @@ def test_every_way_in_refuses_them(tmp_path):
     tensors = LoraAdapter.random(DEFAULT_CONFIG, rank=4, seed=0).tensors()
     tensors["blocks.2.value.lora_b"] = kernels[(2, "value")][1]
     with pytest.raises(MalformedAdapter, match="block 2 value"):
-        LoraAdapter.from_tensors(tensors, 4, 4.0)
+        LoraAdapter.from_tensors(tensors, {"rank": "4", "alpha": "4.0"})
     path = tmp_path / "attack.lora.h5"
     write_lora_file(path, 4, {
         keras_hub_lora_index(block, target, DEFAULT_CONFIG.use_post_attention_norm,

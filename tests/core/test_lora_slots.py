@@ -99,7 +99,7 @@ def test_keras_hub_fixture_adapter_reproduces_reference():
 
 def test_adapter_formats_round_trip(tmp_path):
     adapter = random_adapter(7, 3, alpha=6.0)
-    again = LoraAdapter.from_tensors(adapter.tensors(), adapter.rank, adapter.alpha)
+    again = LoraAdapter.from_tensors(adapter.tensors(), adapter.metadata())
     for key, (a, b) in adapter.kernels.items():
         np.testing.assert_array_equal(again.kernels[key][0], a)
         np.testing.assert_array_equal(again.kernels[key][1], b)

@@ -11,6 +11,7 @@ from gemma_core import (AdapterMismatch, FineTuneConfig, GemmaBackbone, GemmaCon
                         iterate_batches, make_batches, total_steps)
 
 CONFIG = GemmaConfig(**TINY_CONFIG)
+QV = ("query", "value")
 LAST = np.array([CONFIG.num_layers], "int32")
 # A learnable dataset: every sequence cycles through one pattern, from
 # different starting points and with different lengths.
@@ -134,7 +135,8 @@ def test_adapter_is_exactly_the_trained_tables(backbone, trained):
     assert (adapter.rank, adapter.alpha) == (4, 6.0)
     assert set(adapter.kernels) == {(b, t) for b in range(2) for t in ("query", "value")}
     tables = trainer.tables()
-    slot = LoraSlotTable(CONFIG, num_slots=1, max_rank=4).slot_values(adapter)
+    slot = LoraSlotTable(CONFIG, num_slots=1, max_rank=4,
+                         targets=QV).slot_values(adapter)
     for name, value in slot.items():
         np.testing.assert_array_equal(value, tables[name][:, 0])
     # The adapter on a fresh enable_lora model computes what training computed.
@@ -156,7 +158,8 @@ def test_inexact_scale_still_round_trips_bit_for_bit(backbone):
     for ids, mask in iterate_batches(SEQUENCES, config):
         trainer.step(ids, mask)
     tables = trainer.tables()
-    slot = LoraSlotTable(CONFIG, num_slots=1, max_rank=3).slot_values(trainer.adapter())
+    slot = LoraSlotTable(CONFIG, num_slots=1, max_rank=3,
+                         targets=QV).slot_values(trainer.adapter())
     for name, value in slot.items():
         np.testing.assert_array_equal(value, tables[name][:, 0])
     assert np.abs(tables["value_b"]).max() > 0

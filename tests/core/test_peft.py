@@ -220,7 +220,7 @@ def test_missing_files_and_other_models(base, tmp_path):
         LoraAdapter.from_peft(source, wider)
 
 
-def test_keras_hub_files_and_slots_hold_query_and_value_only(base, tmp_path):
+def test_keras_hub_files_hold_query_and_value_only(base, tmp_path):
     all_linear = LoraAdapter.from_peft(FIXTURES / FIXTURE / "peft_all", base.config)
     with pytest.raises(AdapterMismatch, match="query and value only"):
         all_linear.write_lora_file(tmp_path / "x.lora.h5", base.config)
@@ -229,12 +229,51 @@ def test_keras_hub_files_and_slots_hold_query_and_value_only(base, tmp_path):
     with pytest.raises(AdapterMismatch, match="query and value only"):
         model.save_lora_weights(tmp_path / "x.lora.h5")
     assert not (tmp_path / "x.lora.h5").exists()
-    table = LoraSlotTable(base.config, num_slots=2, max_rank=64)
-    with pytest.raises(AdapterMismatch, match="query and value only"):
-        table.slot_values(all_linear)
-    qv = LoraAdapter.from_peft(FIXTURES / FIXTURE / "peft_qv", base.config)
-    with pytest.raises(AdapterMismatch, match="as_keras_hub"):
-        table.slot_values(qv)
+    narrow = LoraSlotTable(base.config, num_slots=2, max_rank=64, targets=("query", "value"))
+    with pytest.raises(ValueError, match="adapts .*attention_output"):
+        narrow.slot_values(all_linear)
+    with pytest.raises(ValueError, match="raise --max-adapter-rank"):
+        LoraSlotTable(base.config, num_slots=2, max_rank=2).slot_values(all_linear)
+
+
+def test_one_batch_mixes_every_kind_of_adapter(base, tmp_path):
+    """Rows of the three PEFT adapters (all-linear, q/v, rsLoRA with rank and
+    alpha patterns), a keras_hub .lora.h5 adapter and the base model in one
+    batch: each row equals its adapter alone (1e-5) and transformers + peft
+    (1e-4)."""
+    ref = reference(FIXTURE)
+    inputs = reference_inputs(FIXTURE)
+    qv_h5 = tmp_path / "qv.lora.h5"
+    LoraAdapter.from_peft(FIXTURES / FIXTURE / "peft_qv", base.config).write_lora_file(
+        qv_h5, base.config)
+    adapters = {name: LoraAdapter.from_peft(FIXTURES / FIXTURE / name, base.config)
+                for name in ADAPTERS}
+    adapters["lora_h5"] = LoraAdapter.from_lora_file(qv_h5, base.config)
+    expected = {**{name: ref[f"hidden_states_{name}"] for name in ADAPTERS},
+                "lora_h5": ref["hidden_states_peft_qv"], "base": ref["hidden_states"]}
+    names = list(adapters) + ["base"]
+    table = LoraSlotTable(base.config, num_slots=len(adapters) + 1, max_rank=16)
+    tables = table.zeros()
+    for slot, name in enumerate(adapters, start=1):
+        tables = table.write(tables, slot, table.slot_values(adapters[name]))
+    rows = len(inputs["token_ids"])
+    slots = np.repeat(np.array([names.index(n) + 1 if n != "base" else 0 for n in names],
+                               "int32"), rows)
+    ids = np.tile(inputs["token_ids"], (len(names), 1))
+    mask = np.tile(inputs["padding_mask"], (len(names), 1))
+    last = np.array([base.num_layers], "int32")
+    mixed = np.asarray(base.selected_hidden_states(ids, mask, last, lora=(tables, slots)))[0]
+    for i, name in enumerate(names):
+        got = mixed[i * rows:(i + 1) * rows]
+        alone_tables = table.zeros()
+        if name != "base":
+            alone_tables = table.write(alone_tables, 1, table.slot_values(adapters[name]))
+        alone = np.asarray(base.selected_hidden_states(
+            inputs["token_ids"], inputs["padding_mask"], last,
+            lora=(alone_tables, np.full(rows, int(name != "base"), "int32"))))[0]
+        np.testing.assert_allclose(valid(got, ref), valid(alone, ref), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(valid(got, ref), valid(expected[name], ref), atol=1e-4,
+                                   rtol=0, err_msg=name)
 
 
 def test_a_query_value_peft_adapter_converts_exactly_to_keras_hub_form(base, tmp_path):
