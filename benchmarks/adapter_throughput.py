@@ -9,17 +9,21 @@ serves with), with R concurrent requests of T tokens (default 8 x 32) and
 rank-8 adapters, it measures:
 
 1. mixed: the R rows use R different adapters (slots 1..R) in ONE call of
-   `ShardedBackbone.run` (per-row slot ids, stacked factors);
+   `ShardedBackbone.run` (per-row slot ids, stacked factors), twice: with
+   query/value adapters (keras_hub form), and with all-linear ones (all
+   seven projections, PEFT's factor form, as users' PEFT adapters come).
+   The worker's slots hold one set at a time: each set is written into
+   slots 1..R once and its tables are swapped in by reference per call;
 2. base: the same R rows all on slot 0 through the same compiled function,
    and the plain base model (`selected_hidden_states(..., lora=None)`,
-   jitted, no LoRA path at all); mixed / base throughput against both
+   jitted, no LoRA path at all); each mixed / base throughput against both
    (target: >= 0.8);
 3. swapping: the R requests one after another, as a single-adapter server
-   would serve them: for each, merge its adapter into the query/value
-   kernels (`kernel + scale * a @ b`, one jitted function over the base
+   would serve them: for each, merge its adapter into the kernels it
+   adapts (`kernel + scale * a @ b`, one jitted function over the base
    kernels, factors already on the device) and run that one request
-   (1 x T) with the plain base forward; the whole round of R is timed.
-   mixed / swapping throughput (target: >= 3);
+   (1 x T) with the plain base forward; the whole round of R is timed, for
+   each adapter set. mixed / swapping throughput (target: >= 3);
 4. adapter load to first served result: `write_slot` (host LoraAdapter ->
    device slot table) then the first 1 x T forward using that slot, result
    on the host; p50 and p99 over --loads distinct adapters (target: p50 <
@@ -32,9 +36,9 @@ rank-8 adapters, it measures:
 Throughput cases are compiled and warmed first, then interleaved repeat by
 repeat (the machines are shared and noisy; only ratios measured in the same
 run mean anything); each call ends with its result on the host, as in the
-worker. Correctness is asserted on the side: row i of the mixed batch equals
-adapter i alone through the merged-kernel path within 1e-4, slot 0 equals
-the plain base model, and every adapter actually changes the output.
+worker. Correctness is asserted on the side: row i of each mixed batch
+equals adapter i alone through the merged-kernel path within 1e-4, slot 0
+equals the plain base model, and every adapter actually changes the output.
 This is a report: it prints PASS/MISS and exits 0 (1 only if a check fails).
 """
 
@@ -47,6 +51,7 @@ os.environ.pop("GEMMA_SERVE_API_KEYS", None)  # auth off for --service
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -71,21 +76,15 @@ TOLERANCE = 1e-4               # mixed row i vs adapter i merged, max abs
 # ---- adapters -------------------------------------------------------------------
 
 
-def random_adapter(config, rank, alpha, rng):
-    """A LoraAdapter on every block's query and value projections. a ~ N(0,
-    1/d), b ~ N(0, 0.05^2): the update is a sizeable fraction of the kernel,
-    so a wrong slot or a missing adapter shows far above the tolerance."""
+def random_adapter(config, rank, alpha, rng, **options):
+    """A LoraAdapter on every block's query and value projections (`options`:
+    LoraAdapter.random's targets and form). a ~ N(0, 1/d), b ~ N(0, 0.05^2):
+    the update is a sizeable fraction of the kernel, so a wrong slot or a
+    missing adapter shows far above the tolerance."""
     from gemma_core import LoraAdapter
 
     return LoraAdapter.random(config, rank, alpha, seed=int(rng.integers(2**31)),
-                              std=1 / np.sqrt(config.hidden_dim), b_std=0.05)
-
-
-def stacked_factors(adapter, num_layers):
-    """(a_q (L, N, d, r), b_q (L, r, h), a_v (L, K, d, r), b_v (L, r, h)),
-    unscaled, as numpy."""
-    return tuple(np.stack([adapter.kernels[(block, target)][i] for block in range(num_layers)])
-                 for target in ("query", "value") for i in (0, 1))
+                              std=1 / np.sqrt(config.hidden_dim), b_std=0.05, **options)
 
 
 # ---- timing ---------------------------------------------------------------------
@@ -122,6 +121,7 @@ class Bench:
         import jax
         import jax.numpy as jnp
 
+        from gemma_core import lora_targets
         from worker.sharded_backbone import ShardedBackbone
         from worker.worker_config import BatchingConfig, WorkerSpec
 
@@ -145,24 +145,23 @@ class Bench:
         self._plain = jax.jit(plain)
         self.values = [v.value for v in backbone.variables]
 
-        def index_of(variable):
-            return next(i for i, v in enumerate(backbone.variables) if v is variable)
+        # (block, target) -> the index of that projection's kernel in `values`.
+        position = {id(v): i for i, v in enumerate(backbone.variables)}
+        self.kernel_index = {
+            (i, target): position[id(getattr(
+                block.attention if target in lora_targets.ATTENTION_TARGETS else block,
+                target).kernel)]
+            for i, block in enumerate(backbone.transformer_layers)
+            for target in lora_targets.TARGETS}
 
-        self.query_index = [index_of(block.attention.query.kernel)
-                            for block in backbone.transformer_layers]
-        self.value_index = [index_of(block.attention.value.kernel)
-                            for block in backbone.transformer_layers]
-
-        def merge(query_kernels, value_kernels, a_q, b_q, a_v, b_v, scale):
-            """kernel + scale * a @ b on every block's query and value."""
-            return ([k + scale * jnp.einsum("ndr,rh->ndh", a_q[i], b_q[i])
-                     for i, k in enumerate(query_kernels)],
-                    [k + scale * jnp.einsum("ndr,rh->ndh", a_v[i], b_v[i])
-                     for i, k in enumerate(value_kernels)])
+        def merge(kernels, factors):
+            """kernel + a @ b (scale already in b) on every adapted kernel;
+            a PEFT-form query/key/value pair is a (d, r), b (r, n, h)."""
+            return {key: kernels[key] + (jnp.einsum("dr,rnh->ndh", a, b)
+                                         if a.ndim == 2 and b.ndim == 3 else a @ b)
+                    for key, (a, b) in factors.items()}
 
         self._merge = jax.jit(merge)
-        self.base_query = [self.values[i] for i in self.query_index]
-        self.base_value = [self.values[i] for i in self.value_index]
 
     def run(self, token_ids, padding_mask, slot_ids):
         """What the worker runs: (K, B, T, d) on the host."""
@@ -174,79 +173,87 @@ class Bench:
         return np.asarray(self._plain(self.values if values is None else values,
                                       token_ids, padding_mask, self.layer_ids))
 
-    def merged_values(self, device_factors, scale):
-        """The variable values with one adapter merged into query/value."""
-        query, value = self._merge(self.base_query, self.base_value, *device_factors,
-                                   np.float32(scale))
+    def device_factors(self, adapter):
+        """{(block, target): (a, scale * b)} on the device, ready to merge."""
+        return self.jax.device_put({key: (a, b * adapter.pair_scale(key))
+                                    for key, (a, b) in adapter.kernels.items()})
+
+    def merged_values(self, device_factors):
+        """The variable values with one adapter merged into its kernels."""
+        merged = self._merge({key: self.values[self.kernel_index[key]]
+                              for key in device_factors}, device_factors)
         values = list(self.values)
-        for i, kernel in zip(self.query_index, query):
-            values[i] = kernel
-        for i, kernel in zip(self.value_index, value):
-            values[i] = kernel
+        for key, kernel in merged.items():
+            values[self.kernel_index[key]] = kernel
         return values
 
-    def swap_and_run(self, device_factors, scale, token_ids, padding_mask):
+    def swap_and_run(self, device_factors, token_ids, padding_mask):
         """One single-adapter request: merge, then the plain forward."""
-        return self.plain(token_ids, padding_mask, self.merged_values(device_factors, scale))
+        return self.plain(token_ids, padding_mask, self.merged_values(device_factors))
 
 
 def throughput(bench, args, rng):
     """Cases 1-3 and the correctness checks; returns a dict of results."""
-    jax = bench.jax
+    from gemma_core import lora_targets
+
     cfg = bench.config
     R, T = args.rows, args.seq
-    adapters = [random_adapter(cfg, args.rank, args.alpha, rng) for _ in range(R)]
-    for slot, adapter in enumerate(adapters, start=1):
-        bench.model.write_slot(slot, adapter)
-    device_factors = [jax.device_put(stacked_factors(a, cfg.num_layers)) for a in adapters]
+    sets = {"qv": [random_adapter(cfg, args.rank, args.alpha, rng) for _ in range(R)],
+            "all": [random_adapter(cfg, args.rank, args.alpha, rng,
+                                   targets=lora_targets.TARGETS, form="peft")
+                    for _ in range(R)]}
+    # Each set is written into slots 1..R once and its tables kept: the
+    # worker's R slots hold one set at a time, and the calls alternate sets.
+    tables, factors = {}, {}
+    for name, adapters in sets.items():
+        for slot, adapter in enumerate(adapters, start=1):
+            bench.model.write_slot(slot, adapter)
+        tables[name] = bench.model.lora_tables
+        factors[name] = [bench.device_factors(a) for a in adapters]
     token_ids = rng.integers(0, cfg.vocabulary_size, (R, T)).astype("int32")
     padding_mask = np.ones((R, T), "int32")
     mixed_slots = np.arange(1, R + 1, dtype="int32")
     base_slots = np.zeros((R,), "int32")
 
+    def mixed(name):
+        bench.model.lora_tables = tables[name]  # that set in slots 1..R
+        return bench.run(token_ids, padding_mask, mixed_slots)
+
+    def swap_round(name):
+        for i in range(R):
+            bench.swap_and_run(factors[name][i], token_ids[i:i + 1], padding_mask[i:i + 1])
+
+    def merge_only(name):
+        bench.jax.block_until_ready(bench.merged_values(factors[name][0]))
+
     # Correctness first (this also compiles every function used below).
-    mixed = bench.run(token_ids, padding_mask, mixed_slots)
     slot0 = bench.run(token_ids, padding_mask, base_slots)
     plain = bench.plain(token_ids, padding_mask)
-    alone = [bench.swap_and_run(device_factors[i], adapters[i].scale,
-                                token_ids[i:i + 1], padding_mask[i:i + 1])
-             for i in range(R)]
-    row_error = max(float(np.max(np.abs(mixed[:, i] - alone[i][:, 0]))) for i in range(R))
     base_error = float(np.max(np.abs(slot0 - plain)))
-    effect = min(float(np.max(np.abs(mixed[:, i] - plain[:, i]))) for i in range(R))
-    checks = [
-        (f"mixed row i == adapter i alone (merged kernels), max |diff| {row_error:.2e}",
-         row_error <= TOLERANCE),
-        (f"slot 0 == plain base model, max |diff| {base_error:.2e}", base_error <= TOLERANCE),
-        (f"every adapter changes its row, min max |diff| vs base {effect:.2e}",
-         effect > 100 * TOLERANCE),
-    ]
+    checks = [(f"slot 0 == plain base model, max |diff| {base_error:.2e}",
+               base_error <= TOLERANCE)]
+    for name, label in (("qv", "query/value"), ("all", "all-linear")):
+        out = mixed(name)
+        alone = [bench.swap_and_run(factors[name][i], token_ids[i:i + 1], padding_mask[i:i + 1])
+                 for i in range(R)]
+        row_error = max(float(np.max(np.abs(out[:, i] - alone[i][:, 0]))) for i in range(R))
+        effect = min(float(np.max(np.abs(out[:, i] - plain[:, i]))) for i in range(R))
+        checks += [
+            (f"{label} mixed row i == adapter i alone (merged kernels), max |diff| "
+             f"{row_error:.2e}", row_error <= TOLERANCE),
+            (f"every {label} adapter changes its row, min max |diff| vs base {effect:.2e}",
+             effect > 100 * TOLERANCE),
+        ]
 
-    def mixed_call():
-        bench.run(token_ids, padding_mask, mixed_slots)
-
-    def slot0_call():
-        bench.run(token_ids, padding_mask, base_slots)
-
-    def plain_call():
-        bench.plain(token_ids, padding_mask)
-
-    def swap_round():
-        for i in range(R):
-            bench.swap_and_run(device_factors[i], adapters[i].scale,
-                               token_ids[i:i + 1], padding_mask[i:i + 1])
-
-    def merge_only():
-        jax.block_until_ready(bench.merged_values(device_factors[0], adapters[0].scale))
-
-    def plain_one_row():
-        bench.plain(token_ids[:1], padding_mask[:1])
-
-    names = ["mixed", "slot0", "plain", "swap_round", "merge", "plain_1row"]
-    seconds = interleaved_seconds_per_call(
-        [mixed_call, slot0_call, plain_call, swap_round, merge_only, plain_one_row],
-        args.repeats, args.calls)
-    return dict(zip(names, seconds)), checks
+    cases = {"slot0": lambda: bench.run(token_ids, padding_mask, base_slots),
+             "plain": lambda: bench.plain(token_ids, padding_mask),
+             "plain_1row": lambda: bench.plain(token_ids[:1], padding_mask[:1])}
+    for name in sets:
+        cases[f"mixed_{name}"] = functools.partial(mixed, name)
+        cases[f"swap_round_{name}"] = functools.partial(swap_round, name)
+        cases[f"merge_{name}"] = functools.partial(merge_only, name)
+    seconds = interleaved_seconds_per_call(list(cases.values()), args.repeats, args.calls)
+    return dict(zip(cases, seconds)), checks
 
 
 def load_latency(bench, args, rng):
@@ -277,8 +284,7 @@ def load_latency(bench, args, rng):
     # the merged-kernel path, outside the timing.
     error = 0.0
     for adapter, (out, again) in zip(adapters[2:], outputs):
-        factors = bench.jax.device_put(stacked_factors(adapter, cfg.num_layers))
-        reference = bench.swap_and_run(factors, adapter.scale, token_ids, padding_mask)
+        reference = bench.swap_and_run(bench.device_factors(adapter), token_ids, padding_mask)
         error = max(error, float(np.max(np.abs(out - reference))),
                     float(np.max(np.abs(again - reference))))
     check = (f"each first result after write_slot == that adapter merged, max |diff| "
@@ -387,7 +393,8 @@ def main():
               f"cpu cores: {os.cpu_count()}  jax {jax.__version__} devices: {jax.devices()}")
         print(f"config: {cfg}, float32, random weights")
         print(f"{args.rows} requests x {args.seq} tokens; adapters rank {args.rank}, "
-              f"alpha {args.alpha:g}, all {cfg['num_layers']} blocks' query+value; slot "
+              f"alpha {args.alpha:g}, on all {cfg['num_layers']} blocks' query+value "
+              f"(keras_hub form) or all seven projections (all-linear, PEFT form); slot "
               f"table rank {args.max_rank}; repeats {args.repeats} x {args.calls} calls",
               flush=True)
         started = time.perf_counter()
@@ -416,22 +423,21 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
     R = args.rows
-    rate = {k: R / secs[k] for k in ("mixed", "slot0", "plain", "swap_round")}
+    rate = {k: R / secs[k] for k in secs}
     rows = []
 
     def add(name, value, baseline, ratio, target, met, unit):
         rows.append((name, f"{value:.1f} {unit}", f"{baseline:.1f} {unit}", f"{ratio:.2f}",
                      target, "-" if met is None else ("PASS" if met else "MISS")))
 
-    add("mixed vs base, same fn (slot 0)", rate["mixed"], rate["slot0"],
-        rate["mixed"] / rate["slot0"], f">= {MIXED_VS_BASE_TARGET}",
-        rate["mixed"] / rate["slot0"] >= MIXED_VS_BASE_TARGET, "req/s")
-    add("mixed vs plain base (no LoRA)", rate["mixed"], rate["plain"],
-        rate["mixed"] / rate["plain"], f">= {MIXED_VS_BASE_TARGET}",
-        rate["mixed"] / rate["plain"] >= MIXED_VS_BASE_TARGET, "req/s")
-    add("mixed vs swapping merged", rate["mixed"], rate["swap_round"],
-        rate["mixed"] / rate["swap_round"], f">= {MIXED_VS_SWAP_TARGET:g}",
-        rate["mixed"] / rate["swap_round"] >= MIXED_VS_SWAP_TARGET, "req/s")
+    for name, prefix in (("qv", ""), ("all", "all-linear ")):
+        mixed = rate[f"mixed_{name}"]
+        for what, baseline, target in (
+                ("base, same fn (slot 0)", rate["slot0"], MIXED_VS_BASE_TARGET),
+                ("plain base (no LoRA)", rate["plain"], MIXED_VS_BASE_TARGET),
+                ("swapping merged", rate[f"swap_round_{name}"], MIXED_VS_SWAP_TARGET)):
+            add(f"{prefix}mixed vs {what}", mixed, baseline, mixed / baseline,
+                f">= {target:g}", mixed / baseline >= target, "req/s")
     warm50 = percentile_ms(loads["warm"], 50)
     for q in (50, 99):
         value = percentile_ms(loads["first"], q)
@@ -457,14 +463,15 @@ def main():
     for r in rows:
         print(line.format(*r))
     print()
-    print(f"per call (median): mixed {R}x{args.seq} {1e3 * secs['mixed']:.1f} ms, slot 0 "
-          f"{1e3 * secs['slot0']:.1f} ms, plain base {1e3 * secs['plain']:.1f} ms; swapping "
-          f"round of {R} {1e3 * secs['swap_round']:.1f} ms (merge alone "
-          f"{1e3 * secs['merge']:.1f} ms, plain 1x{args.seq} forward "
-          f"{1e3 * secs['plain_1row']:.1f} ms)")
-    ceiling = R * (secs["plain_1row"] + secs["merge"]) / secs["plain"]
-    print(f"batching gain of the base model itself: {R} x (plain 1x{args.seq} + merge) / "
-          f"plain {R}x{args.seq} = {ceiling:.2f}, the most mixed vs swapping can reach here")
+    ms = {k: 1e3 * v for k, v in secs.items()}
+    print(f"per call (median): slot 0 {R}x{args.seq} {ms['slot0']:.1f} ms, plain base "
+          f"{ms['plain']:.1f} ms, plain 1x{args.seq} forward {ms['plain_1row']:.1f} ms")
+    for name, label in (("qv", "query/value"), ("all", "all-linear")):
+        ceiling = R * (secs["plain_1row"] + secs[f"merge_{name}"]) / secs["plain"]
+        print(f"  {label}: mixed {ms[f'mixed_{name}']:.1f} ms; swapping round of {R} "
+              f"{ms[f'swap_round_{name}']:.1f} ms (merge alone {ms[f'merge_{name}']:.1f} ms); "
+              f"batching gain of the base model itself, {R} x (plain 1x{args.seq} + merge) / "
+              f"plain {R}x{args.seq} = {ceiling:.2f}, the most mixed vs swapping can reach")
     print(f"in-process load: write_slot p50 {percentile_ms(loads['writes'], 50):.1f} ms, p99 "
           f"{percentile_ms(loads['writes'], 99):.1f} ms; warm 1x{args.seq} run p50 "
           f"{warm50:.1f} ms; {len(loads['first'])} loads into "

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import shutil
+from pathlib import Path
 from typing import AsyncIterator
 
 import ray
 
 from coordinator.adapter_record import AdapterRecord, check_name
 from coordinator.adapter_registry import AdapterRegistry
+from coordinator import peft_archive
+from coordinator.adapter_sources import fetch_adapter
 from coordinator.errors import InvalidArgument
 from coordinator.off_loop import in_thread
 from coordinator.stream_guard import receive_to_file
@@ -46,15 +50,18 @@ class AdapterManager:
         registry: the adapters on disk.
         router: the workers.
         max_rank: the workers' slot rank; larger adapters are refused.
-        max_upload_bytes: upload size cap.
+        max_upload_bytes: upload size cap (and of what RegisterAdapter copies).
+        source_root: the one directory RegisterAdapter may read local paths
+            under (--adapter-source-root); None: no local paths.
     """
 
     def __init__(self, registry: AdapterRegistry, router: WorkerRouter, max_rank: int,
-                 max_upload_bytes: int):
+                 max_upload_bytes: int, source_root: Path | None = None):
         self.registry = registry
         self._router = router
         self.max_rank = max_rank
         self.max_upload_bytes = max_upload_bytes
+        self.source_root = source_root
         self._refs: collections.OrderedDict[str, ray.ObjectRef] = collections.OrderedDict()
 
     async def ref_for(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, AdapterRef]:
@@ -78,10 +85,11 @@ class AdapterManager:
 
     async def upload(self, tenant: str, name: str, fmt: str,
                      chunks: AsyncIterator[bytes]) -> AdapterRecord:
-        """Streams `chunks` to a scratch file, then validates and publishes.
-        Cancelled, it returns once the step in progress has ended (the
-        caller's upload slot held till then) and publishes nothing unless
-        the publish had begun.
+        """Streams `chunks` to a scratch file, then validates and publishes
+        (a "peft" upload is a tar archive, peft_archive). Cancelled, it
+        returns once the step in progress has ended (the caller's upload
+        slot held till then) and publishes nothing unless the publish had
+        begun.
 
         Raises:
             ResourceExhausted: more than `max_upload_bytes`.
@@ -89,6 +97,7 @@ class AdapterManager:
         """
         check_name("name", name)
         path = self.registry.new_upload_path()
+        unpacked = path.with_name(f"{path.name}.d")
         try:
             size = await receive_to_file(
                 chunks, path, self.max_upload_bytes,
@@ -96,16 +105,43 @@ class AdapterManager:
                 "(--max-upload-mib); LoRA adapters are usually far smaller.")
             if size == 0:
                 raise InvalidArgument("data", "the upload holds no bytes after the header.")
-            adapter = await in_thread(self.registry.read_file, path, fmt)
-            if adapter.largest_rank > self.max_rank:
-                raise InvalidArgument(
-                    "adapter", f"rank {adapter.largest_rank} is above this server's maximum adapter "
-                               f"rank {self.max_rank}; retrain at a lower rank or start the "
-                               "server with a larger --max-adapter-rank.")
-            return await in_thread(self.registry.publish, tenant, name, adapter,
-                                   f"upload:{fmt}")
+            source = path
+            if fmt == "peft":
+                unpacked.mkdir()
+                source = await in_thread(peft_archive.unpack, path, unpacked,
+                                         self.max_upload_bytes)
+            return await self._publish(tenant, name, source, fmt, f"upload:{fmt}")
         finally:
             path.unlink(missing_ok=True)
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+    async def register(self, tenant: str, name: str, source: str) -> AdapterRecord:
+        """Copies the adapter at `source` (adapter_sources) into a scratch
+        directory, then validates and publishes it as `upload` does.
+
+        Raises:
+            InvalidArgument, PermissionDenied, FailedPrecondition,
+            ResourceExhausted: see adapter_sources.fetch_adapter and `upload`.
+        """
+        check_name("name", name)
+        scratch = self.registry.new_upload_path()
+        scratch.mkdir()
+        try:
+            path, fmt = await in_thread(fetch_adapter, source, scratch, self.source_root,
+                                        self.max_upload_bytes)
+            return await self._publish(tenant, name, path, fmt, f"register:{source}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def _publish(self, tenant: str, name: str, path, fmt: str,
+                       source: str) -> AdapterRecord:
+        adapter = await in_thread(self.registry.read_file, path, fmt)
+        if adapter.largest_rank > self.max_rank:
+            raise InvalidArgument(
+                "adapter", f"rank {adapter.largest_rank} is above this server's maximum "
+                           f"adapter rank {self.max_rank}; retrain at a lower rank or start "
+                           "the server with a larger --max-adapter-rank.")
+        return await in_thread(self.registry.publish, tenant, name, adapter, source)
 
     async def load(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, list[str], float]:
         record, ref = await self.ref_for(tenant, adapter_id)
@@ -132,9 +168,11 @@ class AdapterManager:
                 where.setdefault(key, []).append(worker_id)
         return where
 
-    async def export_lora_h5(self, tenant: str, adapter_id: str) -> tuple[AdapterRecord, bytes]:
-        """The adapter as a keras_hub `.lora.h5` file's bytes. Built in memory,
-        not in a temporary file: a cancelled call leaves its thread running,
-        and that thread would write the file after any cleanup here."""
+    async def export(self, tenant: str, adapter_id: str,
+                     fmt: str) -> tuple[AdapterRecord, str, bytes]:
+        """(record, file name, bytes) of the adapter in `fmt`. Built in
+        memory, not in a temporary file: a cancelled call leaves its thread
+        running, and that thread would write the file after any cleanup here."""
         record = self.registry.resolve(tenant, adapter_id)
-        return record, await asyncio.to_thread(self.registry.export_lora_h5, record)
+        name, data = await asyncio.to_thread(self.registry.export, record, fmt)
+        return record, name, data

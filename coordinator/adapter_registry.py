@@ -36,7 +36,7 @@ from pathlib import Path
 
 import safetensors.numpy
 
-from coordinator.adapter_files import (another_base, lora_h5_bytes, payload_metadata,
+from coordinator.adapter_files import (another_base, export_file, payload_metadata,
                                       read_adapter_file)
 from coordinator.adapter_record import (FORMAT, MANIFEST_FILE, NAME_PATTERN, TENSORS_FILE,
                                         AdapterRecord, check_name, parse_adapter_id,
@@ -202,8 +202,9 @@ class AdapterRegistry:
 
     def read_file(self, path: str | os.PathLike, fmt: str) -> LoraAdapter:
         """Reads an adapter file without storing it: `fmt` "lora.h5" (keras_hub's
-        LoRA file; alpha is its rank) or "safetensors" (this registry's own
-        format, with metadata). See coordinator/adapter_files.py."""
+        LoRA file; alpha is its rank), "safetensors" (this registry's own
+        format, with metadata) or "peft" (a PEFT adapter directory). See
+        coordinator/adapter_files.py."""
         return read_adapter_file(path, fmt, self.base_config, self.base_fingerprint)
 
     def new_upload_path(self, suffix: str = "") -> Path:
@@ -326,16 +327,7 @@ class AdapterRegistry:
             if cached is not None and cached[0] == record.sha256:
                 self._cache.move_to_end(key)
                 return cached[1]
-        try:
-            payload = (record.path / TENSORS_FILE).read_bytes()
-        except FileNotFoundError:  # deleted meanwhile
-            raise _not_found(record.adapter_id) from None
-        if hashlib.sha256(payload).hexdigest() != record.sha256:
-            log.error("adapter %s/%s fails its checksum at %s", record.tenant,
-                      record.adapter_id, record.path)
-            raise FailedPrecondition(
-                f"adapter_id: adapter {record.adapter_id!r} is corrupt on disk (checksum "
-                "mismatch); delete and re-upload it.")
+        payload = self._stored_bytes(record)
         try:
             adapter = LoraAdapter.from_tensors(safetensors.numpy.load(payload),
                                                payload_metadata(payload))
@@ -352,10 +344,28 @@ class AdapterRegistry:
                 self._cache.popitem(last=False)
         return adapter
 
-    def export_lora_h5(self, record: AdapterRecord) -> bytes:
-        """`record`'s adapter as the bytes of a keras_hub `.lora.h5` file
-        (alpha/rank folded into b), built in memory."""
-        return lora_h5_bytes(self.load(record), self.base_config)
+    def _stored_bytes(self, record: AdapterRecord) -> bytes:
+        """`record`'s safetensors file, checked against its checksum."""
+        try:
+            payload = (record.path / TENSORS_FILE).read_bytes()
+        except FileNotFoundError:  # deleted meanwhile
+            raise _not_found(record.adapter_id) from None
+        if hashlib.sha256(payload).hexdigest() != record.sha256:
+            log.error("adapter %s/%s fails its checksum at %s", record.tenant,
+                      record.adapter_id, record.path)
+            raise FailedPrecondition(
+                f"adapter_id: adapter {record.adapter_id!r} is corrupt on disk (checksum "
+                "mismatch); delete and re-upload it.")
+        return payload
+
+    def export(self, record: AdapterRecord, fmt: str) -> tuple[str, bytes]:
+        """(file name, bytes) of `record`'s adapter in `fmt` ("lora.h5",
+        "safetensors" or "peft"; adapter_files.export_file), built in memory.
+        """
+        adapter = self.load(record)
+        stored = self._stored_bytes(record) if fmt == "safetensors" else b""
+        return export_file(adapter, fmt, self.base_config, stored,
+                           f"{record.name}-v{record.version}")
 
     # ---- startup -------------------------------------------------------------
 

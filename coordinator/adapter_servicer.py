@@ -12,8 +12,15 @@ from coordinator.stream_guard import UploadGuard, data_chunks
 from coordinator.tenant_auth import TenantAuth
 
 FORMATS = {pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5: "lora.h5",
-           pb.ADAPTER_FORMAT_SAFETENSORS: "safetensors"}
+           pb.ADAPTER_FORMAT_SAFETENSORS: "safetensors", pb.ADAPTER_FORMAT_PEFT: "peft"}
 EXPORT_CHUNK_BYTES = 1 << 20
+# A source is stored with every version it made (Adapter.source).
+MAX_SOURCE_CHARS = 1024
+
+
+async def _no_messages():
+    return
+    yield
 
 
 def adapter_message(record: AdapterRecord, resident_on=()) -> pb.Adapter:
@@ -44,9 +51,21 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             header = first.header
             if header.format not in FORMATS:
                 raise InvalidArgument("header.format", "say which format the file is in: "
-                                                       "KERAS_HUB_LORA_H5 or SAFETENSORS.")
+                                                       "KERAS_HUB_LORA_H5, SAFETENSORS or "
+                                                       "PEFT (a tar archive).")
             record = await self._adapters.upload(tenant, header.name, FORMATS[header.format],
                                                  data_chunks(messages, "header"))
+        return adapter_message(record)
+
+    async def RegisterAdapter(self, request, context):
+        tenant = self._tenant(context)
+        if len(request.source) > MAX_SOURCE_CHARS:
+            raise InvalidArgument("source", f"{len(request.source)} characters; sources are "
+                                            f"at most {MAX_SOURCE_CHARS}.")
+        # A copy in is an upload the server makes for the tenant: it takes one
+        # of the tenant's upload slots, so downloads cannot pile up.
+        with self._uploads.upload(tenant, _no_messages()):
+            record = await self._adapters.register(tenant, request.name, request.source)
         return adapter_message(record)
 
     async def LoadAdapter(self, request, context):
@@ -74,9 +93,12 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         return pb.DeleteAdapterResponse(deleted=[adapter_message(r) for r in records])
 
     async def ExportAdapter(self, request, context):
-        record, data = await self._adapters.export_lora_h5(self._tenant(context),
-                                                           request.adapter_id)
-        file_name = f"{record.name}-v{record.version}.lora.h5"
+        fmt = request.format or pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5
+        if fmt not in FORMATS:
+            raise InvalidArgument("format", f"{request.format} is not an AdapterFormat; use "
+                                            "KERAS_HUB_LORA_H5, SAFETENSORS or PEFT.")
+        _, file_name, data = await self._adapters.export(
+            self._tenant(context), request.adapter_id, FORMATS[fmt])
         for start in range(0, len(data), EXPORT_CHUNK_BYTES):
             yield pb.FileChunk(file_name=file_name if start == 0 else "",
                                total_bytes=len(data) if start == 0 else 0,

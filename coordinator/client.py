@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 from google.protobuf import descriptor, json_format
 
+from coordinator import peft_archive
 from coordinator.generated.gemma.v1 import adapter_service_pb2 as adapter_pb
 from coordinator.generated.gemma.v1 import adapter_service_pb2_grpc as adapter_grpc
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as ft_pb
@@ -47,27 +48,27 @@ _NUMPY = {pb.DTYPE_FLOAT32: np.dtype(np.float32), pb.DTYPE_BFLOAT16: np.dtype(ml
           pb.DTYPE_FLOAT16: np.dtype(np.float16)}
 
 UPLOAD_CHUNK_BYTES = 1 << 20
-# File name endings -> the upload format they imply (longest first).
+# File name endings -> the upload format they imply (longest first); a
+# directory is a PEFT adapter.
 ADAPTER_FORMATS = {".lora.h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
-                   ".safetensors": adapter_pb.ADAPTER_FORMAT_SAFETENSORS}
+                   ".safetensors": adapter_pb.ADAPTER_FORMAT_SAFETENSORS,
+                   ".tar": adapter_pb.ADAPTER_FORMAT_PEFT,
+                   ".tar.gz": adapter_pb.ADAPTER_FORMAT_PEFT,
+                   ".tgz": adapter_pb.ADAPTER_FORMAT_PEFT}
 _FORMAT_NAMES = {"lora.h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
                  "keras_hub_lora_h5": adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5,
-                 "safetensors": adapter_pb.ADAPTER_FORMAT_SAFETENSORS}
+                 "safetensors": adapter_pb.ADAPTER_FORMAT_SAFETENSORS,
+                 "peft": adapter_pb.ADAPTER_FORMAT_PEFT}
+_EXPORT_ENDINGS = {adapter_pb.ADAPTER_FORMAT_KERAS_HUB_LORA_H5: ".lora.h5",
+                   adapter_pb.ADAPTER_FORMAT_SAFETENSORS: ".safetensors",
+                   adapter_pb.ADAPTER_FORMAT_PEFT: ".peft.tar"}
 TERMINAL_STATES = ("succeeded", "failed", "cancelled", "interrupted")
 _STATE_PREFIX = "FINE_TUNE_STATE_"
 
 
-def adapter_format(path: str | os.PathLike, format=None) -> int:
-    """The AdapterFormat to upload `path` as: `format` when given (an
-    AdapterFormat value or "lora.h5" / "keras_hub_lora_h5" / "safetensors"),
-    else inferred from the file name. Raises ValueError when neither says."""
-    if format is None:
-        name = os.fspath(path).lower()
-        for ending, value in ADAPTER_FORMATS.items():
-            if name.endswith(ending):
-                return value
-        raise ValueError(f"cannot tell the adapter format of {os.fspath(path)!r} from its "
-                         f"name (expected {' or '.join(ADAPTER_FORMATS)}); pass format=.")
+def format_value(format) -> int:
+    """An AdapterFormat from its value or name ("lora.h5" /
+    "keras_hub_lora_h5" / "safetensors" / "peft")."""
     if isinstance(format, str):
         key = format.lower().lstrip(".")
         key = key.removeprefix("adapter_format_")
@@ -75,9 +76,39 @@ def adapter_format(path: str | os.PathLike, format=None) -> int:
             raise ValueError(f"unknown adapter format {format!r}; use one of "
                              f"{sorted(_FORMAT_NAMES)}.")
         return _FORMAT_NAMES[key]
-    if format not in ADAPTER_FORMATS.values():
+    if format not in _FORMAT_NAMES.values():
         raise ValueError(f"unknown adapter format {format!r}.")
     return int(format)
+
+
+def adapter_format(path: str | os.PathLike, format=None) -> int:
+    """The AdapterFormat to upload `path` as: `format` when given, else a
+    directory is a PEFT adapter and a file's name says. Raises ValueError
+    when neither says."""
+    if format is not None:
+        return format_value(format)
+    if os.path.isdir(path):
+        return adapter_pb.ADAPTER_FORMAT_PEFT
+    name = os.fspath(path).lower()
+    for ending, value in ADAPTER_FORMATS.items():
+        if name.endswith(ending):
+            return value
+    raise ValueError(f"cannot tell the adapter format of {os.fspath(path)!r} from its "
+                     f"name (expected a PEFT adapter directory or a file ending "
+                     f"{', '.join(ADAPTER_FORMATS)}); pass format=.")
+
+
+def _peft_archive(directory: str | os.PathLike) -> bytes:
+    """A PEFT adapter directory's two files as the archive UploadAdapter
+    takes (AdapterFormat PEFT); nothing else in the directory is sent."""
+    directory = pathlib.Path(directory)
+    files = {}
+    for name in peft_archive.MEMBERS:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{os.fspath(directory)!r} is not a PEFT adapter "
+                                    f"directory: it has no {name}.")
+        files[name] = (directory / name).read_bytes()
+    return peft_archive.pack(files, directory.resolve().name or "adapter")
 
 
 _INT64 = (descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
@@ -243,20 +274,41 @@ class GemmaClient:
 
     def upload_adapter(self, name: str, path: str | os.PathLike, format=None, *,
                        timeout: float | None = None) -> dict:
-        """Uploads an adapter file as a new version of `name`; its format
-        comes from the file name (`.lora.h5`, `.safetensors`) unless given.
+        """Uploads an adapter as a new version of `name`: a PEFT adapter
+        directory (its adapter_config.json and adapter_model.safetensors), or
+        a file whose format comes from its name (`.lora.h5`, `.safetensors`,
+        a PEFT archive `.tar` / `.tar.gz`) unless given.
         Returns the Adapter: {"adapter_id": "name@N", "rank": ..., ...}."""
         header = adapter_pb.UploadHeader(name=name, format=adapter_format(path, format))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no adapter file {os.fspath(path)!r}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no adapter file or directory {os.fspath(path)!r}")
+        if os.path.isdir(path) and header.format != adapter_pb.ADAPTER_FORMAT_PEFT:
+            raise ValueError(f"{os.fspath(path)!r} is a directory, which uploads as a PEFT "
+                             "adapter; leave format unset or use \"peft\".")
+        if os.path.isdir(path):
+            archive = _peft_archive(path)
+            chunks = [archive[i:i + UPLOAD_CHUNK_BYTES]
+                      for i in range(0, len(archive), UPLOAD_CHUNK_BYTES)]
+        else:
+            chunks = _file_chunks(path)
 
         def requests():
             yield adapter_pb.UploadAdapterRequest(header=header)
-            for chunk in _file_chunks(path):
+            for chunk in chunks:
                 yield adapter_pb.UploadAdapterRequest(data=chunk)
 
         return _to_dict(self._adapters.UploadAdapter(requests(), timeout=timeout,
                                                      metadata=self._metadata))
+
+    def register_adapter(self, name: str, source: str, *,
+                         timeout: float | None = None) -> dict:
+        """Copies an adapter into the registry as a new version of `name` from
+        `source`: "hf://org/repo[@revision][/subfolder]", "kaggle://...", or
+        a path on the server under its --adapter-source-root. Returns the
+        Adapter."""
+        return _to_dict(self._adapters.RegisterAdapter(
+            adapter_pb.RegisterAdapterRequest(name=name, source=source), timeout=timeout,
+            metadata=self._metadata))
 
     def list_adapters(self, *, timeout: float | None = None) -> list[dict]:
         """The caller's adapters, every version, by name then version (every
@@ -292,22 +344,26 @@ class GemmaClient:
             metadata=self._metadata)
         return [_to_dict(adapter) for adapter in response.deleted]
 
-    def export_adapter(self, adapter_id: str, path: str | os.PathLike, *,
+    def export_adapter(self, adapter_id: str, path: str | os.PathLike, format="lora.h5", *,
                        timeout: float | None = None) -> pathlib.Path:
-        """Downloads an adapter as a keras_hub `.lora.h5` file to `path` (or,
-        when `path` is a directory, to the server's suggested name in it).
-        The file appears whole or not at all. Returns where it went."""
+        """Downloads an adapter to `path` (or, when `path` is a directory, to
+        the server's suggested name in it) as `format`: a keras_hub
+        `.lora.h5` file (query/value adapters only), gemma-serve's
+        `.safetensors`, or "peft", a tar archive of the PEFT adapter
+        directory (`tar -xf` it). The file appears whole or not at all.
+        Returns where it went."""
         path = pathlib.Path(path)
+        fmt = format_value(format)
         call = self._adapters.ExportAdapter(
-            adapter_pb.ExportAdapterRequest(adapter_id=adapter_id), timeout=timeout,
-            metadata=self._metadata)
+            adapter_pb.ExportAdapterRequest(adapter_id=adapter_id, format=fmt),
+            timeout=timeout, metadata=self._metadata)
         try:
             first = next(call, None)
             if first is None:
                 raise IncompleteResponse("the export stream was empty")
             if path.is_dir():
                 path = path / (os.path.basename(first.file_name)
-                               or f"{adapter_id.replace('@', '-v')}.lora.h5")
+                               or f"{adapter_id.replace('@', '-v')}{_EXPORT_ENDINGS[fmt]}")
             fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part",
                                         dir=path.parent)
             try:
@@ -374,11 +430,13 @@ class GemmaClient:
                         steps: int | None = None, epochs: int | None = None,
                         batch_size: int | None = None, sequence_length: int | None = None,
                         seed: int | None = None, initial_adapter_id: str | None = None,
+                        targets: Sequence[str] | None = None,
                         timeout: float | None = None) -> dict:
         """Queues a job training a new version of adapter `adapter_name` on
         exactly one of `texts`, `sequences` (token ids) and `dataset_id`.
         Unset hyper-parameters take the server's defaults (rank 8, alpha =
-        rank, learning rate 1e-3, 1 epoch, batch 8, sequence length 128).
+        rank, learning rate 1e-3, 1 epoch, batch 8, sequence length 128,
+        targets query and value; ["all-linear"] adapts all seven projections).
         Returns the FineTuneJob (state "queued" usually) at once."""
         request = ft_pb.StartFineTuneRequest(
             adapter_name=adapter_name, initial_adapter_id=initial_adapter_id or "",
@@ -387,7 +445,7 @@ class GemmaClient:
                        for ids in sequences or ()],
             rank=rank or 0, alpha=alpha or 0.0, learning_rate=learning_rate or 0.0,
             steps=steps or 0, epochs=epochs or 0, batch_size=batch_size or 0,
-            sequence_length=sequence_length or 0, seed=seed or 0)
+            sequence_length=sequence_length or 0, seed=seed or 0, targets=list(targets or ()))
         return _to_dict(self._fine_tunes.StartFineTune(request, timeout=timeout,
                                                        metadata=self._metadata))
 

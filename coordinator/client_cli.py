@@ -6,6 +6,7 @@ print `gemma-client: <STATUS_CODE>: <details>` and exit non-zero.
 Examples:
   gemma-client forward --text "Hello" --layers 0,-1 [--adapter support]
   gemma-client adapters upload support support.lora.h5
+  gemma-client adapters upload support ./my-peft-adapter
   gemma-client adapters list
   gemma-client datasets upload faq faq.jsonl
   gemma-client datasets list
@@ -206,20 +207,29 @@ def _parser() -> argparse.ArgumentParser:
 
     adapters = commands.add_parser("adapters", help="your LoRA adapters").add_subparsers(
         dest="action", required=True)
-    upload = adapters.add_parser("upload", help="upload a .lora.h5 or .safetensors file")
+    upload = adapters.add_parser("upload", help="upload a PEFT adapter directory, or a "
+                                                "`.lora.h5`, `.safetensors` or PEFT `.tar` file")
     upload.add_argument("name")
-    upload.add_argument("file")
-    upload.add_argument("--format", choices=["lora.h5", "safetensors"], default=None,
-                        help="default: from the file name")
+    upload.add_argument("file", metavar="PATH")
+    upload.add_argument("--format", choices=["lora.h5", "safetensors", "peft"], default=None,
+                        help="default: a directory is PEFT, a file's name says")
+    register = adapters.add_parser(
+        "register", help="copy an adapter into the registry from hf://org/repo[@rev][/sub], "
+                         "kaggle://..., or a path under the server's --adapter-source-root")
+    register.add_argument("name")
+    register.add_argument("source")
     listing = adapters.add_parser("list", help="every version of your adapters")
     listing.add_argument("--json", action="store_true")
     for action, text in (("load", "make resident on the workers now"),
                          ("unload", "release the workers' slots"),
                          ("delete", "delete NAME (every version) or NAME@N")):
         adapters.add_parser(action, help=text).add_argument("adapter_id")
-    export = adapters.add_parser("export", help="download as a keras_hub .lora.h5")
+    export = adapters.add_parser("export", help="download as a keras_hub .lora.h5 (default), "
+                                                "a PEFT archive or gemma-serve safetensors")
     export.add_argument("adapter_id")
     export.add_argument("out", help="file, or directory for the server's suggested name")
+    export.add_argument("--format", choices=["lora.h5", "safetensors", "peft"],
+                        default="lora.h5", help="peft: a .tar of the PEFT adapter directory")
 
     datasets = commands.add_parser("datasets", help="training data").add_subparsers(
         dest="action", required=True)
@@ -248,6 +258,9 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--batch-size", type=int, help="default 8")
     start.add_argument("--sequence-length", type=int, help="default 128")
     start.add_argument("--seed", type=int)
+    start.add_argument("--targets", metavar="LIST",
+                       help="comma-separated projections to adapt (query,value by default; "
+                            "PEFT's q_proj,...,down_proj names work too), or all-linear")
     start.add_argument("--from", dest="initial_adapter_id", metavar="ADAPTER",
                        help="continue training this adapter")
     start.add_argument("--watch", action="store_true", help="follow the job to its end")
@@ -329,6 +342,9 @@ def _adapters(client: GemmaClient, args) -> int:
     if args.action == "upload":
         _print_adapter(client.upload_adapter(args.name, args.file, args.format,
                                              timeout=timeout), "uploaded")
+    elif args.action == "register":
+        _print_adapter(client.register_adapter(args.name, args.source, timeout=timeout),
+                       "registered")
     elif args.action == "list":
         adapters = client.list_adapters(timeout=timeout)
         print(json.dumps(adapters, indent=2) if args.json
@@ -345,7 +361,7 @@ def _adapters(client: GemmaClient, args) -> int:
         for adapter in client.delete_adapter(args.adapter_id, timeout=timeout):
             print(f"deleted {adapter['adapter_id']}")
     elif args.action == "export":
-        path = client.export_adapter(args.adapter_id, args.out, timeout=timeout)
+        path = client.export_adapter(args.adapter_id, args.out, args.format, timeout=timeout)
         print(f"exported {args.adapter_id} to {path} ({_size(path.stat().st_size)})")
     return 0
 
@@ -364,7 +380,8 @@ def _finetune(client: GemmaClient, args) -> int:
             alpha=args.alpha, learning_rate=args.learning_rate, steps=args.steps,
             epochs=args.epochs, batch_size=args.batch_size,
             sequence_length=args.sequence_length, seed=args.seed,
-            initial_adapter_id=args.initial_adapter_id, timeout=timeout)
+            initial_adapter_id=args.initial_adapter_id,
+            targets=args.targets.split(",") if args.targets else None, timeout=timeout)
         print(f"job {job['job_id']} {job['state']}: training {job['adapter_name']}", flush=True)
         return _watch(client, job["job_id"], args.quiet) if args.watch else 0
     if args.action == "watch":

@@ -78,3 +78,10 @@ class Unauthenticated(ServiceError):
     """No API key, or one the server does not know."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """The request names something the server must not read for it (a path
+    outside the directory the operator allowed, or one leading out of it)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED

@@ -22,7 +22,8 @@ from coordinator.forward_request import LOOP_TOKENIZE_CHARS
 from coordinator.generated.gemma.v1 import finetune_service_pb2 as ft_pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
-from gemma_core.fine_tune_config import FineTuneConfig
+from gemma_core import lora_targets
+from gemma_core.fine_tune_config import DEFAULT_TARGETS, FineTuneConfig
 from gemma_core.lora_trainer import total_steps
 from worker.packed_sequences import PackedSequences
 
@@ -259,11 +260,21 @@ def parse_fine_tune_request(message: ft_pb.StartFineTuneRequest, limits: Service
     if message.learning_rate > 1:
         raise InvalidArgument("learning_rate", f"{message.learning_rate} is above 1; LoRA "
                                                "learning rates are around 1e-4 to 1e-2.")
+    if len(message.targets) > len(lora_targets.TARGETS):
+        raise InvalidArgument("targets", f"{len(message.targets)} names; there are "
+                                         f"{len(lora_targets.TARGETS)} projections.")
+    try:
+        targets = FineTuneConfig(rank=1, steps=1, targets=tuple(message.targets)).targets \
+            if message.targets else DEFAULT_TARGETS
+    except ValueError as error:
+        raise InvalidArgument("targets", str(error).removeprefix(
+            "FineTuneConfig.targets: ")) from None
     config = FineTuneConfig(
         rank=rank, alpha=message.alpha or None, learning_rate=message.learning_rate or 1e-3,
         steps=message.steps or None,
         epochs=message.epochs or (None if message.steps else 1),
-        batch_size=batch_size, sequence_length=sequence_length, seed=int(message.seed))
+        batch_size=batch_size, sequence_length=sequence_length, seed=int(message.seed),
+        targets=targets)
     sequences = None
     if message.texts:
         sequences = PackedSequences.pack(_inline(

@@ -18,7 +18,7 @@ from coordinator.generated.gemma.v1 import finetune_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceLimits
 from coordinator.stream_guard import UploadGuard, data_chunks, receive_to_file
 from coordinator.tenant_auth import TenantAuth
-from gemma_core import GemmaTokenizer
+from gemma_core import FineTuneConfig, GemmaTokenizer, LoraAdapter, lora_targets
 from worker.fine_tune_session import FineTuneWork
 
 STATES = {"queued": pb.FINE_TUNE_STATE_QUEUED, "running": pb.FINE_TUNE_STATE_RUNNING,
@@ -34,6 +34,35 @@ def job_message(job: FineTuneJob) -> pb.FineTuneJob:
         first_loss=job.first_loss, tokens_per_second=job.tokens_per_second,
         eta_seconds=job.eta_seconds, error=job.error, worker_id=job.worker_id,
         created=job.created)
+
+
+def continued(config: FineTuneConfig, request, initial: LoraAdapter,
+              initial_id: str) -> FineTuneConfig:
+    """`config` for continuing `initial`: its rank unless the request sets
+    one (at least it: the extra rank starts at zero, so training starts from
+    it), its targets unless the request names some (a superset of them), and
+    its query/key/value factor form (so a keras_hub-form query/value adapter
+    extended to key trains key per head too, and exports to PEFT at heads
+    times the rank there)."""
+    rank = initial.largest_rank
+    if request.rank and request.rank < rank:
+        raise InvalidArgument("rank", f"{request.rank} is below the rank of the initial "
+                                      f"adapter {initial_id} ({rank}); leave it unset or use "
+                                      f">= {rank}.")
+    targets = config.targets if request.targets else initial.targets
+    missing = [t for t in initial.targets if t not in targets]
+    if missing:
+        raise InvalidArgument("targets", f"the initial adapter {initial_id} adapts {missing} "
+                                         "too; name every projection it adapts, or leave "
+                                         "targets unset.")
+    forms = {lora_targets.form_of(t, a) for (_, t), (a, _) in initial.kernels.items()
+             if t in lora_targets.HEAD_TARGETS}
+    if len(forms) > 1:
+        raise InvalidArgument("initial_adapter_id", f"{initial_id} mixes keras_hub's and "
+                                                    "PEFT's query/key/value factor forms; "
+                                                    "training continues one form only.")
+    return dataclasses.replace(config, rank=request.rank or rank, targets=targets,
+                               factor_form=forms.pop() if forms else None)
 
 
 class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
@@ -108,14 +137,9 @@ class FineTuneServicer(pb_grpc.FineTuneServiceServicer):
         config, initial = parsed.config, None
         if parsed.initial_adapter_id:
             record, ref = await self._adapters.ref_for(tenant, parsed.initial_adapter_id)
-            # Unset: train at the initial adapter's rank; set: at least it
-            # (the extra rank starts at zero, so training starts from it).
-            if request.rank and request.rank < record.rank:
-                raise InvalidArgument("rank", f"{request.rank} is below the rank of the initial "
-                                              f"adapter {parsed.initial_adapter_id} "
-                                              f"({record.rank}); leave it unset or use >= "
-                                              f"{record.rank}.")
-            config = dataclasses.replace(config, rank=request.rank or record.rank)
+            config = continued(config, request,
+                               await asyncio.to_thread(self._adapters.registry.load, record),
+                               parsed.initial_adapter_id)
             initial = ref.payload
         check_training_length(len(sequences), config)
         job = await self._jobs.start(tenant, parsed.adapter_name, lambda job_id: FineTuneWork(

@@ -147,6 +147,10 @@ def parse_args(argv=None) -> ServiceConfig:
     p.add_argument("--tenant-max-uploads", type=int, default=streams.max_uploads_per_tenant,
                    help="adapter and dataset uploads a tenant may have open at once "
                         "(default %(default)s; beyond: RESOURCE_EXHAUSTED)")
+    p.add_argument("--adapter-source-root", default=None, metavar="DIR",
+                   help="RegisterAdapter may copy adapters from paths under DIR on this "
+                        "machine (and nowhere else; symbolic links leading out are refused); "
+                        "default: no local paths")
     p.add_argument("--compilation-cache-dir", default=None,
                    help="where workers keep their compiled bucket programs (JAX's persistent "
                         "compilation cache, a directory on each worker's node), so a restart "
@@ -187,6 +191,7 @@ def parse_args(argv=None) -> ServiceConfig:
                          max_text_bytes=args.max_text_bytes, data_dir=args.data_dir,
                          api_keys_file=args.api_keys_file,
                          max_upload_bytes=int(args.max_upload_mib * (1 << 20)),
+                         adapter_source_root=args.adapter_source_root,
                          metrics_host=args.metrics_host,
                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                          tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -154,8 +155,9 @@ class GemmaServer:
                                     "every node must see the same preset files.")
         registry = AdapterRegistry(os.path.join(config.data_dir, "adapters"), architecture,
                                    fingerprints.pop(), quota=config.storage_quota)
-        adapters = AdapterManager(registry, router, config.worker.max_adapter_rank,
-                                  config.max_upload_bytes)
+        adapters = AdapterManager(
+            registry, router, config.worker.max_adapter_rank, config.max_upload_bytes,
+            Path(config.adapter_source_root) if config.adapter_source_root else None)
         datasets = DatasetStore(os.path.join(config.data_dir, "datasets"),
                                 config.storage_quota)
         jobs = FineTuneJobs(router, adapters, config.admission.max_fine_tunes,

@@ -44,6 +44,8 @@ class ServiceConfig:
         api_keys_file: JSON {"<key>": "<tenant>"}; None reads
             GEMMA_SERVE_API_KEYS, and with neither, auth is off (one tenant).
         max_upload_bytes: size cap of an adapter or dataset upload.
+        adapter_source_root: RegisterAdapter may copy adapters from local
+            paths under this directory, and nowhere else; None: none.
         metrics_host, metrics_port: the Prometheus endpoint (`/metrics`);
             port None turns it off, 0 picks a free one. Loopback unless set.
         admission: per-tenant and per-worker limits on work in flight.
@@ -68,6 +70,7 @@ class ServiceConfig:
         "GEMMA_SERVE_DATA", os.path.expanduser("~/.local/share/gemma-serve")))
     api_keys_file: str | None = None
     max_upload_bytes: int = 64 << 20
+    adapter_source_root: str | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     admission: AdmissionLimits = AdmissionLimits()
@@ -86,6 +89,9 @@ class ServiceConfig:
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("mutual TLS (a client CA) needs the server's own certificate "
                              "and key too.")
+        if self.adapter_source_root and not os.path.isdir(self.adapter_source_root):
+            raise ValueError(f"--adapter-source-root {self.adapter_source_root} is not a "
+                             "directory.")
         for path in (self.tls_cert, self.tls_key, self.tls_client_ca):
             if path and not os.path.isfile(path):
                 raise ValueError(f"TLS file {path} does not exist.")

@@ -8,8 +8,7 @@ from typing import Sequence
 
 from gemma_core import lora_targets
 
-# keras_hub's choice, and what `.lora.h5` files hold.
-DEFAULT_TARGETS = ("query", "value")
+DEFAULT_TARGETS = lora_targets.KERAS_HUB_TARGETS
 # PEFT's name for every linear projection of a block.
 ALL_LINEAR = "all-linear"
 
@@ -41,6 +40,8 @@ class FineTuneConfig:
             runs train keras_hub's per-head factors (their adapter exports as
             `.lora.h5` too); any other set trains PEFT's factor form, so its
             PEFT export has the run's rank on every module.
+        factor_form: overrides that choice of form for query/key/value
+            ("keras_hub" or "peft"), e.g. to continue an adapter in its own.
 
     Example:
     >>> config = FineTuneConfig(rank=8, epochs=3, learning_rate=2e-4)
@@ -58,8 +59,12 @@ class FineTuneConfig:
     seed: int = 0
     weight_decay: float = 0.0
     targets: Sequence[str] = DEFAULT_TARGETS
+    factor_form: str | None = None
 
     def __post_init__(self) -> None:
+        if self.factor_form not in (None, *lora_targets.FORMS):
+            raise ValueError(f"FineTuneConfig.factor_form must be None or one of "
+                             f"{lora_targets.FORMS}, got {self.factor_form!r}.")
         names = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         if names == (ALL_LINEAR,):
             names = lora_targets.TARGETS
@@ -117,6 +122,8 @@ class FineTuneConfig:
     @property
     def form(self) -> str:
         """The factor form trained on query/key/value (see `targets`)."""
+        if self.factor_form is not None:
+            return self.factor_form
         return (lora_targets.KERAS_HUB_FORM if set(self.targets) <= set(DEFAULT_TARGETS)
                 else lora_targets.PEFT_FORM)
 

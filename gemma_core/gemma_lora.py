@@ -18,8 +18,9 @@ import numpy as np
 
 from gemma_core.errors import PresetError
 from gemma_core.gemma_config import GemmaConfig
+from gemma_core.lora_targets import KERAS_HUB_TARGETS
 
-LORA_TARGETS = ("query", "value")
+LORA_TARGETS = KERAS_HUB_TARGETS
 
 # (lora_kernel_a, lora_kernel_b) of one projection.
 Pair = tuple[np.ndarray, np.ndarray]

@@ -266,15 +266,17 @@ class LoraAdapter:
 
     def metadata(self) -> dict[str, str]:
         """The scaling, as safetensors string metadata: `rank`, `alpha`, and
-        where set `use_rslora` ("true") and `alpha_pattern` (JSON, "<block>.
-        <target>" -> alpha)."""
+        where set `use_rslora` ("true"), `rank_pattern` and `alpha_pattern`
+        (JSON, "<block>.<target>" -> the pair's rank or alpha)."""
         metadata = {"rank": str(self.rank), "alpha": repr(float(self.alpha))}
         if self.use_rslora:
             metadata["use_rslora"] = "true"
-        if self.alphas:
-            metadata["alpha_pattern"] = json.dumps(
-                {f"{block}.{target}": float(alpha)
-                 for (block, target), alpha in sorted(self.alphas.items())})
+        for name, pattern, kind in (("rank_pattern", self.ranks, int),
+                                    ("alpha_pattern", self.alphas, float)):
+            if pattern:
+                metadata[name] = json.dumps({f"{block}.{target}": kind(value)
+                                             for (block, target), value in
+                                             sorted(pattern.items())})
         return metadata
 
     @classmethod
@@ -309,8 +311,7 @@ class LoraAdapter:
             with np.errstate(over="ignore"):  # float64 beyond float32: inf, refused below
                 kernels[key] = (np.asarray(pair["lora_a"], "float32"),
                                 np.asarray(pair["lora_b"], "float32"))
-        rank, alpha, use_rslora, alphas = _scaling(metadata)
-        ranks = {key: a.shape[-1] for key, (a, _) in kernels.items() if a.shape[-1] != rank}
+        rank, alpha, use_rslora, ranks, alphas = _scaling(metadata)
         return cls(rank=rank, alpha=alpha, kernels=kernels, ranks=ranks, alphas=alphas,
                    use_rslora=use_rslora)
 
@@ -430,6 +431,13 @@ class LoraAdapter:
         peft_format.write_peft(directory, peft_format.from_adapter(self, config),
                                base_model_name_or_path)
 
+    def peft_files(self, config: GemmaConfig,
+                   base_model_name_or_path: str | None = None) -> dict[str, bytes]:
+        """What `write_peft` writes, file name -> bytes, built in memory."""
+        self.check_fits(config)
+        return peft_format.peft_files(peft_format.from_adapter(self, config),
+                                      base_model_name_or_path)
+
     # ---- a Keras model -------------------------------------------------------------
 
     @classmethod
@@ -471,22 +479,27 @@ class LoraAdapter:
         lora_model.set_factors(self, backbone)
 
 
-def _scaling(metadata: Mapping[str, str]) -> tuple[int, float, bool, dict]:
-    """(rank, alpha, use_rslora, alphas) from `LoraAdapter.metadata()`'s form;
-    the values themselves are checked by LoraAdapter."""
+def _scaling(metadata: Mapping[str, str]) -> tuple[int, float, bool, dict, dict]:
+    """(rank, alpha, use_rslora, ranks, alphas) from `LoraAdapter.metadata()`'s
+    form; the values themselves are checked by LoraAdapter (a pair whose
+    shapes are not of its rank is refused there)."""
     try:
         rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
         use_rslora = {"true": True, "false": False}[metadata.get("use_rslora", "false")]
-        pattern = json.loads(metadata.get("alpha_pattern", "{}"))
-        alphas = {}
-        for key, value in pattern.items():
-            block, target = key.split(".")
-            if not _is_index(block) or isinstance(value, bool):
-                raise ValueError(key)
-            alphas[(int(block), target)] = float(value)
+        patterns = []
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+            pattern = {}
+            for key, value in json.loads(metadata.get(name, "{}")).items():
+                block, target = key.split(".")
+                if not _is_index(block) or isinstance(value, bool) or \
+                        (kind is int and not isinstance(value, int)):
+                    raise ValueError(f"{name} entry {key!r}: {value!r}")
+                pattern[(int(block), target)] = kind(value)
+            patterns.append(pattern)
     except (KeyError, ValueError, TypeError, AttributeError) as error:
         raise MalformedAdapter(
             f"the adapter's metadata is not valid ({type(error).__name__}: {error}); it holds "
-            "rank and alpha (numbers), and may hold use_rslora (\"true\" or \"false\") and "
-            "alpha_pattern (JSON mapping \"<block>.<target>\" to a number).") from None
-    return rank, alpha, use_rslora, alphas
+            "rank and alpha (numbers), and may hold use_rslora (\"true\" or \"false\"), "
+            "rank_pattern and alpha_pattern (JSON mapping \"<block>.<target>\" to a "
+            "number).") from None
+    return rank, alpha, use_rslora, *patterns

@@ -23,6 +23,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gemma_core import lora_targets
@@ -100,12 +101,14 @@ class LoraSlotTable:
         query_a (L, S, N, d, R), query_b (L, S, N, R, h), key/value the same
         with K heads, attention_output_a (L, S, N, h, R) and _b (L, S, R, d),
         ffw_gating(_2)_a (L, S, d, R) and _b (L, S, R, f), ffw_linear_a
-        (L, S, f, R) and _b (L, S, R, d)."""
+        (L, S, f, R) and _b (L, S, R, d); and each target's _used (L, S),
+        which lets a batch skip the projections none of its rows adapts."""
         lead = (self.config.num_layers, self.num_slots)
         shapes = {}
         for target in self.targets:
             a, b = self.pair_shapes(target)
             shapes[f"{target}_a"], shapes[f"{target}_b"] = lead + a, lead + b
+            shapes[f"{target}_used"] = lead  # 1 where the slot adapts that block's target
         return shapes
 
     def partition_specs(self, axis_sizes: dict[str, int], model_axis: str = MODEL_AXIS,
@@ -129,6 +132,7 @@ class LoraSlotTable:
             else:                               # kernel (in, out)
                 a, b = (p[0], None), (None, p[1])
             specs[f"{target}_a"], specs[f"{target}_b"] = (None, None, *a), (None, None, *b)
+            specs[f"{target}_used"] = (None, None)
         return specs
 
     def zeros(self) -> Tables:
@@ -162,6 +166,7 @@ class LoraSlotTable:
             a, b = to_slot_form(a, scaled) if target in HEAD_TARGETS else (a, scaled)
             values[f"{target}_a"][block, ..., :r] = a
             values[f"{target}_b"][block, ..., :r, :] = b
+            values[f"{target}_used"][block] = 1.0
         return values
 
     @staticmethod
@@ -179,3 +184,22 @@ class LoraSlotTable:
         return {target: (tables[f"{target}_a"][block][slot_ids],
                          tables[f"{target}_b"][block][slot_ids])
                 for target in TARGETS if f"{target}_a" in tables}
+
+    @staticmethod
+    def only(tables: Tables, targets: Sequence[str]) -> Tables:
+        """The tables of `targets` alone: a forward given them skips the
+        other projections' LoRA work."""
+        return {name: table for name, table in tables.items()
+                if name.rsplit("_", 1)[0] in targets}
+
+    @staticmethod
+    def adapts_beyond(tables: Tables, slot_ids, targets: Sequence[str]):
+        """Whether any row's slot adapts a projection not in `targets` (a
+        traced boolean, from the _used entries; True for a projection
+        without them, which cannot be ruled out)."""
+        others = [name.removesuffix("_a") for name in tables
+                  if name.endswith("_a") and name.removesuffix("_a") not in targets]
+        if any(f"{target}_used" not in tables for target in others):
+            return jnp.ones((), bool)
+        used = [tables[f"{target}_used"][:, slot_ids] for target in others]
+        return jnp.any(jnp.stack(used) > 0) if used else jnp.zeros((), bool)

@@ -26,6 +26,8 @@ from gemma_core.gemma_config import GemmaConfig
 TARGETS = ("query", "key", "value", "attention_output", "ffw_gating", "ffw_gating_2",
            "ffw_linear")
 ATTENTION_TARGETS = TARGETS[:4]
+# What keras_hub adapts (and its `.lora.h5` files hold), and so our default.
+KERAS_HUB_TARGETS = ("query", "value")
 # The projections whose two factor forms differ.
 HEAD_TARGETS = ("query", "key", "value")
 PEFT_MODULES = {"query": "self_attn.q_proj", "key": "self_attn.k_proj",

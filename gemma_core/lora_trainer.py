@@ -27,7 +27,7 @@ from gemma_core import lora_targets
 from gemma_core.errors import AdapterMismatch
 from gemma_core.fine_tune_config import FineTuneConfig
 from gemma_core.lora_adapter import LoraAdapter
-from gemma_core.lora_slot_table import LoraSlotTable, Tables, to_slot_form
+from gemma_core.lora_slot_table import Tables, to_slot_form
 from gemma_core.lora_targets import HEAD_TARGETS
 
 
@@ -143,8 +143,8 @@ class LoraTrainer:
     The factors start as a ~ N(0, 1/fan_in), b = 0 (step 0 is the base
     model), or as `initial`. b is kept without the `alpha / rank` scale, which the
     forward applies; so `adapter()` hands back the trained arrays as they
-    are, and `LoraSlotTable.slot_values(trainer.adapter())` equals
-    `trainer.tables()` bit for bit.
+    are, and `LoraSlotTable.slot_values(trainer.adapter())` holds
+    `trainer.tables()` bit for bit (plus the _used entries serving adds).
 
     Args:
         backbone: a `GemmaBackbone`, possibly sharded under
@@ -165,8 +165,6 @@ class LoraTrainer:
                  initial: LoraAdapter | None = None):
         self.backbone = backbone
         self.config = config
-        self.layout = LoraSlotTable(backbone.config, num_slots=1, max_rank=config.rank,
-                                    targets=config.targets)
         params = self._initial_params(initial)
         self._names = list(params)
         # Keras' AdamW, used statelessly: it sees these variables only to

@@ -227,10 +227,12 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
       block beyond it (longer sequences go a block of keys at a time, so
       this term grows linearly with T); plus q, k, v and their rotated
       float32 copies 2 x B*T*(H+2K)*h*4 and the head outputs B*T*H*h*c; the
-      (B, T, W) mask; each row's gathered adapter factors
-      B*(H+K)*(d*R + R*h)*4.
+      (B, T, W) mask; each row's gathered adapter factors for query, key,
+      value (a per-head a and b) and the output, B*((H+2K)*(d*R + R*h) +
+      H*h*R + R*d)*4, and their float32 updates B*T*((H+2K)*h + d)*4.
     - feed_forward (one block at a time): 3 x B*T*f*c, both gates and their
-      product.
+      product; each row's gathered adapter factors B*(3*(d*R + R*f))*4 and
+      the float32 updates of both gates and the output B*T*(2f + d)*4.
     - logits are never computed (the service returns hidden states).
 
     total = selected + residual + max(attention, feed_forward). (`plan_memory`
@@ -278,12 +280,17 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     terms = {
         "selected": per_device(2 * S * B * T * d * c, hidden_split),
         "residual": per_device(4 * B * T * d * 4, hidden_split),
+        # The gathered factors are split like the tables they come from.
         "attention": (per_device(B * H * T * W * score_bytes
                                  + 2 * B * T * (H + 2 * K) * h * 4
-                                 + B * T * H * h * c, heads_split)
-                      + B * T * W
-                      + B * (H + K) * (d * R + R * h) * 4),
-        "feed_forward": per_device(3 * B * T * f * c, ffw_split),
+                                 + B * T * H * h * c
+                                 + B * T * (H + 2 * K) * h * 4
+                                 + B * ((H + 2 * K) * (d * R + R * h) + H * h * R) * 4,
+                                 heads_split)
+                      + B * T * W + B * R * d * 4 + B * T * d * 4),
+        "feed_forward": (per_device(3 * B * T * f * c + 2 * B * T * f * 4
+                                    + B * 3 * R * f * 4, ffw_split)
+                         + B * 3 * d * R * 4 + B * T * d * 4),
     }
     terms["total"] = (terms["selected"] + terms["residual"]
                       + max(terms["attention"], terms["feed_forward"]))

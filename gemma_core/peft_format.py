@@ -366,17 +366,15 @@ def from_adapter(adapter, config: GemmaConfig) -> PeftLora:
                     use_rslora=adapter.use_rslora, kernels=kernels, alphas=alphas)
 
 
-def write_peft(directory: str | os.PathLike, lora: PeftLora,
-               base_model_name_or_path: str | None = None) -> None:
-    """Writes `lora` as PEFT does for a Gemma causal LM: both files in
-    `directory` (created if missing), each written under a temporary name
-    and renamed, so neither is ever seen half-written.
+def peft_files(lora: PeftLora, base_model_name_or_path: str | None = None) -> dict[str, bytes]:
+    """`lora` as PEFT writes it for a Gemma causal LM: file name -> bytes
+    (CONFIG_FILE and WEIGHTS_FILE), built in memory.
 
     Example:
-    >>> write_peft("out/my-adapter", lora, base_model_name_or_path="google/gemma-2-2b")
+    >>> files = peft_files(lora, base_model_name_or_path="google/gemma-2-2b")
+    >>> sorted(files)
+    ['adapter_config.json', 'adapter_model.safetensors']
     """
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for (block, target), (a, b) in sorted(lora.kernels.items()):
         name, rank = module_name(block, target), a.shape[-1]
@@ -403,16 +401,30 @@ def write_peft(directory: str | os.PathLike, lora: PeftLora,
         "lora_dropout": 0.0, "init_lora_weights": True, "inference_mode": True,
         "revision": None,
     }
-    _replace(directory / WEIGHTS_FILE, lambda path: safetensors.numpy.save_file(
-        tensors, path, metadata={"format": "pt"}))
-    _replace(directory / CONFIG_FILE, lambda path: pathlib.Path(path).write_text(
-        json.dumps(settings, indent=2, sort_keys=True) + "\n"))
+    return {CONFIG_FILE: (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode(),
+            WEIGHTS_FILE: safetensors.numpy.save(tensors, metadata={"format": "pt"})}
 
 
-def _replace(path: pathlib.Path, write) -> None:
+def write_peft(directory: str | os.PathLike, lora: PeftLora,
+               base_model_name_or_path: str | None = None) -> None:
+    """Writes `peft_files` in `directory` (created if missing), each under a
+    temporary name and renamed, so neither is ever seen half-written.
+
+    Example:
+    >>> write_peft("out/my-adapter", lora, base_model_name_or_path="google/gemma-2-2b")
+    """
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # The weights first: a directory whose config is there is a whole one.
+    for name, payload in sorted(peft_files(lora, base_model_name_or_path).items(),
+                                key=lambda item: item[0] == CONFIG_FILE):
+        _replace(directory / name, payload)
+
+
+def _replace(path: pathlib.Path, payload: bytes) -> None:
     temporary = path.with_name(f".{path.name}.partial")
     try:
-        write(str(temporary))
+        temporary.write_bytes(payload)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

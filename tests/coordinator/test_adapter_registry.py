@@ -342,7 +342,7 @@ def test_export_lora_h5_reads_back_with_alpha_folded_in(registry, tmp_path):
     """keras_hub has no alpha (it is the rank), so alpha/rank moves into b."""
     adapter = random_adapter(rank=4, alpha=8.0)
     record = registry.publish("acme", "support", adapter, "test")
-    (tmp_path / "support.lora.h5").write_bytes(registry.export_lora_h5(record))
+    (tmp_path / "support.lora.h5").write_bytes(registry.export(record, "lora.h5")[1])
     back = LoraAdapter.from_lora_file(tmp_path / "support.lora.h5", CONFIG)
     assert (back.rank, back.alpha) == (4, 4.0)
     for key, (a, b) in adapter.kernels.items():

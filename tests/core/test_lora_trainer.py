@@ -137,8 +137,9 @@ def test_adapter_is_exactly_the_trained_tables(backbone, trained):
     tables = trainer.tables()
     slot = LoraSlotTable(CONFIG, num_slots=1, max_rank=4,
                          targets=QV).slot_values(adapter)
-    for name, value in slot.items():
-        np.testing.assert_array_equal(value, tables[name][:, 0])
+    for name, value in tables.items():
+        np.testing.assert_array_equal(slot[name], value[:, 0])
+    assert set(slot) - set(tables) == {"query_used", "value_used"}  # serving's alone
     # The adapter on a fresh enable_lora model computes what training computed.
     ids, mask = padded_batch(seed=3)
     trained_hidden = table_forward(backbone, tables, ids, mask)
@@ -160,8 +161,9 @@ def test_inexact_scale_still_round_trips_bit_for_bit(backbone):
     tables = trainer.tables()
     slot = LoraSlotTable(CONFIG, num_slots=1, max_rank=3,
                          targets=QV).slot_values(trainer.adapter())
-    for name, value in slot.items():
-        np.testing.assert_array_equal(value, tables[name][:, 0])
+    for name, value in tables.items():
+        np.testing.assert_array_equal(slot[name], value[:, 0])
+    assert set(slot) - set(tables) == {"query_used", "value_used"}  # serving's alone
     assert np.abs(tables["value_b"]).max() > 0
 
 

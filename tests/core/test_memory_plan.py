@@ -91,7 +91,8 @@ def test_adapter_tables_split_like_the_kernels_they_stack():
     assert specs["ffw_gating_2_b"] == (None, None, None, "model")           # (L, S, R, f)
     assert specs["ffw_linear_a"] == (None, None, "model", None)             # (L, S, f, R)
     assert specs["ffw_linear_b"] == (None, None, None, "batch")             # (L, S, R, d)
-    assert set(specs) == set(table.shapes()) and len(specs) == 14
+    assert specs["ffw_linear_used"] == (None, None)                        # (L, S)
+    assert set(specs) == set(table.shapes()) and len(specs) == 21
     one = plan_memory("gemma2_27b_en", (1, 1), max_adapters=8, max_adapter_rank=16)
     split = plan_memory("gemma2_27b_en", (2, 4), max_adapters=8, max_adapter_rank=16)
     assert split.adapter_table_bytes < one.adapter_table_bytes / 5  # 8 devices; R never split
@@ -256,7 +257,9 @@ def test_cli_table_prints_one_line_per_preset_and_mesh(capsys):
     rows = {tuple(line.split()[:3]): line.split() for line in out.splitlines()[2:]}
     assert set(rows) == {(name, "bfloat16", mesh) for name in ("gemma_2b_en", "gemma2_27b_en")
                          for mesh in ("1x1", "1x2")}
-    plan = plan_memory("gemma2_27b_en", (1, 2), "bfloat16", rows=16, length=1024)
+    defaults = plan_cli.parse_args([])
+    plan = plan_memory("gemma2_27b_en", (1, 2), "bfloat16", rows=defaults.batch,
+                       length=defaults.length)
     assert rows[("gemma2_27b_en", "bfloat16", "1x2")][3:] == [
         f"{plan.weight_bytes / GIB:.2f}", f"{plan.adapter_bytes / GIB:.2f}",
         f"{plan.activation_bytes / GIB:.2f}", f"{plan.total_bytes / GIB:.2f}", "yes"]

@@ -22,7 +22,8 @@ def test_reflection_lists_and_describes_the_service(channel):
     service = pool.FindServiceByName("gemma.v1.GemmaService")
     assert {m.name for m in service.methods} == {"Forward", "GetModelInfo"}
     for name, methods in (("AdapterService", {"UploadAdapter", "LoadAdapter", "UnloadAdapter",
-                                              "ListAdapters", "DeleteAdapter", "ExportAdapter"}),
+                                              "ListAdapters", "DeleteAdapter", "ExportAdapter",
+                                              "RegisterAdapter"}),
                           ("FineTuneService", {"UploadDataset", "ListDatasets", "DeleteDataset",
                                                "StartFineTune", "WatchFineTune",
                                                "CancelFineTune", "ListFineTunes"})):

@@ -12,9 +12,11 @@ class AdapterFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_FORMAT_UNSPECIFIED: _ClassVar[AdapterFormat]
     ADAPTER_FORMAT_KERAS_HUB_LORA_H5: _ClassVar[AdapterFormat]
     ADAPTER_FORMAT_SAFETENSORS: _ClassVar[AdapterFormat]
+    ADAPTER_FORMAT_PEFT: _ClassVar[AdapterFormat]
 ADAPTER_FORMAT_UNSPECIFIED: AdapterFormat
 ADAPTER_FORMAT_KERAS_HUB_LORA_H5: AdapterFormat
 ADAPTER_FORMAT_SAFETENSORS: AdapterFormat
+ADAPTER_FORMAT_PEFT: AdapterFormat
 
 class UploadAdapterRequest(_message.Message):
     __slots__ = ("header", "data")
@@ -121,10 +123,20 @@ class DeleteAdapterResponse(_message.Message):
     def __init__(self, deleted: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
 
 class ExportAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id",)
+    __slots__ = ("adapter_id", "format")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
-    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+    format: AdapterFormat
+    def __init__(self, adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ...) -> None: ...
+
+class RegisterAdapterRequest(_message.Message):
+    __slots__ = ("name", "source")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file_name", "total_bytes", "data")

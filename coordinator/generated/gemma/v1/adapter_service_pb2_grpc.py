@@ -39,6 +39,11 @@ class AdapterServiceStub:
                 request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.UploadAdapterRequest.SerializeToString,
                 response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.Adapter.FromString,
                 _registered_method=True)
+        self.RegisterAdapter = channel.unary_unary(
+                '/gemma.v1.AdapterService/RegisterAdapter',
+                request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.RegisterAdapterRequest.SerializeToString,
+                response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.Adapter.FromString,
+                _registered_method=True)
         self.LoadAdapter = channel.unary_unary(
                 '/gemma.v1.AdapterService/LoadAdapter',
                 request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.LoadAdapterRequest.SerializeToString,
@@ -71,13 +76,34 @@ class AdapterServiceServicer:
 
     def UploadAdapter(self, request_iterator, context):
         """Streams an adapter file up. The first message carries `header` and no
-        data; the rest carry `data` in order. The adapter is validated against
-        the served base model and published atomically as a new version of
-        `header.name`. Errors: INVALID_ARGUMENT (malformed file or header, or
-        values so large the model would overflow), FAILED_PRECONDITION (made for
-        another base model), RESOURCE_EXHAUSTED (larger than
-        AdapterLimits.max_upload_bytes, over the tenant's stored-adapter quota,
-        or the server's storage is full). Nothing is kept on error.
+        data; the rest carry `data` in order (see AdapterFormat for what the
+        bytes are; a PEFT adapter travels as one tar archive). The adapter is
+        validated against the served base model and published atomically as a
+        new version of `header.name`. Errors: INVALID_ARGUMENT (malformed file,
+        archive or header, a PEFT setting gemma-serve does not compute, named in
+        the message, a rank above the server's maximum, or values so large the
+        model would overflow), FAILED_PRECONDITION (made for another base
+        model), RESOURCE_EXHAUSTED (larger than AdapterLimits.max_upload_bytes,
+        over the tenant's stored-adapter quota, or the server's storage is
+        full). Nothing is kept on error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterAdapter(self, request, context):
+        """Copies an adapter into the caller's registry from where it already is:
+        a Hugging Face repository, a Kaggle model, or a path on the server under
+        the operator's --adapter-source-root. The same validation, checksums and
+        atomic publish as UploadAdapter. Errors as UploadAdapter, and:
+        INVALID_ARGUMENT (a source of no accepted form), PERMISSION_DENIED (a
+        path outside the allowed root, or a symbolic link leading out of it:
+        nothing outside is read), NOT_FOUND (no such path, or no such public
+        repository, revision or file: the Hub is read anonymously, so private
+        and gated repositories are not reachable this way), FAILED_PRECONDITION
+        (the server reads no local paths, has no network or credentials for the
+        source, or the download failed; the message says how to supply the
+        files instead). Takes one of the tenant's upload slots while it runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,8 +143,9 @@ class AdapterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportAdapter(self, request, context):
-        """Streams an adapter down as a keras_hub `.lora.h5` file (alpha / rank
-        folded into lora_kernel_b, since keras_hub has no alpha).
+        """Streams an adapter down in the format asked for (default: keras_hub's
+        `.lora.h5`). FAILED_PRECONDITION: `.lora.h5` for an adapter on other
+        projections than query and value (export it as PEFT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +157,11 @@ def add_AdapterServiceServicer_to_server(servicer, server):
             'UploadAdapter': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadAdapter,
                     request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.UploadAdapterRequest.FromString,
+                    response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.Adapter.SerializeToString,
+            ),
+            'RegisterAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterAdapter,
+                    request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.RegisterAdapterRequest.FromString,
                     response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.Adapter.SerializeToString,
             ),
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
@@ -184,6 +216,33 @@ class AdapterService:
             target,
             '/gemma.v1.AdapterService/UploadAdapter',
             coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.UploadAdapterRequest.SerializeToString,
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gemma.v1.AdapterService/RegisterAdapter',
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.RegisterAdapterRequest.SerializeToString,
             coordinator_dot_generated_dot_gemma_dot_v1_dot_adapter__service__pb2.Adapter.FromString,
             options,
             channel_credentials,

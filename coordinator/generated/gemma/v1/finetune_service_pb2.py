@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5coordinator/generated/gemma/v1/finetune_service.proto\x12\x08gemma.v1\">\n\x14UploadDatasetRequest\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x1f\n\x10TrainingSequence\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"G\n\x07\x44\x61taset\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\"\x15\n\x13ListDatasetsRequest\";\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.gemma.v1.Dataset\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\xa8\x02\n\x14StartFineTuneRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x1a\n\x12initial_adapter_id\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12-\n\tsequences\x18\x04 \x03(\x0b\x32\x1a.gemma.v1.TrainingSequence\x12\x12\n\ndataset_id\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\r\n\x05\x61lpha\x18\x07 \x01(\x02\x12\x15\n\rlearning_rate\x18\x08 \x01(\x02\x12\r\n\x05steps\x18\t \x01(\x05\x12\x0e\n\x06\x65pochs\x18\n \x01(\x05\x12\x12\n\nbatch_size\x18\x0b \x01(\x05\x12\x17\n\x0fsequence_length\x18\x0c \x01(\x05\x12\x0c\n\x04seed\x18\r \x01(\x03\"\x97\x02\n\x0b\x46ineTuneJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.gemma.v1.FineTuneState\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x03 \x01(\t\x12\x12\n\nadapter_id\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x05\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x12\n\nfirst_loss\x18\x08 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x11\n\tworker_id\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\"&\n\x14WatchFineTuneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\'\n\x15\x43\x61ncelFineTuneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListFineTunesRequest\"<\n\x15ListFineTunesResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.gemma.v1.FineTuneJob*\xe4\x01\n\rFineTuneState\x12\x1f\n\x1b\x46INE_TUNE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46INE_TUNE_STATE_QUEUED\x10\x01\x12\x1b\n\x17\x46INE_TUNE_STATE_RUNNING\x10\x02\x12\x1d\n\x19\x46INE_TUNE_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16\x46INE_TUNE_STATE_FAILED\x10\x04\x12\x1d\n\x19\x46INE_TUNE_STATE_CANCELLED\x10\x05\x12\x1f\n\x1b\x46INE_TUNE_STATE_INTERRUPTED\x10\x06\x32\x98\x04\n\x0f\x46ineTuneService\x12\x44\n\rUploadDataset\x12\x1e.gemma.v1.UploadDatasetRequest\x1a\x11.gemma.v1.Dataset(\x01\x12M\n\x0cListDatasets\x12\x1d.gemma.v1.ListDatasetsRequest\x1a\x1e.gemma.v1.ListDatasetsResponse\x12\x42\n\rDeleteDataset\x12\x1e.gemma.v1.DeleteDatasetRequest\x1a\x11.gemma.v1.Dataset\x12\x46\n\rStartFineTune\x12\x1e.gemma.v1.StartFineTuneRequest\x1a\x15.gemma.v1.FineTuneJob\x12H\n\rWatchFineTune\x12\x1e.gemma.v1.WatchFineTuneRequest\x1a\x15.gemma.v1.FineTuneJob0\x01\x12H\n\x0e\x43\x61ncelFineTune\x12\x1f.gemma.v1.CancelFineTuneRequest\x1a\x15.gemma.v1.FineTuneJob\x12P\n\rListFineTunes\x12\x1e.gemma.v1.ListFineTunesRequest\x1a\x1f.gemma.v1.ListFineTunesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5coordinator/generated/gemma/v1/finetune_service.proto\x12\x08gemma.v1\">\n\x14UploadDatasetRequest\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x1f\n\x10TrainingSequence\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"G\n\x07\x44\x61taset\x12\x12\n\ndataset_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x12\n\nnum_tokens\x18\x03 \x01(\x03\"\x15\n\x13ListDatasetsRequest\";\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.gemma.v1.Dataset\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\xb9\x02\n\x14StartFineTuneRequest\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x01 \x01(\t\x12\x1a\n\x12initial_adapter_id\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\x12-\n\tsequences\x18\x04 \x03(\x0b\x32\x1a.gemma.v1.TrainingSequence\x12\x12\n\ndataset_id\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\r\n\x05\x61lpha\x18\x07 \x01(\x02\x12\x15\n\rlearning_rate\x18\x08 \x01(\x02\x12\r\n\x05steps\x18\t \x01(\x05\x12\x0e\n\x06\x65pochs\x18\n \x01(\x05\x12\x12\n\nbatch_size\x18\x0b \x01(\x05\x12\x17\n\x0fsequence_length\x18\x0c \x01(\x05\x12\x0c\n\x04seed\x18\r \x01(\x03\x12\x0f\n\x07targets\x18\x0e \x03(\t\"\x97\x02\n\x0b\x46ineTuneJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.gemma.v1.FineTuneState\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x03 \x01(\t\x12\x12\n\nadapter_id\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x05\x12\x0c\n\x04loss\x18\x07 \x01(\x02\x12\x12\n\nfirst_loss\x18\x08 \x01(\x02\x12\x19\n\x11tokens_per_second\x18\t \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\n \x01(\x01\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x11\n\tworker_id\x18\x0c \x01(\t\x12\x0f\n\x07\x63reated\x18\r \x01(\t\"&\n\x14WatchFineTuneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\'\n\x15\x43\x61ncelFineTuneRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x16\n\x14ListFineTunesRequest\"<\n\x15ListFineTunesResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.gemma.v1.FineTuneJob*\xe4\x01\n\rFineTuneState\x12\x1f\n\x1b\x46INE_TUNE_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46INE_TUNE_STATE_QUEUED\x10\x01\x12\x1b\n\x17\x46INE_TUNE_STATE_RUNNING\x10\x02\x12\x1d\n\x19\x46INE_TUNE_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16\x46INE_TUNE_STATE_FAILED\x10\x04\x12\x1d\n\x19\x46INE_TUNE_STATE_CANCELLED\x10\x05\x12\x1f\n\x1b\x46INE_TUNE_STATE_INTERRUPTED\x10\x06\x32\x98\x04\n\x0f\x46ineTuneService\x12\x44\n\rUploadDataset\x12\x1e.gemma.v1.UploadDatasetRequest\x1a\x11.gemma.v1.Dataset(\x01\x12M\n\x0cListDatasets\x12\x1d.gemma.v1.ListDatasetsRequest\x1a\x1e.gemma.v1.ListDatasetsResponse\x12\x42\n\rDeleteDataset\x12\x1e.gemma.v1.DeleteDatasetRequest\x1a\x11.gemma.v1.Dataset\x12\x46\n\rStartFineTune\x12\x1e.gemma.v1.StartFineTuneRequest\x1a\x15.gemma.v1.FineTuneJob\x12H\n\rWatchFineTune\x12\x1e.gemma.v1.WatchFineTuneRequest\x1a\x15.gemma.v1.FineTuneJob0\x01\x12H\n\x0e\x43\x61ncelFineTune\x12\x1f.gemma.v1.CancelFineTuneRequest\x1a\x15.gemma.v1.FineTuneJob\x12P\n\rListFineTunes\x12\x1e.gemma.v1.ListFineTunesRequest\x1a\x1f.gemma.v1.ListFineTunesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coordinator.generated.gemma.v1.finetune_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINETUNESTATE']._serialized_start=1114
-  _globals['_FINETUNESTATE']._serialized_end=1342
+  _globals['_FINETUNESTATE']._serialized_start=1131
+  _globals['_FINETUNESTATE']._serialized_end=1359
   _globals['_UPLOADDATASETREQUEST']._serialized_start=67
   _globals['_UPLOADDATASETREQUEST']._serialized_end=129
   _globals['_TRAININGSEQUENCE']._serialized_start=131
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEDATASETREQUEST']._serialized_start=321
   _globals['_DELETEDATASETREQUEST']._serialized_end=363
   _globals['_STARTFINETUNEREQUEST']._serialized_start=366
-  _globals['_STARTFINETUNEREQUEST']._serialized_end=662
-  _globals['_FINETUNEJOB']._serialized_start=665
-  _globals['_FINETUNEJOB']._serialized_end=944
-  _globals['_WATCHFINETUNEREQUEST']._serialized_start=946
-  _globals['_WATCHFINETUNEREQUEST']._serialized_end=984
-  _globals['_CANCELFINETUNEREQUEST']._serialized_start=986
-  _globals['_CANCELFINETUNEREQUEST']._serialized_end=1025
-  _globals['_LISTFINETUNESREQUEST']._serialized_start=1027
-  _globals['_LISTFINETUNESREQUEST']._serialized_end=1049
-  _globals['_LISTFINETUNESRESPONSE']._serialized_start=1051
-  _globals['_LISTFINETUNESRESPONSE']._serialized_end=1111
-  _globals['_FINETUNESERVICE']._serialized_start=1345
-  _globals['_FINETUNESERVICE']._serialized_end=1881
+  _globals['_STARTFINETUNEREQUEST']._serialized_end=679
+  _globals['_FINETUNEJOB']._serialized_start=682
+  _globals['_FINETUNEJOB']._serialized_end=961
+  _globals['_WATCHFINETUNEREQUEST']._serialized_start=963
+  _globals['_WATCHFINETUNEREQUEST']._serialized_end=1001
+  _globals['_CANCELFINETUNEREQUEST']._serialized_start=1003
+  _globals['_CANCELFINETUNEREQUEST']._serialized_end=1042
+  _globals['_LISTFINETUNESREQUEST']._serialized_start=1044
+  _globals['_LISTFINETUNESREQUEST']._serialized_end=1066
+  _globals['_LISTFINETUNESRESPONSE']._serialized_start=1068
+  _globals['_LISTFINETUNESRESPONSE']._serialized_end=1128
+  _globals['_FINETUNESERVICE']._serialized_start=1362
+  _globals['_FINETUNESERVICE']._serialized_end=1898
 # @@protoc_insertion_point(module_scope)

@@ -65,7 +65,7 @@ class DeleteDatasetRequest(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
 
 class StartFineTuneRequest(_message.Message):
-    __slots__ = ("adapter_name", "initial_adapter_id", "texts", "sequences", "dataset_id", "rank", "alpha", "learning_rate", "steps", "epochs", "batch_size", "sequence_length", "seed")
+    __slots__ = ("adapter_name", "initial_adapter_id", "texts", "sequences", "dataset_id", "rank", "alpha", "learning_rate", "steps", "epochs", "batch_size", "sequence_length", "seed", "targets")
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     INITIAL_ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class StartFineTuneRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     adapter_name: str
     initial_adapter_id: str
     texts: _containers.RepeatedScalarFieldContainer[str]
@@ -92,7 +93,8 @@ class StartFineTuneRequest(_message.Message):
     batch_size: int
     sequence_length: int
     seed: int
-    def __init__(self, adapter_name: _Optional[str] = ..., initial_adapter_id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TrainingSequence, _Mapping]]] = ..., dataset_id: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., learning_rate: _Optional[float] = ..., steps: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., sequence_length: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_name: _Optional[str] = ..., initial_adapter_id: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TrainingSequence, _Mapping]]] = ..., dataset_id: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., learning_rate: _Optional[float] = ..., steps: _Optional[int] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., sequence_length: _Optional[int] = ..., seed: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FineTuneJob(_message.Message):
     __slots__ = ("job_id", "state", "adapter_name", "adapter_id", "step", "total_steps", "loss", "first_loss", "tokens_per_second", "eta_seconds", "error", "worker_id", "created")
