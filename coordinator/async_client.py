@@ -34,11 +34,13 @@ class AsyncGemmaClient:
                       layers: Sequence[int] = (), pooling: str = "none",
                       dtype: str = "float32", adapter_id: str = "",
                       add_bos: bool | None = None, truncate: str | None = None,
+                      dimensions: int = 0, normalize: bool = False,
                       timeout: float | None = None) -> ForwardResult:
         """As `GemmaClient.forward`; cancelling the awaiting task cancels the call."""
         request = forward_request(texts, token_ids, layers=layers, pooling=pooling,
                                   dtype=dtype, adapter_id=adapter_id, add_bos=add_bos,
-                                  truncate=truncate)
+                                  truncate=truncate, dimensions=dimensions,
+                                  normalize=normalize)
         call = self._stub.Forward(request, timeout=timeout, metadata=self._metadata)
         return assemble([response async for response in call])
 

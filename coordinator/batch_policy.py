@@ -222,7 +222,9 @@ class BatchPolicy:
         layer_ids = np.array(layers + [layers[0]] * (cfg.layer_slots - len(layers)), "int32")
         specs = tuple(BatchRow(length=row.tokens,
                                layers=tuple(position[layer] for layer in row.work.layers),
-                               pooling=row.work.pooling, dtype=row.work.dtype)
+                               pooling=row.work.pooling, dtype=row.work.dtype,
+                               dimensions=row.work.dimensions,
+                               normalize=row.work.normalize)
                       for row in batch)
         return Batch(token_ids, padding_mask, layer_ids, slot_ids, specs)
 

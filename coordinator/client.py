@@ -214,7 +214,8 @@ def forward_request(texts: Sequence[str] | None = None,
                     token_ids: Sequence[Sequence[int]] | None = None, *,
                     layers: Sequence[int] = (), pooling: str = "none", dtype: str = "float32",
                     adapter_id: str = "", add_bos: bool | None = None,
-                    truncate: str | None = None) -> pb.ForwardRequest:
+                    truncate: str | None = None, dimensions: int = 0,
+                    normalize: bool = False) -> pb.ForwardRequest:
     """The ForwardRequest `GemmaClient.forward` sends (pooling and dtype by
     name: "none" / "last_token" / "mean", "float32" / "bfloat16" / "float16";
     `truncate`: None refuses a sequence over the limit, "start" keeps its
@@ -222,6 +223,7 @@ def forward_request(texts: Sequence[str] | None = None,
     request = pb.ForwardRequest(
         texts=texts or [], layers=layers, pooling=_POOLING[pooling], dtype=_DTYPE[dtype],
         adapter_id=adapter_id, truncation=_TRUNCATION[truncate],
+        dimensions=dimensions, normalize=normalize,
         sequences=[pb.TokenSequence(ids=list(map(int, ids))) for ids in token_ids or []])
     if add_bos is not None:
         request.add_bos = add_bos
@@ -259,11 +261,31 @@ class GemmaClient:
                 token_ids: Sequence[Sequence[int]] | None = None, *,
                 layers: Sequence[int] = (), pooling: str = "none", dtype: str = "float32",
                 adapter_id: str = "", add_bos: bool | None = None,
-                truncate: str | None = None, timeout: float | None = None) -> ForwardResult:
+                truncate: str | None = None, dimensions: int = 0, normalize: bool = False,
+                timeout: float | None = None) -> ForwardResult:
         request = forward_request(texts, token_ids, layers=layers, pooling=pooling,
                                   dtype=dtype, adapter_id=adapter_id, add_bos=add_bos,
-                                  truncate=truncate)
+                                  truncate=truncate, dimensions=dimensions,
+                                  normalize=normalize)
         return assemble(self._stub.Forward(request, timeout=timeout, metadata=self._metadata))
+
+    def tokenize(self, texts: Sequence[str], *, add_bos: bool | None = None,
+                 timeout: float | None = None) -> list[list[int]]:
+        """Each text's token ids, as Forward would see them (with <bos>
+        unless `add_bos` is False)."""
+        request = pb.TokenizeRequest(texts=list(texts))
+        if add_bos is not None:
+            request.add_bos = add_bos
+        response = self._stub.Tokenize(request, timeout=timeout, metadata=self._metadata)
+        return [list(s.ids) for s in response.sequences]
+
+    def detokenize(self, token_ids: Sequence[Sequence[int]], *,
+                   timeout: float | None = None) -> list[str]:
+        """Each id sequence as text."""
+        request = pb.TokenizeRequest(sequences=[pb.TokenSequence(ids=list(map(int, ids)))
+                                                for ids in token_ids])
+        response = self._stub.Tokenize(request, timeout=timeout, metadata=self._metadata)
+        return list(response.texts)
 
     def model_info(self, timeout: float | None = None) -> dict:
         info = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,

@@ -199,10 +199,19 @@ def _parser() -> argparse.ArgumentParser:
     forward.add_argument("--truncate", choices=["start", "end"], default=None,
                          help="a sequence over the server's limit keeps its start or its end "
                               "(default: refused)")
+    forward.add_argument("--dimensions", type=int, default=0, metavar="N",
+                         help="keep each vector's first N values (default: all)")
+    forward.add_argument("--normalize", action="store_true",
+                         help="L2-normalize each vector (after --dimensions)")
     forward.add_argument("--save", default=None, metavar="PATH",
                          help="FILE.npz: every array (keys seq{i}_layer{l}); FILE.npy: the "
                               "one array a single sequence and layer gives; a directory: "
                               "one seq{i}_layer{l}.npy per array (bfloat16 saved as float32)")
+    tokens = commands.add_parser("tokenize", help="texts to token ids, or --ids back to text")
+    tokens.add_argument("--text", action="append", default=[], help="repeatable")
+    tokens.add_argument("--ids", action="append", type=_ids, default=[],
+                        help="comma-separated ids to decode; repeatable")
+    tokens.add_argument("--no-bos", action="store_true", help="texts without <bos>")
     commands.add_parser("info", help="the model, workers and limits")
 
     adapters = commands.add_parser("adapters", help="your LoRA adapters").add_subparsers(
@@ -274,11 +283,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tokenize(client: GemmaClient, args) -> int:
+    if bool(args.text) == bool(args.ids):
+        raise ValueError("tokenize takes --text or --ids, not both and not neither.")
+    if args.text:
+        for text, ids in zip(args.text, client.tokenize(
+                args.text, add_bos=not args.no_bos, timeout=args.timeout)):
+            print(f"{len(ids)} tokens: {','.join(map(str, ids))}")
+    else:
+        for text in client.detokenize(args.ids, timeout=args.timeout):
+            print(json.dumps(text, ensure_ascii=False))
+    return 0
+
+
 def _forward(client: GemmaClient, args) -> int:
     save_as = _save_kind(args.save, args) if args.save else None  # before the call
     result = client.forward(texts=args.text, token_ids=args.ids, layers=args.layers,
                             pooling=args.pooling, dtype=args.dtype, adapter_id=args.adapter,
-                            truncate=args.truncate, timeout=args.timeout)
+                            truncate=args.truncate, dimensions=args.dimensions,
+                            normalize=args.normalize, timeout=args.timeout)
     print(f"request {result.request_id} on {result.worker_id} ({result.model}"
           + (f", adapter {result.adapter_id or args.adapter}" if args.adapter else "") + ")")
     arrays = {}
@@ -425,6 +448,8 @@ def main(argv=None) -> None:
                 code = 0
             elif args.command == "forward":
                 code = _forward(client, args)
+            elif args.command == "tokenize":
+                code = _tokenize(client, args)
             elif args.command == "adapters":
                 code = _adapters(client, args)
             elif args.command == "datasets":

@@ -78,6 +78,23 @@ def _check_ids(ids: np.ndarray, field: str, limits: ServiceLimits) -> np.ndarray
     return ids
 
 
+def check_count(count: int, field: str, limits: ServiceLimits) -> None:
+    if count > limits.max_sequences_per_request:
+        raise InvalidArgument(field, f"{count} items; at most "
+                                     f"{limits.max_sequences_per_request} per request.")
+
+
+def check_text(text: str, field: str, limits: ServiceLimits) -> None:
+    """A text as the tokenizer may take it: not empty, within the byte limit."""
+    if not text:
+        raise InvalidArgument(field, "is empty.")
+    size = len(text.encode("utf-8"))
+    if size > limits.max_text_bytes:
+        raise InvalidArgument(field, f"is {size} bytes; the limit is {limits.max_text_bytes} "
+                                     "(truncation applies to tokens, after it). Send less "
+                                     "text.")
+
+
 def cheap_to_parse(message: pb.ForwardRequest, limits: ServiceLimits) -> bool:
     """Whether `parse_forward_request(message)` is quick enough for the event
     loop: token ids, short texts, or more texts than are allowed (refused
@@ -103,17 +120,17 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
         raise InvalidArgument("texts, sequences", "send texts or token sequences, not both.")
     if not texts and not sequences:
         raise InvalidArgument("texts, sequences", "nothing to run; send texts or sequences.")
-    count = len(texts) + len(sequences)
-    if count > limits.max_sequences_per_request:
-        raise InvalidArgument("texts" if texts else "sequences",
-                              f"{count} items; at most {limits.max_sequences_per_request} "
-                              "per request.")
+    check_count(len(texts) + len(sequences), "texts" if texts else "sequences", limits)
     if message.HasField("add_bos") and not texts:
         raise InvalidArgument("add_bos", "applies to texts only; token sequences are "
                                          "used exactly as sent.")
     pooling = _enum(message.pooling, POOLING_NAMES, "pooling", pb.Pooling)
     dtype = _enum(message.dtype, DTYPE_NAMES, "dtype", pb.DType)
     layers = _layers(message.layers, limits)
+    if not 0 <= message.dimensions <= limits.hidden_dim:
+        raise InvalidArgument("dimensions", f"{message.dimensions} is outside 0.."
+                                            f"{limits.hidden_dim} (the model's hidden size; "
+                                            "0 keeps every value).")
     keep = _enum(message.truncation, TRUNCATIONS, "truncation", pb.Truncation)
     limit = limits.max_sequence_length
     if texts:
@@ -123,14 +140,7 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
         add_bos = message.add_bos if message.HasField("add_bos") else True
         ids, whole = [], []
         for i, text in enumerate(texts):
-            if not text:
-                raise InvalidArgument(f"texts[{i}]", "is empty.")
-            size = len(text.encode("utf-8"))
-            if size > limits.max_text_bytes:
-                raise InvalidArgument(f"texts[{i}]", f"is {size} bytes; the limit is "
-                                                     f"{limits.max_text_bytes} (truncation "
-                                                     "applies to tokens, after it). Send "
-                                                     "less text.")
+            check_text(text, f"texts[{i}]", limits)
             tokens = np.asarray(tokenizer.tokenize(text, add_bos=add_bos), "int32")
             whole.append(tokens.size)
             ids.append(_check_ids(_truncate(tokens, keep, limit, keep_first=add_bos),
@@ -143,5 +153,6 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
             ids.append(_check_ids(_truncate(sent, keep, limit, keep_first=False),
                                   f"sequences[{i}]", limits).astype("int32"))
     return ForwardWork(request_id=request_id, sequences=tuple(ids), layers=layers,
-                       pooling=pooling, dtype=dtype, timeout_s=timeout_s,
+                       pooling=pooling, dtype=dtype, dimensions=message.dimensions,
+                       normalize=message.normalize, timeout_s=timeout_s,
                        truncated=tuple(n - kept.size for n, kept in zip(whole, ids)))

@@ -27,7 +27,8 @@ def response_stream(work: ForwardWork, result: ForwardResult, model: str, hidden
         request_id=work.request_id, model=model, layers=work.layers,
         pooling=_POOLING_ENUM[work.pooling], dtype=dtype, hidden_dim=hidden_dim,
         total_bytes=sum(t.nbytes for per_layer in result.tensors for t in per_layer),
-        worker_id=result.worker_id, adapter_id=adapter_id)
+        worker_id=result.worker_id, adapter_id=adapter_id,
+        dimensions=work.dimensions or hidden_dim, normalized=work.normalize)
     truncated = work.truncated or (0,) * len(work.sequences)
     for ids, per_layer, dropped in zip(work.sequences, result.tensors, truncated):
         header.sequences.add(token_ids=ids.tolist(), shape=per_layer[0].shape,

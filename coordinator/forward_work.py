@@ -18,6 +18,7 @@ class ForwardWork:
         layers: normalized layer indices in [0, num_layers], distinct.
         pooling: one of worker.batch.POOLINGS.
         dtype: one of worker.batch.OUTPUT_DTYPES.
+        dimensions, normalize: the embedding options (worker.batch.embed).
         timeout_s: seconds the caller still waits, or None.
         adapter: the LoRA adapter every sequence runs with; None for the
             base model.
@@ -31,6 +32,8 @@ class ForwardWork:
     layers: tuple[int, ...]
     pooling: str = "none"
     dtype: str = "float32"
+    dimensions: int = 0
+    normalize: bool = False
     timeout_s: float | None = None
     adapter: "AdapterRef | None" = None
     truncated: tuple[int, ...] = ()

@@ -19,6 +19,7 @@ from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceConfig, ServiceLimits
 from coordinator.service_metrics import ServiceMetrics
+from coordinator.tokenize_request import cheap_to_tokenize, tokenize
 from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from gemma_core.matmul_precision import compute_summary
@@ -85,6 +86,13 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                                             self._limits.hidden_dim, self._config.chunk_bytes,
                                             adapter_id):
                 yield response
+
+    async def Tokenize(self, request, context):
+        tenant = self._auth.tenant_for_metadata(context.invocation_metadata())
+        if cheap_to_tokenize(request, self._limits):
+            return tokenize(request, self._limits, self._tokenizer)
+        return await off_loop.FORWARD.run(tenant, tokenize, request, self._limits,
+                                          self._tokenizer)
 
     async def GetModelInfo(self, request, context):
         tenant = self._auth.tenant_for_metadata(context.invocation_metadata())

@@ -27,12 +27,16 @@ class BatchRow:
             in the order it asked for them.
         pooling: one of POOLINGS.
         dtype: one of OUTPUT_DTYPES.
+        dimensions: keep each vector's first this many values (0: all).
+        normalize: then divide each vector by its L2 norm.
     """
 
     length: int
     layers: tuple[int, ...]
     pooling: str = "none"
     dtype: str = "float32"
+    dimensions: int = 0
+    normalize: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +82,22 @@ def pool(hidden: np.ndarray, pooling: str) -> np.ndarray:
     return hidden
 
 
+def embed(vectors: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
+    """The embedding options on the last axis: its first `dimensions`
+    values (0: all), then with `normalize` divided by the L2 norm (in
+    float32; a zero vector stays zero)."""
+    if dimensions:
+        vectors = vectors[..., :dimensions]
+    if not normalize:
+        return vectors
+    vectors = vectors.astype(np.float32)
+    norm = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.maximum(norm, np.finfo(np.float32).tiny)
+
+
 def row_results(hidden: np.ndarray, rows: tuple[BatchRow, ...]) -> list[list[np.ndarray]]:
     """Each row's tensors from the batch's (K, B, T, d) hidden states (views
     where no cast is needed: Ray serializes only the bytes a view covers)."""
-    return [[pool(hidden[k, i, : row.length], row.pooling).astype(OUTPUT_DTYPES[row.dtype],
-                                                                   copy=False)
+    return [[embed(pool(hidden[k, i, : row.length], row.pooling), row.dimensions,
+                   row.normalize).astype(OUTPUT_DTYPES[row.dtype], copy=False)
              for k in row.layers] for i, row in enumerate(rows)]

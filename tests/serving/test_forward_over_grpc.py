@@ -196,3 +196,39 @@ def test_truncation_keeps_the_asked_part_and_says_so(client, local_model, keep):
                       "padding_mask": np.ones((1, limit), "int32")})
     np.testing.assert_allclose(result.hidden_states[0][0],
                                np.asarray(expected)[0].mean(axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling, dimensions, normalize", [
+    ("mean", 0, True), ("mean", 16, True), ("last_token", 32, False), ("none", 8, True),
+    ("mean", 128, False)])
+def test_embedding_options_shorten_then_normalize(client, local_model, pooling, dimensions,
+                                                  normalize):
+    model, tokenizer = local_model
+    ids_list = [tokenizer.tokenize(t, add_bos=True) for t in TEXTS]
+    result = client.forward(token_ids=ids_list, layers=[2, -1], pooling=pooling,
+                            dimensions=dimensions, normalize=normalize)
+    expected = expected_states(model, ids_list, [2, -1])
+    for got_seq, want_seq in zip(result.hidden_states, expected):
+        for got, want in zip(got_seq, want_seq):
+            want = pooled(want, pooling)[..., :dimensions or None]
+            if normalize:
+                want = want / np.linalg.norm(want, axis=-1, keepdims=True)
+                np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_embedding_options_are_validated_and_reported(client, stub):
+    from coordinator.client import forward_request
+    model = client.model_info()
+    hidden = int(model["limits"]["hidden_dim"])
+    for dimensions in (-1, hidden + 1):
+        with pytest.raises(grpc.RpcError) as caught:
+            client.forward(token_ids=[[2, 3]], pooling="mean", dimensions=dimensions)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "dimensions" in caught.value.details()
+    header = next(iter(stub.Forward(forward_request(token_ids=[[2, 3]], pooling="mean",
+                                                    dimensions=5, normalize=True),
+                                    metadata=(("authorization", f"Bearer {ACME_KEY}"),))))
+    assert (header.header.dimensions, header.header.normalized) == (5, True)
+    assert list(header.header.sequences[0].shape) == [5]

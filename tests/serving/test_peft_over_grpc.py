@@ -316,3 +316,9 @@ def test_all_linear_fine_tune_lowers_the_loss_and_adapts_every_projection(
     code, details = code_of(lambda: acme.start_fine_tune(
         "x", sequences=[pattern], steps=1, targets=["lm_head"]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "lm_head" in details
+
+
+def test_tokenize_without_a_tokenizer_is_failed_precondition(acme):
+    # This fixture model ships no tokenizer: texts cannot be tokenized.
+    code, details = code_of(lambda: acme.tokenize(["hello"]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "no tokenizer" in details

@@ -38,6 +38,24 @@ TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_KEEP_START: Truncation
 TRUNCATION_KEEP_END: Truncation
 
+class TokenizeRequest(_message.Message):
+    __slots__ = ("texts", "add_bos", "sequences")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    ADD_BOS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    add_bos: bool
+    sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., add_bos: _Optional[bool] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("sequences", "texts")
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class TokenSequence(_message.Message):
     __slots__ = ("ids",)
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -45,7 +63,7 @@ class TokenSequence(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("texts", "sequences", "add_bos", "adapter_id", "layers", "pooling", "dtype", "truncation")
+    __slots__ = ("texts", "sequences", "add_bos", "adapter_id", "layers", "pooling", "dtype", "truncation", "dimensions", "normalize")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ADD_BOS_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +72,8 @@ class ForwardRequest(_message.Message):
     POOLING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
     add_bos: bool
@@ -62,7 +82,9 @@ class ForwardRequest(_message.Message):
     pooling: Pooling
     dtype: DType
     truncation: Truncation
-    def __init__(self, texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., add_bos: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ...) -> None: ...
+    dimensions: int
+    normalize: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., add_bos: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("header", "chunk")
@@ -73,7 +95,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[ForwardHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ForwardHeader(_message.Message):
-    __slots__ = ("request_id", "model", "layers", "pooling", "dtype", "hidden_dim", "sequences", "total_bytes", "adapter_id", "worker_id")
+    __slots__ = ("request_id", "model", "layers", "pooling", "dtype", "hidden_dim", "sequences", "total_bytes", "adapter_id", "worker_id", "dimensions", "normalized")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +106,8 @@ class ForwardHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     layers: _containers.RepeatedScalarFieldContainer[int]
@@ -94,7 +118,9 @@ class ForwardHeader(_message.Message):
     total_bytes: int
     adapter_id: str
     worker_id: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., hidden_dim: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., adapter_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    dimensions: int
+    normalized: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., hidden_dim: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., adapter_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalized: _Optional[bool] = ...) -> None: ...
 
 class SequenceInfo(_message.Message):
     __slots__ = ("token_ids", "shape", "truncated_tokens")

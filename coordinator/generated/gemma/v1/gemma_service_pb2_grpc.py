@@ -44,6 +44,11 @@ class GemmaServiceStub:
                 request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/gemma.v1.GemmaService/Tokenize',
+                request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class GemmaServiceServicer:
@@ -65,6 +70,15 @@ class GemmaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Texts to token ids with the model's tokenizer, or ids back to texts, so
+        a client can count and cut tokens before Forward. Exactly one of texts
+        and sequences. FAILED_PRECONDITION when the model has no tokenizer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GemmaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_GemmaServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ModelInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeRequest.FromString,
+                    response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class GemmaService:
             '/gemma.v1.GemmaService/GetModelInfo',
             coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.GetModelInfoRequest.SerializeToString,
             coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gemma.v1.GemmaService/Tokenize',
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeRequest.SerializeToString,
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
