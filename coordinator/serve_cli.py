@@ -158,6 +158,10 @@ def parse_args(argv=None) -> ServiceConfig:
                         "or with --ray-address each node's ~/.cache/gemma-serve/compilation-cache")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight calls may take to finish")
+    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="serve OpenAI's embeddings API (POST /v1/embeddings, GET /v1/models) "
+                        "over HTTP on this port of --host, with the same keys, TLS and "
+                        "limits; 0 picks a free one (default: off)")
     p.add_argument("--metrics-port", type=int, default=9090,
                    help="Prometheus /metrics port; -1 turns it off, 0 picks a free one")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -192,6 +196,7 @@ def parse_args(argv=None) -> ServiceConfig:
                          api_keys_file=args.api_keys_file,
                          max_upload_bytes=int(args.max_upload_mib * (1 << 20)),
                          adapter_source_root=args.adapter_source_root,
+                         http_port=args.http_port,
                          metrics_host=args.metrics_host,
                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                          tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -235,6 +240,8 @@ def ready_line(server: GemmaServer) -> str:
             f"dtype={dtype} ({compute_summary(dtype)}){programs} "
             f"ray={'local' if not config.ray_address else config.ray_address} {auth} "
             f"adapters={config.data_dir}" + (
+                f" http={'https' if config.tls_cert else 'http'}://{config.host}:"
+                f"{server.http_port}/v1" if server.http_port is not None else "") + (
                 f" metrics=http://{config.metrics_host}:{server.metrics_port}/metrics"
                 if server.metrics_port is not None else ""))
 

@@ -17,6 +17,7 @@ from coordinator.admission_control import TenantAdmission
 from coordinator.adapter_registry import AdapterRegistry
 from coordinator.adapter_servicer import AdapterServicer
 from coordinator.dataset_store import DatasetStore
+from coordinator.http_front import HttpFront, http_body_limit, tls_options
 from coordinator.error_interceptor import ErrorInterceptor
 from coordinator.fine_tune_jobs import FineTuneJobs
 from coordinator.fine_tune_servicer import FineTuneServicer
@@ -100,6 +101,8 @@ class GemmaServer:
         self.auth = TenantAuth.from_sources(config.api_keys_file)
         self.metrics = ServiceMetrics()
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: HttpFront | None = None
         self.draining = False
         self.ready_infos: list = []  # each worker's ExecutorInfo when it first said ready
         self.model_dtype = "float32"  # the served dtype policy, known once started
@@ -190,6 +193,13 @@ class GemmaServer:
              reflection.SERVICE_NAME), self._server)
         self.port = listen(self._server, config.host, config.port, server_credentials(config))
         await self._server.start()
+        if config.http_port is not None:
+            self._http = HttpFront(
+                servicer, self.auth, adapters, self.metrics,
+                model=os.path.basename(config.worker.preset.rstrip("/")),
+                max_body_bytes=http_body_limit(config), draining=lambda: self.draining)
+            self.http_port = await self._http.start(config.host, config.http_port,
+                                                    tls_options(config))
         if config.metrics_port is not None:
             self.metrics.watch_workers(asyncio.get_running_loop(), self._placement.stats,
                                        jobs.counts_by_state)
@@ -225,6 +235,8 @@ class GemmaServer:
             await self._jobs.interrupt_all(timeout_s=max(grace, 1.0))
         if self._server is not None:
             await self._server.stop(grace)
+        if self._http is not None:
+            await self._http.stop()
         if self._placement is not None:
             self._placement.shutdown()
         self.metrics.stop()

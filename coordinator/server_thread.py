@@ -31,6 +31,9 @@ class ServerThread:
             self._stop_loop()
             raise
         self.address = f"{config.host}:{self.server.port}"
+        # The HTTP front's "host:port" (None when it is off).
+        self.http_address = (None if self.server.http_port is None
+                             else f"{config.host}:{self.server.http_port}")
 
     def call(self, coroutine, timeout: float = 60):
         """Runs `coroutine` on the server's loop and returns its result."""

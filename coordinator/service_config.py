@@ -46,6 +46,9 @@ class ServiceConfig:
         max_upload_bytes: size cap of an adapter or dataset upload.
         adapter_source_root: RegisterAdapter may copy adapters from local
             paths under this directory, and nowhere else; None: none.
+        http_port: the HTTP front (OpenAI's embeddings API, on `host`, with
+            the same keys, TLS and limits); None turns it off, 0 picks a
+            free port.
         metrics_host, metrics_port: the Prometheus endpoint (`/metrics`);
             port None turns it off, 0 picks a free one. Loopback unless set.
         admission: per-tenant and per-worker limits on work in flight.
@@ -71,6 +74,7 @@ class ServiceConfig:
     api_keys_file: str | None = None
     max_upload_bytes: int = 64 << 20
     adapter_source_root: str | None = None
+    http_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     admission: AdmissionLimits = AdmissionLimits()

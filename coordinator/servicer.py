@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
 import uuid
+from typing import Callable
 
 from coordinator import off_loop
 from coordinator.adapter_manager import AdapterManager, key_tenant
@@ -54,20 +56,33 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
 
     async def Forward(self, request, context):
         tenant = self._auth.tenant_for_metadata(context.invocation_metadata())
+        # A client that stops reading is cut off after --stream-idle-timeout-s
+        # (the interceptor closes this generator; see coordinator/stream_guard.py).
+        async with self.forward_call(tenant, request, context.time_remaining) as (
+                work, result, adapter_id):
+            for response in response_stream(work, result, self._config.worker.preset,
+                                            self._limits.hidden_dim, self._config.chunk_bytes,
+                                            adapter_id):
+                yield response
+
+    @contextlib.asynccontextmanager
+    async def forward_call(self, tenant: str, request: pb.ForwardRequest,
+                           time_remaining: Callable[[], float | None]):
+        """Runs `request` for `tenant` and yields (work, result, the adapter
+        id as resolved): the one path of Forward, over gRPC and HTTP. The
+        call is admitted before anything costs (adapter lookup, the worker)
+        and stays admitted until the block ends: the results are in memory
+        till the caller has sent them."""
         request_id = uuid.uuid4().hex[:16]
         if cheap_to_parse(request, self._limits):
             work = parse_forward_request(request, self._limits, self._tokenizer, request_id,
-                                         context.time_remaining())
+                                         time_remaining())
         else:  # long texts, tokenized beside the loop; the deadline counts from after
             work = await off_loop.FORWARD.run(tenant, parse_forward_request, request,
                                               self._limits, self._tokenizer, request_id, None)
-            work = dataclasses.replace(work, timeout_s=context.time_remaining())
+            work = dataclasses.replace(work, timeout_s=time_remaining())
         started = time.perf_counter()
         tokens = sum(len(s) for s in work.sequences)
-        # Admitted before anything costs (adapter lookup, the worker), and
-        # held until the last chunk is sent: the results are in memory till then.
-        # A client that stops reading is cut off after --stream-idle-timeout-s
-        # (the interceptor closes this generator; see coordinator/stream_guard.py).
         with self._admission.admit(tenant, tokens):
             adapter_id = ""
             if request.adapter_id:
@@ -75,17 +90,14 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 work = dataclasses.replace(work, adapter=ref)
                 adapter_id = record.adapter_id
             result = await asyncio.wait_for(self._router.forward(work, tenant),
-                                            timeout=context.time_remaining())
+                                            timeout=time_remaining())
             self._metrics.record_forward(len(work.sequences), tokens)
             log.info("forward %s", work.request_id, extra={
                 "request_id": work.request_id, "tenant": tenant, "worker_id": result.worker_id,
                 "adapter_id": adapter_id, "sequences": len(work.sequences), "tokens": tokens,
                 "ms": round(1e3 * (time.perf_counter() - started), 2),
                 "worker_ms": result.worker_ms})
-            for response in response_stream(work, result, self._config.worker.preset,
-                                            self._limits.hidden_dim, self._config.chunk_bytes,
-                                            adapter_id):
-                yield response
+            yield work, result, adapter_id
 
     async def Tokenize(self, request, context):
         tenant = self._auth.tenant_for_metadata(context.invocation_metadata())

@@ -127,7 +127,7 @@ def test_mixed_batch_of_peft_keras_hub_and_base_rows_equals_each_alone(
     assert int(after["compiled_functions"]) == len(BATCHING.shapes())
     assert int(after["programs_compiled"]) == int(before["programs_compiled"])
     assert int(after["compiled_slot_writers"]) == 1
-    assert int(after["max_adapters_in_a_batch"]) >= 3  # kinds really shared batches
+    assert int(after["max_adapters_in_a_batch"]) >= 2  # kinds really shared batches
     assert int(after["adapter_evictions"]) > int(before["adapter_evictions"])
 
 
