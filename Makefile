@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/python benchmarks/service_throughput.py
 	$(BIN)/python benchmarks/ray_call_overhead.py
 	$(BIN)/python benchmarks/adapter_throughput.py
+	$(BIN)/python benchmarks/http_embeddings.py
 
 # Writes (once) a 5.2 GB checkpoint under ~/.cache/gemma-serve-bench and holds
 # one model at a time (up to 16.5 GB, float32); an hour or more on 2 cores.
