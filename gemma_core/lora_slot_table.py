@@ -63,7 +63,10 @@ class LoraSlotTable:
     """The table layout for one architecture: `num_slots` slots of rank up to
     `max_rank` on each projection in `targets` (smaller ranks are
     zero-padded, which changes nothing: the padded columns of a and rows of
-    b multiply to zero; projections an adapter leaves alone stay zero).
+    b multiply to zero; projections an adapter leaves alone stay zero),
+    stored in `dtype` (the worker's compute dtype: a bfloat16 model keeps
+    them in bfloat16, half the memory; the updates are computed in float32
+    either way).
 
     Example:
     >>> table = LoraSlotTable(backbone.config, num_slots=9, max_rank=16)
@@ -77,6 +80,7 @@ class LoraSlotTable:
     num_slots: int
     max_rank: int
     targets: Sequence[str] = TARGETS
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.num_slots < 1 or self.max_rank < 1:
@@ -136,8 +140,9 @@ class LoraSlotTable:
         return specs
 
     def zeros(self) -> Tables:
-        """Every slot empty (float32, on the host)."""
-        return {name: np.zeros(shape, "float32") for name, shape in self.shapes().items()}
+        """Every slot empty (in `dtype`, on the host)."""
+        return {name: np.zeros(shape, jnp.dtype(self.dtype))
+                for name, shape in self.shapes().items()}
 
     def slot_values(self, adapter: LoraAdapter) -> Tables:
         """One slot's worth of `adapter`: the tables' shapes without the S

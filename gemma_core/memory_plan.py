@@ -9,8 +9,8 @@ Three parts, per device of one worker's (data, model) mesh:
   shard on a device has each split axis divided by its mesh axis; the map
   only splits axes the mesh divides, so every device holds the same bytes.
 - **adapter slots**: exact per copy. The worker's `LoraSlotTable` for
-  `max_adapters + 1` slots of rank `max_adapter_rank`, float32, split over
-  the mesh by `LoraSlotTable.partition_specs`. Counted twice: a slot write
+  `max_adapters + 1` slots of rank `max_adapter_rank`, in the compute dtype,
+  split over the mesh by `LoraSlotTable.partition_specs`. Counted twice: a slot write
   builds new tables while a running batch may still read the old ones (they
   are not donated).
 - **activations**: an estimate of the jitted forward's peak working memory at
@@ -328,13 +328,14 @@ def plan_memory(config: GemmaConfig | str | Mapping[str, Any],
                          f"{max_adapters} and {max_adapter_rank}.")
     policy = keras.dtype_policies.get(dtype)
     weights = weight_shards(config, mesh_shape, policy.name)
-    table = LoraSlotTable(config, max_adapters + 1, max_adapter_rank)
-    # Float32, as LoraSlotTable.zeros() makes them, whatever the model dtype.
+    # In the compute dtype, as the worker keeps them.
+    table = LoraSlotTable(config, max_adapters + 1, max_adapter_rank,
+                          dtype=policy.compute_dtype)
     axis_sizes = dict(zip(MESH_AXES, mesh_shape))
     specs = table.partition_specs(axis_sizes, model_axis=MODEL_AXIS, data_axis=DATA_AXIS)
     table_bytes = sum(
         math.prod(dim if axis is None else -(-dim // axis_sizes[axis])
-                  for dim, axis in zip(shape, specs[name])) * 4
+                  for dim, axis in zip(shape, specs[name])) * jnp.dtype(table.dtype).itemsize
         for name, shape in table.shapes().items())
     activations = activation_terms(config, policy.compute_dtype, rows, length, mesh_shape,
                                    layer_slots, max_adapter_rank)

@@ -41,7 +41,8 @@ class ShardedBackbone:
         self.mesh = mesh
         # Adapter slots, split over the mesh like the LoRA kernels they stack.
         self.slot_table = LoraSlotTable(self.backbone.config, spec.max_adapters + 1,
-                                        spec.max_adapter_rank)
+                                        spec.max_adapter_rank,
+                                        dtype=self.backbone.compute_dtype)
         specs = self.slot_table.partition_specs(dict(zip(MESH_AXES, spec.mesh_shape)),
                                                 model_axis=MESH_AXES[1],
                                                 data_axis=MESH_AXES[0])

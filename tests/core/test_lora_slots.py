@@ -141,3 +141,25 @@ def test_a_partial_adapter_exports_a_file_keras_hub_layout_reads_whole(tiny_back
     expected = with_adapter(tiny_backbone, adapter)
     np.testing.assert_allclose(np.asarray(full(tiny_inputs)), np.asarray(expected(tiny_inputs)),
                                atol=1e-5)
+
+
+def test_bfloat16_tables_serve_a_bfloat16_model_like_float32_ones():
+    """A bfloat16 worker keeps its slots in bfloat16 (half the memory); the
+    updates are still computed in float32, so rows match float32 tables to
+    bfloat16's rounding of the factors."""
+    model = GemmaBackbone(**{**TINY_CONFIG, "dtype": "bfloat16"})
+    adapter = random_adapter(11, 4, targets=("query", "value", "ffw_linear"))
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        table = LoraSlotTable(CONFIG, num_slots=2, max_rank=4, dtype=dtype)
+        tables = table.write(table.zeros(), 1, table.slot_values(adapter))
+        assert all(t.dtype == np.dtype(jax.numpy.dtype(dtype)) for t in tables.values())
+        ids = np.arange(2, 18, dtype="int32").reshape(2, 8)
+        outputs[dtype] = np.asarray(model.selected_hidden_states(
+            ids, np.ones_like(ids), np.array([2], "int32"),
+            lora=(tables, np.array([1, 0], "int32")))).astype("float32")
+    base = outputs["float32"][0, 1]
+    np.testing.assert_array_equal(outputs["bfloat16"][0, 1], base)  # the base row
+    assert np.abs(outputs["float32"][0, 0] - base).max() > 1e-2     # the adapter matters
+    np.testing.assert_allclose(outputs["bfloat16"][0, 0], outputs["float32"][0, 0],
+                               atol=0.1, rtol=0.05)

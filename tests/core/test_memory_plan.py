@@ -58,10 +58,12 @@ def test_planned_weight_bytes_equal_the_bytes_allocated_on_each_device(shape, dt
         assert plan.weight_bytes < plan.weight_bytes_unsharded
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 4)])
-def test_adapter_table_bytes_equal_the_tables_placed_by_their_partition_specs(shape):
+@pytest.mark.parametrize("shape, dtype", [((1, 1), "float32"), ((1, 2), "float32"),
+                                          ((2, 4), "float32"), ((2, 4), "bfloat16")])
+def test_adapter_table_bytes_equal_the_tables_placed_by_their_partition_specs(shape, dtype):
     mesh = real_mesh(shape)
-    table = LoraSlotTable(TINY, num_slots=9, max_rank=16)   # as ShardedBackbone makes it
+    # As ShardedBackbone makes it, in the model's compute dtype.
+    table = LoraSlotTable(TINY, num_slots=9, max_rank=16, dtype=dtype)
     specs = table.partition_specs(dict(zip(["batch", "model"], shape)))
     tables = {name: jax.device_put(zeros, jax.sharding.NamedSharding(
                   mesh.backend_mesh, jax.sharding.PartitionSpec(*specs[name])))
@@ -70,7 +72,7 @@ def test_adapter_table_bytes_equal_the_tables_placed_by_their_partition_specs(sh
     for array in tables.values():
         for shard in array.addressable_shards:
             per_device[shard.device] += shard.data.nbytes
-    plan = plan_memory(TINY, shape, max_adapters=8, max_adapter_rank=16)
+    plan = plan_memory(TINY, shape, dtype, max_adapters=8, max_adapter_rank=16)
     assert set(per_device.values()) == {plan.adapter_table_bytes}
     assert plan.adapter_bytes == 2 * plan.adapter_table_bytes
     replicated = sum(t.nbytes for t in table.zeros().values())
