@@ -103,7 +103,7 @@ class HttpFront:
 
     def _measured(self, handler):
         async def route(request: Request):
-            started = time.perf_counter()
+            started, code = time.perf_counter(), "OK"
             try:
                 if self._draining():
                     raise Unavailable("the server is shutting down; retry on another.")
@@ -111,9 +111,9 @@ class HttpFront:
             except Exception as error:  # every failure answers in OpenAI's shape
                 if not isinstance(error, ServiceError):
                     log.exception("%s %s failed", request.method, request.url.path)
+                code = status_of(error)[0].name
                 response = error_response(error)
-            self._metrics.record_call(request.url.path, _grpc_name(response.status_code),
-                                      time.perf_counter() - started)
+            self._metrics.record_call(request.url.path, code, time.perf_counter() - started)
             return response
         return route
 
@@ -233,11 +233,3 @@ def tls_options(config) -> dict | None:
     if config.tls_client_ca:
         options.update(ssl_ca_certs=config.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return options
-
-
-def _grpc_name(status: int) -> str:
-    """The gRPC code name an HTTP status stands for, for the call metrics."""
-    if status < 400:
-        return "OK"
-    return next((code.name for code, (http, _) in _HTTP.items() if http == status),
-                "INTERNAL")
