@@ -3,13 +3,17 @@ SIGTERM under load, joined to the test session's Ray."""
 
 import datetime
 import ipaddress
+import json
 import os
 import pathlib
 import signal
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -76,7 +80,17 @@ def start_serve(ray_session, tmp_path, *flags, shared_cache=True):
         env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     ready = process.stdout.readline()
     assert "gemma-serve ready on" in ready, (tmp_path / "serve.log").read_text()[-3000:]
+    process.ready_line = ready
     return process, ready.split(" ready on ")[1].split()[0]
+
+
+def embeddings_over_https(url, context):
+    """(status, JSON) of one /v1/embeddings call to the ready line's `url`."""
+    request = urllib.request.Request(
+        f"{url}/embeddings", data=json.dumps({"model": "default", "input": "hi"}).encode(),
+        headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        return response.status, json.loads(response.read())
 
 
 def stop(process, sig=signal.SIGTERM, timeout=60):
@@ -91,12 +105,25 @@ def forward_once(channel, timeout=30):
 
 
 def test_tls_and_mutual_tls(ray_session, tmp_path, pki):
-    tls, address = start_serve(ray_session, tmp_path / "tls",
+    tls, address = start_serve(ray_session, tmp_path / "tls", "--http-port", "0",
                                "--tls-cert", pki / "server.pem", "--tls-key", pki / "server.key")
     mtls, mtls_address = start_serve(
-        ray_session, tmp_path / "mtls", "--tls-cert", pki / "server.pem", "--tls-key",
-        pki / "server.key", "--tls-client-ca", pki / "ca.pem")
+        ray_session, tmp_path / "mtls", "--http-port", "0", "--tls-cert", pki / "server.pem",
+        "--tls-key", pki / "server.key", "--tls-client-ca", pki / "ca.pem")
     try:
+        # The HTTP front serves TLS with the same certificates, mTLS with the same CA.
+        urls = [p.ready_line.split(" http=")[1].split()[0] for p in (tls, mtls)]
+        assert all(url.startswith("https://127.0.0.1:") for url in urls)
+        trusting = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        status, body = embeddings_over_https(urls[0], trusting)
+        assert status == 200 and len(body["data"][0]["embedding"]) > 0
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            embeddings_over_https(urls[0], ssl.create_default_context())  # unknown CA
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            embeddings_over_https(urls[1], trusting)  # no client certificate
+        with_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with_cert.load_cert_chain(pki / "client.pem", pki / "client.key")
+        assert embeddings_over_https(urls[1], with_cert)[0] == 200
         with grpc.insecure_channel(address) as plain:  # plaintext to a TLS port
             with pytest.raises(grpc.RpcError) as caught:
                 forward_once(plain, timeout=10)
