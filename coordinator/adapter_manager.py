@@ -168,11 +168,9 @@ class AdapterManager:
                 where.setdefault(key, []).append(worker_id)
         return where
 
-    async def export(self, tenant: str, adapter_id: str,
-                     fmt: str) -> tuple[AdapterRecord, str, bytes]:
-        """(record, file name, bytes) of the adapter in `fmt`. Built in
+    async def export(self, tenant: str, adapter_id: str, fmt: str) -> tuple[str, bytes]:
+        """(file name, bytes) of the adapter in `fmt`. Built in
         memory, not in a temporary file: a cancelled call leaves its thread
         running, and that thread would write the file after any cleanup here."""
         record = self.registry.resolve(tenant, adapter_id)
-        name, data = await asyncio.to_thread(self.registry.export, record, fmt)
-        return record, name, data
+        return await asyncio.to_thread(self.registry.export, record, fmt)

@@ -97,7 +97,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         if fmt not in FORMATS:
             raise InvalidArgument("format", f"{request.format} is not an AdapterFormat; use "
                                             "KERAS_HUB_LORA_H5, SAFETENSORS or PEFT.")
-        _, file_name, data = await self._adapters.export(
+        file_name, data = await self._adapters.export(
             self._tenant(context), request.adapter_id, FORMATS[fmt])
         for start in range(0, len(data), EXPORT_CHUNK_BYTES):
             yield pb.FileChunk(file_name=file_name if start == 0 else "",

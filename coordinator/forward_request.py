@@ -70,12 +70,17 @@ def _check_ids(ids: np.ndarray, field: str, limits: ServiceLimits) -> np.ndarray
         raise InvalidArgument(field, f"has {ids.size} tokens; the limit is "
                                      f"{limits.max_sequence_length}. Send less, or set "
                                      "truncation to keep its start or its end.")
+    check_id_range(ids, field, limits)
+    return ids
+
+
+def check_id_range(ids: np.ndarray, field: str, limits: ServiceLimits) -> None:
+    """Every id in [0, vocabulary_size), else the first one that is not."""
     bad = (ids < 0) | (ids >= limits.vocabulary_size)
     if bad.any():
         position = int(np.argmax(bad))
         raise InvalidArgument(field, f"token id {int(ids[position])} at position {position} "
                                      f"is outside [0, {limits.vocabulary_size}).")
-    return ids
 
 
 def check_count(count: int, field: str, limits: ServiceLimits) -> None:

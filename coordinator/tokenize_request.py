@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator.errors import FailedPrecondition, InvalidArgument
-from coordinator.forward_request import LOOP_TOKENIZE_CHARS, check_count, check_text
+from coordinator.forward_request import (LOOP_TOKENIZE_CHARS, check_count, check_id_range,
+                                         check_text)
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
@@ -49,11 +50,6 @@ def tokenize(message: pb.TokenizeRequest, limits: ServiceLimits,
         if ids.size > limits.max_text_bytes:
             raise InvalidArgument(f"sequences[{i}]", f"has {ids.size} ids; at most "
                                                      f"{limits.max_text_bytes}.")
-        bad = (ids < 0) | (ids >= limits.vocabulary_size)
-        if bad.any():
-            position = int(np.argmax(bad))
-            raise InvalidArgument(f"sequences[{i}]", f"token id {int(ids[position])} at "
-                                                     f"position {position} is outside [0, "
-                                                     f"{limits.vocabulary_size}).")
+        check_id_range(ids, f"sequences[{i}]", limits)
         decoded.append(tokenizer.detokenize(ids.tolist()))
     return pb.TokenizeResponse(texts=decoded)
