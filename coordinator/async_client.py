@@ -7,13 +7,14 @@ from typing import Sequence
 import grpc
 from google.protobuf import json_format
 
-from coordinator.client import ForwardResult, assemble, forward_request
+from coordinator.client import (ForwardResult, ScoreResult, assemble, forward_request,
+                               score_request, score_result)
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 
 
 class AsyncGemmaClient:
-    """`GemmaClient`'s forward and model_info as coroutines, over one
+    """`GemmaClient`'s forward, score and model_info as coroutines, over one
     `grpc.aio` channel. Many calls in flight cost one event loop instead of a
     thread each (a blocking client per thread pays for the threads' hand-offs
     of the interpreter lock: up to twice the CPU per call).
@@ -43,6 +44,19 @@ class AsyncGemmaClient:
                                   normalize=normalize)
         call = self._stub.Forward(request, timeout=timeout, metadata=self._metadata)
         return assemble([response async for response in call])
+
+    async def score(self, texts: Sequence[str] | None = None,
+                    token_ids: Sequence[Sequence[int]] | None = None, *,
+                    token_logprobs: bool = False, top_k: int = 0,
+                    top_k_positions: Sequence[int] = (), candidates: Sequence[str | int] = (),
+                    adapter_id: str = "", add_bos: bool | None = None,
+                    truncate: str | None = None, timeout: float | None = None) -> ScoreResult:
+        """As `GemmaClient.score`."""
+        request = score_request(texts, token_ids, token_logprobs=token_logprobs, top_k=top_k,
+                                top_k_positions=top_k_positions, candidates=candidates,
+                                adapter_id=adapter_id, add_bos=add_bos, truncate=truncate)
+        response = await self._stub.Score(request, timeout=timeout, metadata=self._metadata)
+        return score_result(response, token_logprobs)
 
     async def model_info(self, timeout: float | None = None) -> dict:
         info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,

@@ -14,7 +14,7 @@ import numpy as np
 
 from coordinator.batch_timings import BatchTimings
 from coordinator.forward_work import ForwardWork
-from worker.batch import Batch, BatchResult, BatchRow
+from worker.batch import Batch, BatchResult, BatchRow, ScoreSpec
 from worker.worker_config import BatchingConfig
 
 # Never wait longer than this for stragglers, whatever the last batch took
@@ -37,6 +37,7 @@ class Row(Protocol):
     tokens: int
     slot: int         # its adapter's slot; 0: the base model
     queued_at: float  # the loop time it arrived
+    score: ScoreSpec | None  # a Score request's row: what it asks of the head
 
 
 class BatchPolicy:
@@ -224,7 +225,7 @@ class BatchPolicy:
                                layers=tuple(position[layer] for layer in row.work.layers),
                                pooling=row.work.pooling, dtype=row.work.dtype,
                                dimensions=row.work.dimensions,
-                               normalize=row.work.normalize)
+                               normalize=row.work.normalize, score=row.score)
                       for row in batch)
         return Batch(token_ids, padding_mask, layer_ids, slot_ids, specs)
 

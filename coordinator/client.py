@@ -230,6 +230,74 @@ def forward_request(texts: Sequence[str] | None = None,
     return request
 
 
+@dataclasses.dataclass
+class SequenceScores:
+    """One sequence's scores; what was not asked for is None / empty.
+
+    Attributes:
+        token_logprobs: (tokens - 1,) float32; entry t is
+            log p(token_ids[t + 1] | token_ids[0..t]).
+        top_tokens: per top-k position: (position, ids (k,), log-probs (k,)).
+        candidate_logprobs, candidate_probs: (C,) over the vocabulary, and
+            normalized over the candidates.
+    """
+
+    token_ids: np.ndarray
+    truncated_tokens: int
+    token_logprobs: np.ndarray | None
+    top_tokens: list[tuple[int, np.ndarray, np.ndarray]]
+    candidate_logprobs: np.ndarray | None
+    candidate_probs: np.ndarray | None
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    request_id: str
+    model: str
+    worker_id: str
+    adapter_id: str
+    candidate_ids: list[int]
+    sequences: list[SequenceScores]
+
+
+def score_request(texts: Sequence[str] | None = None,
+                  token_ids: Sequence[Sequence[int]] | None = None, *,
+                  token_logprobs: bool = False, top_k: int = 0,
+                  top_k_positions: Sequence[int] = (),
+                  candidates: Sequence[str | int] = (), adapter_id: str = "",
+                  add_bos: bool | None = None, truncate: str | None = None) -> pb.ScoreRequest:
+    """The ScoreRequest `GemmaClient.score` sends; `candidates` as ints are
+    token ids, as strings one-token texts."""
+    as_ids = all(isinstance(c, (int, np.integer)) for c in candidates)
+    if candidates and not as_ids and not all(isinstance(c, str) for c in candidates):
+        raise ValueError("candidates are all token ids or all texts, not a mix.")
+    request = pb.ScoreRequest(
+        texts=texts or [], adapter_id=adapter_id, truncation=_TRUNCATION[truncate],
+        token_logprobs=token_logprobs, top_k=top_k, top_k_positions=top_k_positions,
+        candidate_ids=list(map(int, candidates)) if as_ids else [],
+        candidates=[] if as_ids else list(candidates),
+        sequences=[pb.TokenSequence(ids=list(map(int, ids))) for ids in token_ids or []])
+    if add_bos is not None:
+        request.add_bos = add_bos
+    return request
+
+
+def score_result(response: pb.ScoreResponse, token_logprobs: bool) -> ScoreResult:
+    """The response as numpy arrays (`token_logprobs`: whether they were
+    asked for: a one-token sequence has none either way)."""
+    def floats(values):
+        return np.array(values, np.float32) if len(values) else None
+    sequences = [SequenceScores(
+        token_ids=np.array(s.token_ids, np.int32), truncated_tokens=s.truncated_tokens,
+        token_logprobs=np.array(s.token_logprobs, np.float32) if token_logprobs else None,
+        top_tokens=[(t.position, np.array(t.ids, np.int32), np.array(t.logprobs, np.float32))
+                    for t in s.top_tokens],
+        candidate_logprobs=floats(s.candidate_logprobs),
+        candidate_probs=floats(s.candidate_probs)) for s in response.sequences]
+    return ScoreResult(response.request_id, response.model, response.worker_id,
+                       response.adapter_id, list(response.candidate_ids), sequences)
+
+
 def tls_credentials(ca: str | None = None, cert: str | None = None,
                     key: str | None = None) -> grpc.ChannelCredentials:
     """Channel credentials from PEM files: `ca` to trust the server (None:
@@ -268,6 +336,21 @@ class GemmaClient:
                                   truncate=truncate, dimensions=dimensions,
                                   normalize=normalize)
         return assemble(self._stub.Forward(request, timeout=timeout, metadata=self._metadata))
+
+    def score(self, texts: Sequence[str] | None = None,
+              token_ids: Sequence[Sequence[int]] | None = None, *,
+              token_logprobs: bool = False, top_k: int = 0, top_k_positions: Sequence[int] = (),
+              candidates: Sequence[str | int] = (), adapter_id: str = "",
+              add_bos: bool | None = None, truncate: str | None = None,
+              timeout: float | None = None) -> ScoreResult:
+        """Scores from the language-model head (see ScoreRequest): e.g.
+        `client.score(texts=[prompt], candidates=["Yes", "No"])` reads a
+        ShieldGemma verdict as `.sequences[0].candidate_probs`."""
+        request = score_request(texts, token_ids, token_logprobs=token_logprobs, top_k=top_k,
+                                top_k_positions=top_k_positions, candidates=candidates,
+                                adapter_id=adapter_id, add_bos=add_bos, truncate=truncate)
+        return score_result(self._stub.Score(request, timeout=timeout, metadata=self._metadata),
+                            token_logprobs)
 
     def tokenize(self, texts: Sequence[str], *, add_bos: bool | None = None,
                  timeout: float | None = None) -> list[list[int]]:

@@ -207,6 +207,25 @@ def _parser() -> argparse.ArgumentParser:
                          help="FILE.npz: every array (keys seq{i}_layer{l}); FILE.npy: the "
                               "one array a single sequence and layer gives; a directory: "
                               "one seq{i}_layer{l}.npy per array (bfloat16 saved as float32)")
+    score = commands.add_parser("score", help="log-probabilities from the language-model "
+                                              "head, as JSON")
+    score.add_argument("--text", action="append", default=[], help="repeatable")
+    score.add_argument("--ids", action="append", type=_ids, default=[],
+                       help="comma-separated token ids; repeatable")
+    score.add_argument("--adapter", default="", help="a LoRA adapter id (name or name@N)")
+    score.add_argument("--truncate", choices=["start", "end"], default=None)
+    score.add_argument("--token-logprobs", action="store_true",
+                       help="each token's log-probability given the ones before it")
+    score.add_argument("--top-k", type=int, default=0, metavar="K",
+                       help="the K likeliest next tokens at --positions")
+    score.add_argument("--positions", type=_ids, default=[],
+                       help="comma-separated positions for --top-k (default -1, the last)")
+    candidates = score.add_mutually_exclusive_group()
+    candidates.add_argument("--candidate", action="append", default=[], metavar="TEXT",
+                            help="a one-token answer to weigh at the last position, e.g. "
+                                 "--candidate Yes --candidate No; repeatable")
+    candidates.add_argument("--candidate-ids", type=_ids, default=[],
+                            help="comma-separated candidate token ids")
     tokens = commands.add_parser("tokenize", help="texts to token ids, or --ids back to text")
     tokens.add_argument("--text", action="append", default=[], help="repeatable")
     tokens.add_argument("--ids", action="append", type=_ids, default=[],
@@ -293,6 +312,30 @@ def _tokenize(client: GemmaClient, args) -> int:
     else:
         for text in client.detokenize(args.ids, timeout=args.timeout):
             print(json.dumps(text, ensure_ascii=False))
+    return 0
+
+
+def _score(client: GemmaClient, args) -> int:
+    result = client.score(texts=args.text, token_ids=args.ids,
+                          token_logprobs=args.token_logprobs, top_k=args.top_k,
+                          top_k_positions=args.positions,
+                          candidates=args.candidate or args.candidate_ids,
+                          adapter_id=args.adapter, truncate=args.truncate, timeout=args.timeout)
+
+    def listed(array):
+        return None if array is None else [round(float(x), 6) for x in array]
+    print(json.dumps({
+        "request_id": result.request_id, "worker_id": result.worker_id,
+        "adapter_id": result.adapter_id, "candidate_ids": result.candidate_ids,
+        "sequences": [{
+            "token_ids": s.token_ids.tolist(), "truncated_tokens": s.truncated_tokens,
+            "token_logprobs": listed(s.token_logprobs),
+            "top_tokens": [{"position": position, "ids": ids.tolist(),
+                            "logprobs": listed(logprobs)}
+                           for position, ids, logprobs in s.top_tokens],
+            "candidate_logprobs": listed(s.candidate_logprobs),
+            "candidate_probs": listed(s.candidate_probs)} for s in result.sequences]},
+        indent=1))
     return 0
 
 
@@ -450,6 +493,8 @@ def main(argv=None) -> None:
                 code = _forward(client, args)
             elif args.command == "tokenize":
                 code = _tokenize(client, args)
+            elif args.command == "score":
+                code = _score(client, args)
             elif args.command == "adapters":
                 code = _adapters(client, args)
             elif args.command == "datasets":

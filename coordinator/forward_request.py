@@ -109,13 +109,11 @@ def cheap_to_parse(message: pb.ForwardRequest, limits: ServiceLimits) -> bool:
             or sum(len(text) for text in texts) <= LOOP_TOKENIZE_CHARS)
 
 
-def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
-                          tokenizer: GemmaTokenizer | None, request_id: str,
-                          timeout_s: float | None) -> ForwardWork:
-    """Validates `message` and turns it into the work a worker runs.
-
-    `message.adapter_id` is left to the caller, which resolves it for the
-    caller's tenant and sets `adapter` on the result.
+def parse_sequences(message, limits: ServiceLimits, tokenizer: GemmaTokenizer | None
+                    ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+    """The input of a Forward or Score request (`texts` or `sequences`,
+    `add_bos`, `truncation`), validated: (int32 ids per sequence, tokens
+    truncation dropped from each).
 
     Raises:
         InvalidArgument: naming the field at fault.
@@ -129,21 +127,14 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
     if message.HasField("add_bos") and not texts:
         raise InvalidArgument("add_bos", "applies to texts only; token sequences are "
                                          "used exactly as sent.")
-    pooling = _enum(message.pooling, POOLING_NAMES, "pooling", pb.Pooling)
-    dtype = _enum(message.dtype, DTYPE_NAMES, "dtype", pb.DType)
-    layers = _layers(message.layers, limits)
-    if not 0 <= message.dimensions <= limits.hidden_dim:
-        raise InvalidArgument("dimensions", f"{message.dimensions} is outside 0.."
-                                            f"{limits.hidden_dim} (the model's hidden size; "
-                                            "0 keeps every value).")
     keep = _enum(message.truncation, TRUNCATIONS, "truncation", pb.Truncation)
     limit = limits.max_sequence_length
+    ids, whole = [], []
     if texts:
         if tokenizer is None:
             raise InvalidArgument("texts", "this model has no tokenizer; send token "
                                            "sequences instead.")
         add_bos = message.add_bos if message.HasField("add_bos") else True
-        ids, whole = [], []
         for i, text in enumerate(texts):
             check_text(text, f"texts[{i}]", limits)
             tokens = np.asarray(tokenizer.tokenize(text, add_bos=add_bos), "int32")
@@ -151,13 +142,33 @@ def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
             ids.append(_check_ids(_truncate(tokens, keep, limit, keep_first=add_bos),
                                   f"texts[{i}] (tokenized)", limits))
     else:
-        ids, whole = [], []
         for i, s in enumerate(sequences):
             sent = np.asarray(s.ids, "int64")
             whole.append(sent.size)
             ids.append(_check_ids(_truncate(sent, keep, limit, keep_first=False),
                                   f"sequences[{i}]", limits).astype("int32"))
-    return ForwardWork(request_id=request_id, sequences=tuple(ids), layers=layers,
+    return tuple(ids), tuple(n - kept.size for n, kept in zip(whole, ids))
+
+
+def parse_forward_request(message: pb.ForwardRequest, limits: ServiceLimits,
+                          tokenizer: GemmaTokenizer | None, request_id: str,
+                          timeout_s: float | None) -> ForwardWork:
+    """Validates `message` and turns it into the work a worker runs.
+
+    `message.adapter_id` is left to the caller, which resolves it for the
+    caller's tenant and sets `adapter` on the result.
+
+    Raises:
+        InvalidArgument: naming the field at fault.
+    """
+    pooling = _enum(message.pooling, POOLING_NAMES, "pooling", pb.Pooling)
+    dtype = _enum(message.dtype, DTYPE_NAMES, "dtype", pb.DType)
+    layers = _layers(message.layers, limits)
+    if not 0 <= message.dimensions <= limits.hidden_dim:
+        raise InvalidArgument("dimensions", f"{message.dimensions} is outside 0.."
+                                            f"{limits.hidden_dim} (the model's hidden size; "
+                                            "0 keeps every value).")
+    ids, truncated = parse_sequences(message, limits, tokenizer)
+    return ForwardWork(request_id=request_id, sequences=ids, layers=layers,
                        pooling=pooling, dtype=dtype, dimensions=message.dimensions,
-                       normalize=message.normalize, timeout_s=timeout_s,
-                       truncated=tuple(n - kept.size for n, kept in zip(whole, ids)))
+                       normalize=message.normalize, timeout_s=timeout_s, truncated=truncated)

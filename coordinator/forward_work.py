@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from worker.batch import ScoreSpec
+
 
 @dataclasses.dataclass(frozen=True)
 class ForwardWork:
@@ -25,6 +27,8 @@ class ForwardWork:
         truncated: tokens dropped from each sequence to fit the longest
             bucket, when the request asked for truncation (else all 0, or
             empty).
+        scores: for a Score request, what each sequence asks of the head
+            (its one layer is the final output); empty for Forward.
     """
 
     request_id: str
@@ -37,6 +41,7 @@ class ForwardWork:
     timeout_s: float | None = None
     adapter: "AdapterRef | None" = None
     truncated: tuple[int, ...] = ()
+    scores: tuple[ScoreSpec, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +61,8 @@ class AdapterRef:
 
 @dataclasses.dataclass(frozen=True)
 class ForwardResult:
-    """`tensors[i][j]`: sequence i at layer `layers[j]`, pooled and cast;
-    `worker_ms`: the request's time in its worker's scheduler (queue and
+    """`tensors[i][j]`: sequence i at layer `layers[j]`, pooled and cast (a
+    Score request: `tensors[i]` is sequence i's `RowScores`); `worker_ms`: the request's time in its worker's scheduler (queue and
     batch), for the coordinator's log line."""
 
     worker_id: str

@@ -1,9 +1,10 @@
-"""The HTTP front: OpenAI's embeddings and models API on `--http-port`.
+"""The HTTP front: OpenAI's embeddings and models API, and Score, on
+`--http-port`.
 
 Starlette routes served by uvicorn on the coordinator's own event loop,
 calling the same code as gRPC: the tenant from `Authorization: Bearer`
-(TenantAuth), Forward's validation, admission, scheduler and metrics
-(GemmaServicer.forward_call), and exceptions mapped to a status once
+(TenantAuth), Forward's and Score's validation, admission, scheduler and
+metrics (GemmaServicer.forward_call), and exceptions mapped to a status once
 (error_interceptor.status_of), then to the HTTP status and OpenAI's error
 shape here.
 """
@@ -26,9 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from coordinator import openai_embeddings
+from coordinator import http_score, openai_embeddings
 from coordinator.error_interceptor import status_of
 from coordinator.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from coordinator.score_request import parse_score_request, score_response
 
 log = logging.getLogger("gemma_serve.http")
 
@@ -91,7 +93,8 @@ class HttpFront:
         self._task = None
         self.app = Starlette(routes=[
             Route("/v1/embeddings", self._measured(self.embeddings), methods=["POST"]),
-            Route("/v1/models", self._measured(self.models), methods=["GET"])],
+            Route("/v1/models", self._measured(self.models), methods=["GET"]),
+            Route("/v1/score", self._measured(self.score), methods=["POST"])],
             exception_handlers={HTTPException: self._http_error})
 
     async def _http_error(self, request: Request, error: HTTPException) -> JSONResponse:
@@ -164,6 +167,17 @@ class HttpFront:
             payload = openai_embeddings.response(
                 [per_layer[0] for per_layer in result.tensors], list(work.sequences), model,
                 encoding)
+        return JSONResponse(payload, headers={"x-request-id": work.request_id})
+
+    async def score(self, request: Request) -> JSONResponse:
+        tenant = self._tenant(request)
+        body = await self._json(request)
+        model = body.get("model") if isinstance(body, dict) else None
+        message = http_score.score_request(body, self._adapter_id(tenant, model))
+        async with self._servicer.forward_call(tenant, message, lambda: None,
+                                               parse_score_request) as (work, result, adapter):
+            payload = http_score.response(
+                score_response(work, result, self.model, adapter), model)
         return JSONResponse(payload, headers={"x-request-id": work.request_id})
 
     async def models(self, request: Request) -> JSONResponse:

@@ -21,11 +21,11 @@ from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 ENCODINGS = ("float", "base64")
 
 
-def _is_id(value: Any) -> bool:
+def is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:
+def inputs(value: Any) -> tuple[list[str], list[list[int]]]:
     """OpenAI's four input forms -> (texts, token sequences), one non-empty."""
     if isinstance(value, str):
         return [value], []
@@ -34,9 +34,9 @@ def _inputs(value: Any) -> tuple[list[str], list[list[int]]]:
                                        "array of token ids, or an array of such arrays.")
     if all(isinstance(item, str) for item in value):
         return value, []
-    if all(_is_id(item) for item in value):
+    if all(is_id(item) for item in value):
         return [], [value]
-    if all(isinstance(item, list) and item and all(_is_id(i) for i in item) for item in value):
+    if all(isinstance(item, list) and item and all(is_id(i) for i in item) for item in value):
         return [], value
     raise InvalidArgument("input", "mixes kinds or holds something else: send strings, or "
                                    "token ids (integers), or arrays of token ids; not empty.")
@@ -58,12 +58,12 @@ def forward_request(body: Any, adapter_id: str) -> tuple[pb.ForwardRequest, str]
                                           "model, encoding_format, dimensions and user.")
     if "input" not in body:
         raise InvalidArgument("input", "is required.")
-    texts, sequences = _inputs(body["input"])
+    texts, sequences = inputs(body["input"])
     encoding = body.get("encoding_format", "float")
     if encoding not in ENCODINGS:
         raise InvalidArgument("encoding_format", f"{encoding!r} is not one of {ENCODINGS}.")
     dimensions = body.get("dimensions")
-    if dimensions is not None and (not _is_id(dimensions) or dimensions < 1):
+    if dimensions is not None and (not is_id(dimensions) or dimensions < 1):
         raise InvalidArgument("dimensions", f"{dimensions!r} is not a positive integer.")
     if "user" in body and not isinstance(body["user"], str):
         raise InvalidArgument("user", "must be a string.")

@@ -9,6 +9,7 @@ import numpy as np
 
 from coordinator.adapter_slot_table import SlotEntry
 from coordinator.forward_work import AdapterRef, ForwardWork
+from worker.batch import ScoreSpec
 
 
 @dataclasses.dataclass(eq=False)
@@ -25,6 +26,7 @@ class QueuedRow:
         queued_at: the loop time it arrived.
         entry: its adapter's slot once one is claimed (None: not yet, or
             the base model).
+        score: what it asks of the head, for a Score request's row.
     """
 
     token_ids: np.ndarray
@@ -35,6 +37,7 @@ class QueuedRow:
     arrival: int
     queued_at: float
     entry: SlotEntry | None = None
+    score: ScoreSpec | None = None
 
     @property
     def tokens(self) -> int:

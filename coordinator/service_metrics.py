@@ -40,9 +40,9 @@ class ServiceMetrics:
                                 ["rpc", "code"], registry=self.registry)
         self.latency = Histogram("gemma_request_seconds", "Call latency by RPC.", ["rpc"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tokens = Counter("gemma_forward_tokens", "Tokens run through Forward.",
+        self.tokens = Counter("gemma_forward_tokens", "Tokens run through Forward and Score.",
                               registry=self.registry)
-        self.sequences = Counter("gemma_forward_sequences", "Sequences run through Forward.",
+        self.sequences = Counter("gemma_forward_sequences", "Sequences run through Forward and Score.",
                                  registry=self.registry)
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
         self.registry.register(_TokenRate(self._recent_tokens))

@@ -17,6 +17,7 @@ from coordinator.admission_control import TenantAdmission
 from coordinator.fine_tune_jobs import FineTuneJobs
 from coordinator.forward_request import cheap_to_parse, parse_forward_request
 from coordinator.forward_response import response_stream
+from coordinator.score_request import parse_score_request, score_response
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceConfig, ServiceLimits
@@ -26,6 +27,7 @@ from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from gemma_core.matmul_precision import compute_summary
 from coordinator.worker_router import WorkerRouter
+from worker.batch import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS
 
 
 log = logging.getLogger("gemma_serve.requests")
@@ -65,21 +67,28 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                                             adapter_id):
                 yield response
 
+    async def Score(self, request, context):
+        tenant = self._auth.tenant_for_metadata(context.invocation_metadata())
+        async with self.forward_call(tenant, request, context.time_remaining,
+                                     parse_score_request) as (work, result, adapter_id):
+            return score_response(work, result, self._config.worker.preset, adapter_id)
+
     @contextlib.asynccontextmanager
-    async def forward_call(self, tenant: str, request: pb.ForwardRequest,
-                           time_remaining: Callable[[], float | None]):
-        """Runs `request` for `tenant` and yields (work, result, the adapter
-        id as resolved): the one path of Forward, over gRPC and HTTP. The
-        call is admitted before anything costs (adapter lookup, the worker)
-        and stays admitted until the block ends: the results are in memory
-        till the caller has sent them."""
+    async def forward_call(self, tenant: str, request: pb.ForwardRequest | pb.ScoreRequest,
+                           time_remaining: Callable[[], float | None],
+                           parse=parse_forward_request):
+        """Runs `request` (`parse` reads it: Forward's or Score's) for
+        `tenant` and yields (work, result, the adapter id as resolved): the
+        one path of Forward and Score, over gRPC and HTTP. The call is
+        admitted before anything costs (adapter lookup, the worker) and
+        stays admitted until the block ends: the results are in memory till
+        the caller has sent them."""
         request_id = uuid.uuid4().hex[:16]
         if cheap_to_parse(request, self._limits):
-            work = parse_forward_request(request, self._limits, self._tokenizer, request_id,
-                                         time_remaining())
+            work = parse(request, self._limits, self._tokenizer, request_id, time_remaining())
         else:  # long texts, tokenized beside the loop; the deadline counts from after
-            work = await off_loop.FORWARD.run(tenant, parse_forward_request, request,
-                                              self._limits, self._tokenizer, request_id, None)
+            work = await off_loop.FORWARD.run(tenant, parse, request, self._limits,
+                                              self._tokenizer, request_id, None)
             work = dataclasses.replace(work, timeout_s=time_remaining())
         started = time.perf_counter()
         tokens = sum(len(s) for s in work.sequences)
@@ -92,7 +101,7 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
             result = await asyncio.wait_for(self._router.forward(work, tenant),
                                             timeout=time_remaining())
             self._metrics.record_forward(len(work.sequences), tokens)
-            log.info("forward %s", work.request_id, extra={
+            log.info("score %s" if work.scores else "forward %s", work.request_id, extra={
                 "request_id": work.request_id, "tenant": tenant, "worker_id": result.worker_id,
                 "adapter_id": adapter_id, "sequences": len(work.sequences), "tokens": tokens,
                 "ms": round(1e3 * (time.perf_counter() - started), 2),
@@ -129,7 +138,9 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 bucket_count=batching.bucket_count,
                 max_response_chunk_bytes=self._config.chunk_bytes,
                 max_adapter_rank=self._config.worker.max_adapter_rank,
-                max_upload_bytes=self._config.max_upload_bytes))
+                max_upload_bytes=self._config.max_upload_bytes,
+                max_score_top_k=MAX_TOP_K, max_score_positions=MAX_TOP_K_POSITIONS,
+                max_score_candidates=MAX_CANDIDATES))
         for worker in await self._router.placement.stats():
             if self._auth.enabled:  # a tenant sees its own share of the private counters
                 worker = worker.seen_by(tenant, key_tenant)

@@ -127,9 +127,10 @@ class WorkerScheduler:
         deadline = None if work.timeout_s is None else started + work.timeout_s
         self.stats.forward_requests += 1
         self.policy.arrived(started, len(work.sequences))
+        scores = work.scores or (None,) * len(work.sequences)
         rows = [QueuedRow(np.asarray(s, "int32"), work, tenant, deadline,
-                          loop.create_future(), next(self._arrivals), started)
-                for s in work.sequences]
+                          loop.create_future(), next(self._arrivals), started, score=score)
+                for s, score in zip(work.sequences, scores, strict=True)]
         for row in rows:
             if row.adapter is not None:
                 self._claim(row)

@@ -20,7 +20,7 @@ import time
 import ray
 
 from gemma_core.errors import AdapterMismatch
-from worker.batch import Batch, BatchResult, row_results
+from worker.batch import Batch, BatchResult, ScorePicks, row_results, row_scores
 from worker.errors import AdapterRejected, FineTuneFailed, SlotsNotWritten
 from worker.fine_tune_session import FineTuneSession, FineTuneWork, StepReport
 from worker.log_format import configure_logging
@@ -133,10 +133,18 @@ class BackboneWorker:
                                   f"{sorted(unwritten)} are not written in it yet")
         try:
             started = time.perf_counter()
-            hidden = self.model.run(batch.token_ids, batch.padding_mask, batch.layer_ids,
-                                    batch.slot_ids)
+            picks = ScorePicks.of(batch)
+            if picks is None:
+                hidden = self.model.run(batch.token_ids, batch.padding_mask, batch.layer_ids,
+                                        batch.slot_ids)
+                scores = None
+            else:
+                hidden, outputs = self.model.run_scored(
+                    batch.token_ids, batch.padding_mask, batch.layer_ids, batch.slot_ids, picks,
+                    hidden_wanted=any(row.score is None for row in batch.rows))
+                scores = row_scores(outputs, picks, batch.rows)
             seconds = time.perf_counter() - started
-            return BatchResult(row_results(hidden, batch.rows), seconds)
+            return BatchResult(row_results(hidden, batch.rows, scores), seconds)
         except Exception:
             log.exception("%s: a batch of shape %s failed", self.worker_id, batch.shape)
             raise

@@ -8,8 +8,9 @@ import keras
 import numpy as np
 
 from gemma_core import (MESH_AXES, Backbone, GemmaBackbone, LoraAdapter, LoraSlotTable,
-                        read_preset_config)
+                        read_preset_config, token_scores)
 from gemma_core.lora_targets import KERAS_HUB_TARGETS
+from worker.batch import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS, ScorePicks
 from worker.worker_config import WorkerSpec
 
 
@@ -20,6 +21,8 @@ class ShardedBackbone:
     `run` is the one jitted function the worker calls: layer indices are data,
     so it compiles once per padded (rows, length) shape; `compile_buckets`
     compiles those shapes ahead, so no request waits for a compilation.
+    Scoring rows add a second program per shape, run on the forward's
+    output where it lies (`run_scored`), compiled ahead beside it.
     """
 
     def __init__(self, spec: WorkerSpec):
@@ -63,9 +66,12 @@ class ShardedBackbone:
             tables, slot, values), in_shardings=(table_shardings, None, slot_shardings),
             out_shardings=table_shardings)
         self._jitted = jax.jit(self._forward)
+        self._scores_jitted = jax.jit(self._scores)
         self._layer_slots = spec.batching.layer_slots
-        # (rows, length) -> its compiled forward, built by compile_buckets.
+        # (rows, length) -> its compiled forward / score program, built by
+        # compile_buckets.
         self._compiled: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self._compiled_scores: dict[tuple[int, int], jax.stages.Compiled] = {}
         self.fingerprint = self.backbone.fingerprint()
         # Keras walks every layer to list them: once, not per batch (the
         # served backbone gains no variables; `_forward` checks at tracing).
@@ -92,6 +98,13 @@ class ShardedBackbone:
             lambda: hidden((LoraSlotTable.only(tables, KERAS_HUB_TARGETS), slot_ids)),
             lambda: hidden((tables, slot_ids))])
 
+    def _scores(self, values, hidden, final, targets, ranked):
+        """`token_scores.scores_at` on layer slot `final` of the forward's
+        (K, B, T, d) output."""
+        with self.backbone.bound_to(values):
+            return token_scores.scores_at(self.backbone, hidden[final], targets, ranked,
+                                          MAX_TOP_K)
+
     def _row_split(self, rows: int) -> bool:
         return self._data_parallel > 1 and rows % self._data_parallel == 0
 
@@ -105,14 +118,25 @@ class ShardedBackbone:
             batch = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
             slots = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sharding)
             layers = jax.ShapeDtypeStruct((self._layer_slots,), jnp.int32)
-            self._compiled[(rows, length)] = self._jitted.lower(
-                values, self.lora_tables, batch, batch, layers, slots).compile()
+            forward = self._jitted.lower(values, self.lora_tables, batch, batch, layers,
+                                         slots).compile()
+            self._compiled[(rows, length)] = forward
+            self._compiled_scores[(rows, length)] = self._scores_jitted.lower(
+                values, jax.ShapeDtypeStruct(forward.out_info.shape, forward.out_info.dtype,
+                                             sharding=forward.output_shardings),
+                *self._score_arguments(rows, length)).compile()
         self.write_slot(1, None)  # compiles the writer; slot 1 is empty at start anyway
 
-    def run(self, token_ids: np.ndarray, padding_mask: np.ndarray, layer_ids: np.ndarray,
-            slot_ids: np.ndarray) -> np.ndarray:
-        """(K, B, T, d) hidden states on the host, in the compute dtype; row
-        b runs with the adapter in slot `slot_ids[b]` (0: none)."""
+    @staticmethod
+    def _score_arguments(rows: int, length: int):
+        """The score program's arguments after the hidden states, as shapes."""
+        def ints(*shape):
+            return jax.ShapeDtypeStruct(shape, jnp.int32)
+        N, M = rows * length, rows * (MAX_TOP_K_POSITIONS + 1)
+        return (ints(), (ints(N), ints(N), ints(N), ints()),
+                (ints(M), ints(M), ints(M, MAX_CANDIDATES), ints()))
+
+    def _on_device(self, token_ids, padding_mask, layer_ids, slot_ids):
         values = [v.value for v in self._variables]
         if self._row_split(len(token_ids)):
             token_ids, padding_mask, slot_ids = jax.device_put(
@@ -120,8 +144,32 @@ class ShardedBackbone:
         # A shape compile_buckets did not see (a caller outside the scheduler)
         # compiles here, once, through jit's own cache.
         forward = self._compiled.get(tuple(token_ids.shape), self._jitted)
-        return np.asarray(forward(values, self.lora_tables, token_ids, padding_mask,
-                                  layer_ids, slot_ids))
+        return values, forward(values, self.lora_tables, token_ids, padding_mask, layer_ids,
+                               slot_ids)
+
+    def run(self, token_ids: np.ndarray, padding_mask: np.ndarray, layer_ids: np.ndarray,
+            slot_ids: np.ndarray) -> np.ndarray:
+        """(K, B, T, d) hidden states on the host, in the compute dtype; row
+        b runs with the adapter in slot `slot_ids[b]` (0: none)."""
+        return np.asarray(self._on_device(token_ids, padding_mask, layer_ids, slot_ids)[1])
+
+    def run_scored(self, token_ids: np.ndarray, padding_mask: np.ndarray,
+                   layer_ids: np.ndarray, slot_ids: np.ndarray, picks: ScorePicks,
+                   hidden_wanted: bool) -> tuple[np.ndarray | None, tuple[np.ndarray, ...]]:
+        """`run`, then the head's scores at `picks` computed where the hidden
+        states lie: (the hidden states on the host, None unless
+        `hidden_wanted`; `token_scores.scores_at`'s four arrays on the host).
+        No vocabulary-wide array leaves the device."""
+        values, hidden = self._on_device(token_ids, padding_mask, layer_ids, slot_ids)
+        program = self._compiled_scores.get(tuple(token_ids.shape), self._scores_jitted)
+        i32 = np.int32
+        outputs = program(values, hidden, i32(picks.final),
+                          (picks.target_rows, picks.target_positions, picks.target_ids,
+                           i32(picks.target_count)),
+                          (picks.ranked_rows, picks.ranked_positions, picks.ranked_candidates,
+                           i32(picks.ranked_count)))
+        return (np.asarray(hidden) if hidden_wanted else None,
+                tuple(np.asarray(x) for x in outputs))
 
     def write_slot(self, slot: int, adapter: LoraAdapter | None) -> None:
         """Puts `adapter` (None: zeros) in `slot`. Call from one thread at a
@@ -135,9 +183,10 @@ class ShardedBackbone:
         jax.block_until_ready(self.lora_tables)
 
     def compiled_functions(self) -> int:
-        """Forward programs this worker holds: the buckets compiled ahead,
-        and any shape compiled on demand since."""
-        return len(self._compiled) + self._jitted._cache_size()
+        """Forward and score programs this worker holds: the buckets'
+        compiled ahead, and any shape compiled on demand since."""
+        return (len(self._compiled) + len(self._compiled_scores) + self._jitted._cache_size()
+                + self._scores_jitted._cache_size())
 
     def compiled_slot_writers(self) -> int:
         return self._write._cache_size()

@@ -20,6 +20,7 @@ class Row:
     token_ids: np.ndarray
     slot: int = 0
     queued_at: float = math.inf   # arrived now, unless a test says
+    score: object = None
 
     @property
     def tokens(self):

@@ -143,7 +143,7 @@ def test_loads_unloads_and_evictions_never_recompile(service, adapters_stub, cli
     assert sum(int(w["adapter_evictions"]) for w in after) > 0
     for worker in after:
         # The bucket programs compiled before ready serve every adapter mix.
-        assert int(worker["compiled_functions"]) == len(BATCHING.shapes())
+        assert int(worker["compiled_functions"]) == 2 * len(BATCHING.shapes())
         assert int(worker["programs_compiled"]) == \
             int(before[worker["worker_id"]]["programs_compiled"])
         assert int(worker["compiled_slot_writers"]) == 1

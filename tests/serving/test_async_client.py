@@ -58,3 +58,18 @@ def test_errors_are_rpc_errors_with_the_status(service):
     with pytest.raises(grpc.RpcError) as raised:
         asyncio.run(unauthenticated())
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_score_as_the_blocking_client(service, client):
+    async def run():
+        async with AsyncGemmaClient(service.address, api_key=ACME_KEY) as async_client:
+            return await asyncio.gather(*(
+                async_client.score(texts=[text], token_logprobs=True, candidates=[5, 6])
+                for text in TEXTS))
+
+    for text, got in zip(TEXTS, asyncio.run(run())):
+        want = client.score(texts=[text], token_logprobs=True, candidates=[5, 6])
+        np.testing.assert_allclose(got.sequences[0].token_logprobs,
+                                   want.sequences[0].token_logprobs, atol=1e-5)
+        np.testing.assert_allclose(got.sequences[0].candidate_probs,
+                                   want.sequences[0].candidate_probs, atol=1e-5)

@@ -75,3 +75,38 @@ def test_errors_are_reported_with_their_code(service):
 def test_info(service):
     run = gemma_client(service, "info")
     assert run.returncode == 0 and '"random_weights": true' in run.stdout
+
+
+def test_score_prints_json_equal_to_the_library_and_the_local_model(service, client,
+                                                                    local_model):
+    """Text candidates (one token each) read at the last position, as a
+    ShieldGemma verdict is read; equal to the head on the local model."""
+    import json
+
+    from gemma_core import token_scores
+
+    run = gemma_client(service, "score", "--text", "hello world", "--token-logprobs",
+                       "--top-k", "3", "--positions", "0,-1", "--candidate", "A",
+                       "--candidate", "B")
+    assert run.returncode == 0, run.stderr
+    printed = json.loads(run.stdout)
+    model, tokenizer = local_model
+    ids = tokenizer.tokenize("hello world", add_bos=True)
+    assert printed["candidate_ids"] == [tokenizer.tokenize(t, add_bos=False)[0] for t in "AB"]
+    (sequence,) = printed["sequences"]
+    assert sequence["token_ids"] == ids
+    inputs = {"token_ids": np.array([ids]), "padding_mask": np.ones((1, len(ids)), "int32")}
+    final = model(inputs)
+    want = np.asarray(token_scores.token_logprobs(model, final, inputs["token_ids"]))[0]
+    np.testing.assert_allclose(sequence["token_logprobs"], want, atol=1e-4)
+    chosen, probs = token_scores.candidates(model, final, np.array([len(ids) - 1]),
+                                            np.array([printed["candidate_ids"]]))
+    np.testing.assert_allclose(sequence["candidate_probs"], np.asarray(probs)[0], atol=1e-5)
+    assert [t["position"] for t in sequence["top_tokens"]] == [0, len(ids) - 1]
+    library = client.score(texts=["hello world"], top_k=3, top_k_positions=[0, -1])
+    for printed_top, (_, top_ids, _) in zip(sequence["top_tokens"],
+                                            library.sequences[0].top_tokens):
+        assert printed_top["ids"] == top_ids.tolist()
+    bad = gemma_client(service, "score", "--text", "hello world", "--candidate", "Yes")
+    assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr
+    assert "exactly one token" in bad.stderr

@@ -195,3 +195,47 @@ def test_unknown_routes_and_methods_answer_in_openais_shape(http_service):
     assert raw(http_service, "/v1/chat/completions", {"x": 1})[0] == 404
     status, body = raw(http_service, "/v1/embeddings", method="GET")
     assert status == 405 and "error" in body
+
+
+def test_score_route_answers_as_the_score_rpc(http_service, grpc_client):
+    ask = dict(token_logprobs=True, top_k=3, top_k_positions=[0, -1], candidates=["A", "B"])
+    want = grpc_client.score(texts=TEXTS[:2], **ask)
+    status, got = raw(http_service, "/v1/score", {"model": "default", "input": TEXTS[:2], **ask})
+    assert status == 200, got
+    assert got["model"] == "default" and got["candidate_ids"] == want.candidate_ids
+    assert got["usage"]["prompt_tokens"] == sum(len(s.token_ids) for s in want.sequences)
+    for g, w in zip(got["sequences"], want.sequences, strict=True):
+        assert g["token_ids"] == w.token_ids.tolist()
+        np.testing.assert_allclose(g["token_logprobs"], w.token_logprobs, atol=1e-6)
+        np.testing.assert_allclose(g["candidate_probs"], w.candidate_probs, atol=1e-6)
+        for g_top, (position, ids, logprobs) in zip(g["top_tokens"], w.top_tokens, strict=True):
+            assert g_top["position"] == position and g_top["ids"] == ids.tolist()
+            np.testing.assert_allclose(g_top["logprobs"], logprobs, atol=1e-6)
+    ids = [list(map(int, s.token_ids)) for s in want.sequences]
+    status, by_ids = raw(http_service, "/v1/score", {"model": "default", "input": ids,
+                                                     "candidates": want.candidate_ids})
+    assert status == 200
+    np.testing.assert_allclose(by_ids["sequences"][1]["candidate_probs"],
+                               want.sequences[1].candidate_probs, atol=1e-6)
+    assert by_ids["sequences"][1]["token_logprobs"] == []   # not asked
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": "default", "input": "x"}, 400, "nothing to score"),
+    ({"model": "default", "input": "x", "top_k": "3"}, 400, "integer"),
+    ({"model": "default", "input": "x", "token_logprobs": 1}, 400, "true or false"),
+    ({"model": "default", "input": "x", "candidates": ["A", 3]}, 400, "candidates"),
+    ({"model": "default", "input": "x", "candidates": ["hello world"]}, 400, "one token"),
+    ({"model": "default", "input": "x", "top_k": 1, "top_k_positions": [2 ** 40]}, 400,
+     "32-bit"),
+    ({"model": "default", "input": "x", "top_k": 50}, 400, "top_k"),
+    ({"model": "default", "input": "x", "truncation": "middle"}, 400, "truncation"),
+    ({"model": "default", "input": "x", "logprobs": True}, 400, "unknown parameter"),
+    ({"model": "nope", "input": "x", "top_k": 1}, 404, "does not exist"),
+])
+def test_bad_score_requests_get_4xx_with_a_clear_message(http_service, body, status, words):
+    got_status, got = raw(http_service, "/v1/score", body)
+    assert got_status == status, got
+    assert words in got["error"]["message"]
+    assert raw(http_service, "/v1/score", {"model": "default", "input": "ok", "top_k": 1})[0] \
+        == 200

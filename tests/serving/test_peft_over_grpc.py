@@ -124,7 +124,7 @@ def test_mixed_batch_of_peft_keras_hub_and_base_rows_equals_each_alone(
     acme.unload_adapter("peft_all")
     assert_rows_close(forward(acme, "peft_all@1"), alone["peft_all"], 1e-5)
     after = operator_worker_infos(peft_service)[0]
-    assert int(after["compiled_functions"]) == len(BATCHING.shapes())
+    assert int(after["compiled_functions"]) == 2 * len(BATCHING.shapes())
     assert int(after["programs_compiled"]) == int(before["programs_compiled"])
     assert int(after["compiled_slot_writers"]) == 1
     assert int(after["max_adapters_in_a_batch"]) >= 2  # kinds really shared batches
@@ -322,3 +322,19 @@ def test_tokenize_without_a_tokenizer_is_failed_precondition(acme):
     # This fixture model ships no tokenizer: texts cannot be tokenized.
     code, details = code_of(lambda: acme.tokenize(["hello"]))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "no tokenizer" in details
+
+
+@pytest.mark.parametrize("name", ["base", "peft_all", "peft_rs"])
+def test_score_equals_numpy_on_the_reference_logits(peft_service, acme, name):
+    """Gemma 2 (final soft cap on), base and PEFT adapters: Score against
+    numpy on the logits transformers + peft computed."""
+    from test_score_over_grpc import check_scores
+
+    if name != "base" and not any(a["name"] == name for a in acme.list_adapters()):
+        acme.upload_adapter(name, FIXTURE / name)
+    ref = reference("hf_gemma2_tiny_peft")
+    logits = ref["logits" if name == "base" else f"logits_{name}"]
+    result = acme.score(token_ids=rows(), adapter_id="" if name == "base" else name,
+                        token_logprobs=True, top_k=4, top_k_positions=[-1, 2],
+                        candidates=[9, 99, 199])
+    check_scores(result, logits, 4, [-1, 2], [9, 99, 199], inputs=rows())

@@ -54,3 +54,69 @@ def test_rows_over_the_data_axis_and_slots_match_the_plain_model(plain, mesh):
     np.testing.assert_allclose(model.run(ids, mask, layers, np.full(rows, 2, "int32")),
                                model.run(ids, mask, layers, np.zeros(rows, "int32")),
                                atol=1e-6)
+
+
+def test_scoring_rows_beside_hidden_rows_compile_nothing_and_match_the_library(plain):
+    """A bucket compiled ahead serves a batch mixing scoring rows (with and
+    without an adapter) and a hidden-state row without compiling; each
+    scoring row equals gemma_core.token_scores on the plain model."""
+    from gemma_core import token_scores
+    from worker.batch import Batch, BatchRow, ScorePicks, ScoreSpec, row_results, row_scores
+    from worker.worker_config import BatchingConfig
+
+    batching = BatchingConfig(length_buckets=(16,), batch_buckets=(4,), max_batch_tokens=64)
+    model = ShardedBackbone(WorkerSpec("default", mesh_shape=(2, 2), max_adapters=1,
+                                       max_adapter_rank=4, batching=batching))
+    model.compile_buckets(batching.shapes())
+    compiled = model.compiled_functions()
+    assert compiled == 2 * len(batching.shapes())  # a forward and a score program each
+    adapter = LoraAdapter.random(plain.config, rank=3, alpha=6.0, seed=2)
+    model.write_slot(1, adapter)
+    with_adapter = GemmaBackbone.from_config(plain.get_config())
+    with_adapter.set_weights(plain.get_weights())
+    adapter.apply_to(with_adapter)
+
+    rng = np.random.default_rng(3)
+    lengths = [16, 9, 5]
+    ids = np.zeros((4, 16), "int32")
+    mask = np.zeros((4, 16), "int32")
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rng.integers(0, plain.vocabulary_size, length)
+        mask[row, :length] = 1
+    L = plain.num_layers
+    layer_ids = np.array([L, 0, L, L], "int32")   # slot 0: the final output
+    specs = (ScoreSpec(token_logprobs=True, top_k=5, positions=(0, 15), candidates=(3, 7, 9)),
+             BatchRow(length=9, layers=(1, 0)),
+             ScoreSpec(token_logprobs=True, candidates=(4, 1)))
+    rows = (BatchRow(length=16, layers=(0,), score=specs[0]), specs[1],
+            BatchRow(length=5, layers=(0,), score=specs[2]))
+    slots = np.array([1, 0, 0, 0], "int32")
+    batch = Batch(ids, mask, layer_ids, slots, rows)
+    picks = ScorePicks.of(batch)
+    hidden, outputs = model.run_scored(ids, mask, layer_ids, slots, picks, hidden_wanted=True)
+    results = row_results(hidden, rows, row_scores(outputs, picks, rows))
+    assert model.compiled_functions() == compiled
+
+    for row, reference in ((0, with_adapter), (2, plain)):
+        length = lengths[row]
+        inputs = {"token_ids": ids[row:row + 1, :length],
+                  "padding_mask": mask[row:row + 1, :length]}
+        final = reference(inputs)
+        got, spec = results[row], rows[row].score
+        want = np.asarray(token_scores.token_logprobs(reference, final, inputs["token_ids"]))[0]
+        np.testing.assert_allclose(got.token_logprobs, want, atol=1e-5)
+        chosen, probs = token_scores.candidates(reference, final, np.array([length - 1]),
+                                                np.array([spec.candidates]))
+        np.testing.assert_allclose(got.candidate_logprobs, np.asarray(chosen)[0], atol=1e-5)
+        np.testing.assert_allclose(got.candidate_probs, np.asarray(probs)[0], atol=1e-5)
+        if spec.top_k:
+            top_ids, top_lp = token_scores.top_k(reference, final, np.array([spec.positions]),
+                                                 spec.top_k)
+            np.testing.assert_allclose(got.top_logprobs, np.asarray(top_lp)[0], atol=1e-5)
+            np.testing.assert_array_equal(got.top_ids[:, 0], np.asarray(top_ids)[0, :, 0])
+        else:
+            assert got.top_ids is None
+    want_hidden = plain.hidden_states({"token_ids": ids[1:2, :9], "padding_mask": mask[1:2, :9]},
+                                      layers=[0, L])  # its layer slots 1 and 0
+    for k in range(2):
+        np.testing.assert_allclose(results[1][k], np.asarray(want_hidden[k])[0], atol=1e-5)

@@ -38,6 +38,72 @@ TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_KEEP_START: Truncation
 TRUNCATION_KEEP_END: Truncation
 
+class ScoreRequest(_message.Message):
+    __slots__ = ("texts", "sequences", "add_bos", "adapter_id", "truncation", "token_logprobs", "top_k", "top_k_positions", "candidate_ids", "candidates")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    ADD_BOS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    sequences: _containers.RepeatedCompositeFieldContainer[TokenSequence]
+    add_bos: bool
+    adapter_id: str
+    truncation: Truncation
+    token_logprobs: bool
+    top_k: int
+    top_k_positions: _containers.RepeatedScalarFieldContainer[int]
+    candidate_ids: _containers.RepeatedScalarFieldContainer[int]
+    candidates: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., sequences: _Optional[_Iterable[_Union[TokenSequence, _Mapping]]] = ..., add_bos: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., token_logprobs: _Optional[bool] = ..., top_k: _Optional[int] = ..., top_k_positions: _Optional[_Iterable[int]] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidates: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("request_id", "model", "adapter_id", "worker_id", "candidate_ids", "sequences")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    adapter_id: str
+    worker_id: str
+    candidate_ids: _containers.RepeatedScalarFieldContainer[int]
+    sequences: _containers.RepeatedCompositeFieldContainer[SequenceScores]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., sequences: _Optional[_Iterable[_Union[SequenceScores, _Mapping]]] = ...) -> None: ...
+
+class SequenceScores(_message.Message):
+    __slots__ = ("token_ids", "truncated_tokens", "token_logprobs", "top_tokens", "candidate_logprobs", "candidate_probs")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PROBS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    truncated_tokens: int
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    top_tokens: _containers.RepeatedCompositeFieldContainer[TopTokens]
+    candidate_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    candidate_probs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., truncated_tokens: _Optional[int] = ..., token_logprobs: _Optional[_Iterable[float]] = ..., top_tokens: _Optional[_Iterable[_Union[TopTokens, _Mapping]]] = ..., candidate_logprobs: _Optional[_Iterable[float]] = ..., candidate_probs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TopTokens(_message.Message):
+    __slots__ = ("position", "ids", "logprobs")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, position: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class TokenizeRequest(_message.Message):
     __slots__ = ("texts", "add_bos", "sequences")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
@@ -257,7 +323,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_requests: _Optional[int] = ..., cpus: _Optional[int] = ..., xla_cpu_threads: _Optional[int] = ..., programs_compiled: _Optional[int] = ..., programs_from_cache: _Optional[int] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes")
+    __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes", "max_score_top_k", "max_score_positions", "max_score_candidates")
     VOCABULARY_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +338,9 @@ class Limits(_message.Message):
     MAX_RESPONSE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ADAPTER_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     vocabulary_size: int
     num_layers: int
     hidden_dim: int
@@ -286,4 +355,7 @@ class Limits(_message.Message):
     max_response_chunk_bytes: int
     max_adapter_rank: int
     max_upload_bytes: int
-    def __init__(self, vocabulary_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_sequences_per_request: _Optional[int] = ..., max_layers_per_request: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., length_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., bucket_count: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ...) -> None: ...
+    max_score_top_k: int
+    max_score_positions: int
+    max_score_candidates: int
+    def __init__(self, vocabulary_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_sequences_per_request: _Optional[int] = ..., max_layers_per_request: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., length_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., bucket_count: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_score_top_k: _Optional[int] = ..., max_score_positions: _Optional[int] = ..., max_score_candidates: _Optional[int] = ...) -> None: ...

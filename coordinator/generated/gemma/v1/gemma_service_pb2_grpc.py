@@ -49,6 +49,11 @@ class GemmaServiceStub:
                 request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/gemma.v1.GemmaService/Score',
+                request_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class GemmaServiceServicer:
@@ -79,6 +84,18 @@ class GemmaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Scores from the language-model head for one or more sequences, with the
+        caller's adapter if named: each token's log-probability, the likeliest
+        next tokens, and candidates' probabilities (a classifier such as
+        ShieldGemma: "Yes" against "No"). Logits through the tied embedding
+        with the final soft cap, in float32, on the worker; batched with
+        Forward requests. Ask for at least one of the three.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GemmaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +113,11 @@ def add_GemmaServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeRequest.FromString,
                     response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ScoreRequest.FromString,
+                    response_serializer=coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +201,33 @@ class GemmaService:
             '/gemma.v1.GemmaService/Tokenize',
             coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeRequest.SerializeToString,
             coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gemma.v1.GemmaService/Score',
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ScoreRequest.SerializeToString,
+            coordinator_dot_generated_dot_gemma_dot_v1_dot_gemma__service__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
