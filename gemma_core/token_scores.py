@@ -22,9 +22,13 @@ import jax.numpy as jnp
 
 # Most bytes of float32 logits one block of picks may hold.
 MAX_LOGITS_BYTES = 256 << 20
+# Picks per block: each block costs a pass over the whole embedding, and a
+# block is computed whole however few of its picks are real, so a batch
+# asking one position per row should not pay for hundreds.
+BLOCK_PICKS = 64
 
 
-def head_at(backbone, hidden, rows, positions, count, read, extras=()):
+def head_at(backbone, hidden, rows, positions, count, read, extras=(), block=BLOCK_PICKS):
     """Log-probabilities of the next token at picked positions, reduced by
     `read` a block at a time.
 
@@ -36,13 +40,14 @@ def head_at(backbone, hidden, rows, positions, count, read, extras=()):
         read: (log_probs (n, V) float32, *extras' blocks) -> a pytree of
             (n, ...) arrays.
         extras: (N, ...) arrays handed to `read` block by block.
+        block: picks per block (at most MAX_LOGITS_BYTES of logits).
 
     Returns:
         `read`'s pytree, each leaf (N, ...).
     """
     V = backbone.config.vocabulary_size
     N = rows.shape[0]
-    block = max(1, min(N, MAX_LOGITS_BYTES // (4 * V)))
+    block = max(1, min(N, block, MAX_LOGITS_BYTES // (4 * V)))
     padded = -(-N // block) * block
 
     def fit(x):  # (N, ...) -> (padded // block, block, ...)
@@ -135,6 +140,7 @@ def scores_at(backbone, hidden, targets, ranked, k: int):
         return top_ids.astype(jnp.int32), top_log_probs, _taken(log_probs, candidate_ids)
 
     rows, positions, candidate_ids, count = ranked
+    # Few of these per row (often one: the last position): small blocks.
     top_ids, top_log_probs, candidate_log_probs = head_at(
-        backbone, hidden, rows, positions, count, rank, (candidate_ids,))
+        backbone, hidden, rows, positions, count, rank, (candidate_ids,), block=8)
     return chosen[:, 0], top_ids, top_log_probs, candidate_log_probs

@@ -106,16 +106,17 @@ class BackboneWorker:
         loaded_at = time.time()
         # Every bucket before ready (a restarted actor too): no request waits
         # for a compilation. With the cache, a restart loads them instead.
-        self.model.compile_buckets(spec.batching.shapes())
+        score_seconds = self.model.compile_buckets(spec.batching.shapes())
         self.compile_seconds = time.time() - loaded_at
         self._xla_cpu_threads = _xla_cpu_threads(spec)  # as XLA saw the process start
         self._written_slots: set[int] = set()  # slots written since this process started
         self._fine_tunes: dict[str, FineTuneSession] = {}
         self._fine_tune_steps = 0
-        log.info("%s loaded %s on %s in %.1fs, compiled %d bucket programs in %.1fs "
-                 "(%d compiled, %d from the cache)", worker_id, spec.preset,
-                 self.model.devices, loaded_at - started, len(spec.batching.shapes()),
-                 self.compile_seconds, self._compiles.compiled, self._compiles.loaded)
+        log.info("%s loaded %s on %s in %.1fs, compiled the programs of %d buckets in %.1fs "
+                 "(score programs %.1fs; %d compiled, %d from the cache)", worker_id,
+                 spec.preset, self.model.devices, loaded_at - started,
+                 len(spec.batching.shapes()), self.compile_seconds, score_seconds,
+                 self._compiles.compiled, self._compiles.loaded)
 
     @ray.method(concurrency_group="device")
     def run_batch(self, batch: Batch) -> BatchResult:

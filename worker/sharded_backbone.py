@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -108,11 +110,13 @@ class ShardedBackbone:
     def _row_split(self, rows: int) -> bool:
         return self._data_parallel > 1 and rows % self._data_parallel == 0
 
-    def compile_buckets(self, shapes) -> None:
-        """Compiles the forward for each padded (rows, length) in `shapes`
-        (with JAX's persistent cache on, a program compiled before is loaded
-        from it instead), and the slot writer."""
+    def compile_buckets(self, shapes) -> float:
+        """Compiles the forward and score programs for each padded (rows,
+        length) in `shapes` (with JAX's persistent cache on, a program
+        compiled before is loaded from it instead), and the slot writer;
+        returns the seconds the score programs took."""
         values = [v.value for v in self._variables]
+        score_seconds = 0.0
         for rows, length in shapes:
             sharding = self._row_sharding if self._row_split(rows) else None
             batch = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
@@ -121,11 +125,14 @@ class ShardedBackbone:
             forward = self._jitted.lower(values, self.lora_tables, batch, batch, layers,
                                          slots).compile()
             self._compiled[(rows, length)] = forward
+            started = time.perf_counter()
             self._compiled_scores[(rows, length)] = self._scores_jitted.lower(
                 values, jax.ShapeDtypeStruct(forward.out_info.shape, forward.out_info.dtype,
                                              sharding=forward.output_shardings),
                 *self._score_arguments(rows, length)).compile()
+            score_seconds += time.perf_counter() - started
         self.write_slot(1, None)  # compiles the writer; slot 1 is empty at start anyway
+        return score_seconds
 
     @staticmethod
     def _score_arguments(rows: int, length: int):
