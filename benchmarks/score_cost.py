@@ -40,7 +40,8 @@ DEFAULT_PRESET = pathlib.Path.home() / ".cache/gemma-serve-bench/gemma2_2b_en-ra
 
 
 def batch_for(kind: str, rows: int, length: int, vocabulary_size: int, final: int):
-    from worker.batch import Batch, BatchRow, ScoreSpec
+    from worker.batch import Batch, BatchRow
+    from worker.score_picks import ScoreSpec
 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocabulary_size, (rows, length)).astype("int32")
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
 
-    from worker.batch import ScorePicks
+    from worker.score_picks import ScorePicks
     from worker.sharded_backbone import ShardedBackbone
     from worker.worker_config import BatchingConfig, WorkerSpec
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from coordinator.batch_timings import BatchTimings
 from coordinator.forward_work import ForwardWork
-from worker.batch import Batch, BatchResult, BatchRow, ScoreSpec
+from worker.batch import Batch, BatchResult, BatchRow
+from worker.score_picks import ScoreSpec
 from worker.worker_config import BatchingConfig
 
 # Never wait longer than this for stragglers, whatever the last batch took
@@ -49,7 +50,8 @@ class BatchPolicy:
 
     def __init__(self, config: BatchingConfig):
         self.config = config
-        self.timings = BatchTimings()  # (rows, length, any adapter) -> device seconds
+        # (rows, length, any adapter, any row scoring every position) -> device seconds
+        self.timings = BatchTimings()
         self._overheads: collections.deque[float] = collections.deque(maxlen=16)
         # (when it ended, its rows, its device seconds) of the batches
         # answered lately: their callers are expected back.
@@ -73,11 +75,20 @@ class BatchPolicy:
                     break
         return self._trim_to_a_cheaper_bucket(batch)
 
-    def _seconds(self, rows: int, length: int, adapters: bool,
+    def _seconds(self, rows: int, length: int, kind: tuple[bool, bool],
                  max_age_s: float | None = None) -> float | None:
         cfg = self.config
-        return self.timings.seconds((cfg.batch_bucket(rows), cfg.length_bucket(length), adapters),
+        return self.timings.seconds((cfg.batch_bucket(rows), cfg.length_bucket(length), *kind),
                                     max_age_s)
+
+    @staticmethod
+    def _kind(rows) -> tuple[bool, bool]:
+        """What else than its shape sets a batch's cost: whether a row reads
+        an adapter, and whether a row asks the head at every position
+        (Score's token log-probabilities: up to 1.4x a forward at real
+        size, benchmarks/score_cost.py)."""
+        return (any(r.slot for r in rows),
+                any(r.score is not None and r.score.token_logprobs for r in rows))
 
     def _trim_to_a_cheaper_bucket(self, batch: list[Row]) -> list[Row]:
         """Where a batch's cost grows with its rows (a CPU), padding 10 rows
@@ -93,9 +104,9 @@ class BatchPolicy:
             return batch
         full = smaller[-1]
         length = max(r.tokens for r in batch)
-        adapters = any(r.slot for r in batch)
-        whole = self._seconds(rows, length, adapters, RETIME_AFTER_S)
-        part = self._seconds(full, length, adapters)
+        kind = self._kind(batch)
+        whole = self._seconds(rows, length, kind, RETIME_AFTER_S)
+        part = self._seconds(full, length, kind)
         if whole is None or part is None or part / full >= whole / rows:
             return batch
         return batch[:full]
@@ -113,9 +124,9 @@ class BatchPolicy:
         batch of their own costs the device over one batch of all of them
         (most of a batch on a GPU, little on a CPU)."""
         length = max(r.tokens for r in ready)
-        adapters = any(r.slot for r in ready)
+        kind = self._kind(ready)
         stragglers = expected - len(ready)
-        now, later, together = (self._seconds(n, length, adapters)
+        now, later, together = (self._seconds(n, length, kind)
                                 for n in (len(ready), stragglers, len(ready) + stragglers))
         if now is None or later is None or together is None:
             return wait_s
@@ -129,8 +140,8 @@ class BatchPolicy:
         length = max(r.tokens for r in ready)
         if not rows_in_flight or not self.config.fits(together, length):
             return False
-        adapters = any(r.slot for r in ready)
-        now, later, merged = (self._seconds(n, length, adapters)
+        kind = self._kind(ready)
+        now, later, merged = (self._seconds(n, length, kind)
                               for n in (len(ready), rows_in_flight, together))
         if now is None or later is None or merged is None:
             return False
@@ -231,8 +242,9 @@ class BatchPolicy:
 
     @staticmethod
     def shape_key(batch: Batch) -> tuple:
-        """What the cost model times a batch by."""
-        return (*batch.shape, bool(batch.slot_ids.any()))
+        """What the cost model times a batch by: its shape and `_kind`."""
+        return (*batch.shape, bool(batch.slot_ids.any()),
+                any(row.score is not None and row.score.token_logprobs for row in batch.rows))
 
     def estimate(self, batch: Batch) -> float | None:
         return self.timings.seconds(self.shape_key(batch))

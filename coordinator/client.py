@@ -252,6 +252,9 @@ class SequenceScores:
 
 @dataclasses.dataclass
 class ScoreResult:
+    """A Score call's answer: `sequences[i]` for input i; `candidate_ids`
+    the candidates as ids (texts resolved by the server), in request order."""
+
     request_id: str
     model: str
     worker_id: str
@@ -268,8 +271,11 @@ def score_request(texts: Sequence[str] | None = None,
                   add_bos: bool | None = None, truncate: str | None = None) -> pb.ScoreRequest:
     """The ScoreRequest `GemmaClient.score` sends; `candidates` as ints are
     token ids, as strings one-token texts."""
+    if isinstance(candidates, (str, bytes)):
+        raise ValueError("candidates is a list of texts or ids, not one text: write "
+                         f"[{candidates!r}].")
     as_ids = all(isinstance(c, (int, np.integer)) for c in candidates)
-    if candidates and not as_ids and not all(isinstance(c, str) for c in candidates):
+    if len(candidates) and not as_ids and not all(isinstance(c, str) for c in candidates):
         raise ValueError("candidates are all token ids or all texts, not a mix.")
     request = pb.ScoreRequest(
         texts=texts or [], adapter_id=adapter_id, truncation=_TRUNCATION[truncate],

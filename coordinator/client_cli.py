@@ -219,7 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--top-k", type=int, default=0, metavar="K",
                        help="the K likeliest next tokens at --positions")
     score.add_argument("--positions", type=_ids, default=[],
-                       help="comma-separated positions for --top-k (default -1, the last)")
+                       help="comma-separated positions for --top-k (default -1, the last); "
+                            "negative ones after an =, as --positions=-2,-1")
+    score.add_argument("--no-bos", action="store_true", help="texts without <bos>")
     candidates = score.add_mutually_exclusive_group()
     candidates.add_argument("--candidate", action="append", default=[], metavar="TEXT",
                             help="a one-token answer to weigh at the last position, e.g. "
@@ -320,7 +322,8 @@ def _score(client: GemmaClient, args) -> int:
                           token_logprobs=args.token_logprobs, top_k=args.top_k,
                           top_k_positions=args.positions,
                           candidates=args.candidate or args.candidate_ids,
-                          adapter_id=args.adapter, truncate=args.truncate, timeout=args.timeout)
+                          adapter_id=args.adapter, truncate=args.truncate,
+                          add_bos=False if args.no_bos else None, timeout=args.timeout)
 
     def listed(array):
         return None if array is None else [round(float(x), 6) for x in array]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.batch import ScoreSpec
+from worker.score_picks import ScoreSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,9 @@ class AdapterRef:
 @dataclasses.dataclass(frozen=True)
 class ForwardResult:
     """`tensors[i][j]`: sequence i at layer `layers[j]`, pooled and cast (a
-    Score request: `tensors[i]` is sequence i's `RowScores`); `worker_ms`: the request's time in its worker's scheduler (queue and
-    batch), for the coordinator's log line."""
+    Score request: `tensors[i]` is sequence i's `RowScores`); `worker_ms`:
+    the request's time in its worker's scheduler (queue and batch), for the
+    coordinator's log line."""
 
     worker_id: str
     tensors: list[list[np.ndarray]]

@@ -2,9 +2,10 @@
 
 The body takes `model` and `input` as /v1/embeddings does (the base model
 or one of the caller's adapters; a string, strings, token ids, or arrays of
-token ids), and the ScoreRequest's own fields under their proto names:
-`token_logprobs`, `top_k`, `top_k_positions`, `candidates` (strings, each
-one token, or token ids), `truncation` ("start" / "end"). The answer is the
+token ids), and the ScoreRequest's options under their proto names:
+`token_logprobs`, `top_k`, `top_k_positions`, `add_bos`, and `candidates`
+(strings, each one token, or token ids: the proto's `candidates` and
+`candidate_ids` in one), `truncation` ("start" / "end"). The answer is the
 ScoreResponse as proto JSON (proto field names), plus OpenAI-style `usage`.
 Validation past the JSON types is Score's own (coordinator/score_request.py).
 """
@@ -16,13 +17,13 @@ from typing import Any
 from google.protobuf import json_format
 
 from coordinator.errors import InvalidArgument
+from coordinator.forward_request import TRUNCATIONS
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
-from coordinator.openai_embeddings import inputs, is_id
+from coordinator.openai_embeddings import check_int32, is_id, parse_input
 
 FIELDS = ("model", "input", "token_logprobs", "top_k", "top_k_positions", "candidates",
-          "truncation")
-_TRUNCATIONS = {None: pb.TRUNCATION_UNSPECIFIED, "start": pb.TRUNCATION_KEEP_START,
-                "end": pb.TRUNCATION_KEEP_END}
+          "add_bos", "truncation")
+_TRUNCATION_VALUES = {name: value for value, name in TRUNCATIONS.items()}
 
 
 def score_request(body: Any, adapter_id: str) -> pb.ScoreRequest:
@@ -39,7 +40,7 @@ def score_request(body: Any, adapter_id: str) -> pb.ScoreRequest:
                                           f"{', '.join(FIELDS)}.")
     if "input" not in body:
         raise InvalidArgument("input", "is required.")
-    texts, sequences = inputs(body["input"])
+    texts, sequences = parse_input(body["input"])
     token_logprobs = body.get("token_logprobs", False)
     if not isinstance(token_logprobs, bool):
         raise InvalidArgument("token_logprobs", "must be true or false.")
@@ -56,18 +57,24 @@ def score_request(body: Any, adapter_id: str) -> pb.ScoreRequest:
         raise InvalidArgument("candidates", "must be an array of strings (each one token) or "
                                             "of token ids.")
     truncation = body.get("truncation")
-    if truncation not in _TRUNCATIONS:
+    if truncation not in _TRUNCATION_VALUES:
         raise InvalidArgument("truncation", f"{truncation!r} is not \"start\" or \"end\".")
-    for name, value in (("top_k", top_k), *(("top_k_positions", p) for p in positions),
-                        *(("candidates", c) for c in candidates if as_ids),
-                        *(("input", i) for s in sequences for i in s)):
-        if not -2**31 <= value < 2**31:
-            raise InvalidArgument(name, f"{value} does not fit a 32-bit integer.")
-    return pb.ScoreRequest(
+    add_bos = body.get("add_bos")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise InvalidArgument("add_bos", "must be true or false.")
+    check_int32(top_k, "top_k")
+    for position in positions:
+        check_int32(position, "top_k_positions")
+    for candidate in candidates if as_ids else ():
+        check_int32(candidate, "candidates")
+    request = pb.ScoreRequest(
         texts=texts, sequences=[pb.TokenSequence(ids=ids) for ids in sequences],
         adapter_id=adapter_id, token_logprobs=token_logprobs, top_k=top_k,
         top_k_positions=positions, candidate_ids=candidates if as_ids else [],
-        candidates=[] if as_ids else candidates, truncation=_TRUNCATIONS[truncation])
+        candidates=[] if as_ids else candidates, truncation=_TRUNCATION_VALUES[truncation])
+    if add_bos is not None:
+        request.add_bos = add_bos
+    return request
 
 
 def response(message: pb.ScoreResponse, model: str) -> dict:

@@ -25,8 +25,17 @@ def is_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def inputs(value: Any) -> tuple[list[str], list[list[int]]]:
-    """OpenAI's four input forms -> (texts, token sequences), one non-empty."""
+def check_int32(value: int, param: str) -> int:
+    """`value` as the proto's int32 fields take it, else an error naming
+    `param` (protobuf itself would raise a ValueError: a 500)."""
+    if not -2**31 <= value < 2**31:
+        raise InvalidArgument(param, f"{value} does not fit a 32-bit integer.")
+    return value
+
+
+def parse_input(value: Any) -> tuple[list[str], list[list[int]]]:
+    """OpenAI's four input forms -> (texts, token sequences), one non-empty;
+    ids checked to fit int32 (their range is Forward's to check)."""
     if isinstance(value, str):
         return [value], []
     if not isinstance(value, list) or not value:
@@ -35,9 +44,9 @@ def inputs(value: Any) -> tuple[list[str], list[list[int]]]:
     if all(isinstance(item, str) for item in value):
         return value, []
     if all(is_id(item) for item in value):
-        return [], [value]
+        return [], [[check_int32(i, "input") for i in value]]
     if all(isinstance(item, list) and item and all(is_id(i) for i in item) for item in value):
-        return [], value
+        return [], [[check_int32(i, "input") for i in item] for item in value]
     raise InvalidArgument("input", "mixes kinds or holds something else: send strings, or "
                                    "token ids (integers), or arrays of token ids; not empty.")
 
@@ -58,13 +67,15 @@ def forward_request(body: Any, adapter_id: str) -> tuple[pb.ForwardRequest, str]
                                           "model, encoding_format, dimensions and user.")
     if "input" not in body:
         raise InvalidArgument("input", "is required.")
-    texts, sequences = inputs(body["input"])
+    texts, sequences = parse_input(body["input"])
     encoding = body.get("encoding_format", "float")
     if encoding not in ENCODINGS:
         raise InvalidArgument("encoding_format", f"{encoding!r} is not one of {ENCODINGS}.")
     dimensions = body.get("dimensions")
     if dimensions is not None and (not is_id(dimensions) or dimensions < 1):
         raise InvalidArgument("dimensions", f"{dimensions!r} is not a positive integer.")
+    if dimensions is not None:
+        check_int32(dimensions, "dimensions")
     if "user" in body and not isinstance(body["user"], str):
         raise InvalidArgument("user", "must be a string.")
     return pb.ForwardRequest(

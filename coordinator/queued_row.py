@@ -9,7 +9,7 @@ import numpy as np
 
 from coordinator.adapter_slot_table import SlotEntry
 from coordinator.forward_work import AdapterRef, ForwardWork
-from worker.batch import ScoreSpec
+from worker.score_picks import ScoreSpec
 
 
 @dataclasses.dataclass(eq=False)

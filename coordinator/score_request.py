@@ -15,13 +15,22 @@ from coordinator.forward_work import ForwardResult, ForwardWork
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
-from worker.batch import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS, ScoreSpec
+from worker.score_picks import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS, ScoreSpec
 
 # A unary answer stays under gRPC's default 4 MiB message limit: what it
 # would hold is estimated (bytes per value, varints at their widest) and a
 # request past this is refused before it runs.
 MAX_RESPONSE_BYTES = 3 << 20
 _ID_BYTES, _LOGPROB_BYTES = 5, 4
+# A candidate text is one token: a few dozen bytes at most. The limit keeps
+# tokenizing candidates on the event loop cheap.
+MAX_CANDIDATE_BYTES = 256
+
+
+def max_top_k(limits: ServiceLimits) -> int:
+    """The most next tokens one position lists: MAX_TOP_K, or the whole
+    vocabulary of a smaller one."""
+    return min(MAX_TOP_K, limits.vocabulary_size)
 
 
 def _candidate_ids(message: pb.ScoreRequest, limits: ServiceLimits,
@@ -29,12 +38,19 @@ def _candidate_ids(message: pb.ScoreRequest, limits: ServiceLimits,
     if message.candidate_ids and message.candidates:
         raise InvalidArgument("candidate_ids, candidates", "send candidates as ids or as "
                                                             "texts, not both.")
+    field = "candidates" if message.candidates else "candidate_ids"
+    count = len(message.candidates) or len(message.candidate_ids)
+    if count > MAX_CANDIDATES:
+        raise InvalidArgument(field, f"{count} candidates; at most {MAX_CANDIDATES}.")
     if message.candidates:
         if tokenizer is None:
             raise InvalidArgument("candidates", "this model has no tokenizer; send "
                                                 "candidate_ids instead.")
         ids = []
         for i, text in enumerate(message.candidates):
+            if len(text.encode("utf-8")) > MAX_CANDIDATE_BYTES:
+                raise InvalidArgument(f"candidates[{i}]", f"is over {MAX_CANDIDATE_BYTES} "
+                                      "bytes; each candidate must be exactly one token.")
             tokens = tokenizer.tokenize(text, add_bos=False) if text else []
             if len(tokens) != 1:
                 raise InvalidArgument(f"candidates[{i}]", f"{text!r} is {len(tokens)} tokens; "
@@ -44,9 +60,6 @@ def _candidate_ids(message: pb.ScoreRequest, limits: ServiceLimits,
     else:
         ids = list(message.candidate_ids)
         check_id_range(np.asarray(ids, "int64"), "candidate_ids", limits)
-    field = "candidates" if message.candidates else "candidate_ids"
-    if len(ids) > MAX_CANDIDATES:
-        raise InvalidArgument(field, f"{len(ids)} candidates; at most {MAX_CANDIDATES}.")
     if len(set(ids)) != len(ids):
         raise InvalidArgument(field, f"names a token twice ({ids}); candidates must be "
                                      "distinct.")
@@ -73,8 +86,9 @@ def parse_score_request(message: pb.ScoreRequest, limits: ServiceLimits,
     Raises:
         InvalidArgument: naming the field at fault.
     """
-    if not 0 <= message.top_k <= MAX_TOP_K:
-        raise InvalidArgument("top_k", f"{message.top_k} is outside 0..{MAX_TOP_K}.")
+    most = max_top_k(limits)
+    if not 0 <= message.top_k <= most:
+        raise InvalidArgument("top_k", f"{message.top_k} is outside 0..{most}.")
     requested = list(message.top_k_positions) or [-1]
     if message.top_k_positions and not message.top_k:
         raise InvalidArgument("top_k_positions", "set top_k too: how many tokens to list "

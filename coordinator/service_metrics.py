@@ -42,7 +42,8 @@ class ServiceMetrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("gemma_forward_tokens", "Tokens run through Forward and Score.",
                               registry=self.registry)
-        self.sequences = Counter("gemma_forward_sequences", "Sequences run through Forward and Score.",
+        self.sequences = Counter("gemma_forward_sequences",
+                                 "Sequences run through Forward and Score.",
                                  registry=self.registry)
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
         self.registry.register(_TokenRate(self._recent_tokens))

@@ -35,8 +35,8 @@ def head_at(backbone, hidden, rows, positions, count, read, extras=(), block=BLO
     Args:
         hidden: (B, T, d) final hidden states.
         rows, positions: (N,) int32: pick i is hidden[rows[i], positions[i]].
-        count: int32 scalar: picks from `count` on are not computed (their
-            outputs stay zero).
+        count: int32 scalar: only the blocks holding picks before `count`
+            are computed; outputs from `count` on are undefined.
         read: (log_probs (n, V) float32, *extras' blocks) -> a pytree of
             (n, ...) arrays.
         extras: (N, ...) arrays handed to `read` block by block.
@@ -54,13 +54,22 @@ def head_at(backbone, hidden, rows, positions, count, read, extras=(), block=BLO
         x = jnp.pad(x, [(0, padded - N)] + [(0, 0)] * (x.ndim - 1))
         return x.reshape((padded // block, block) + x.shape[1:])
 
+    def block_of(hidden, rows, positions, *extras):
+        picked = hidden[rows, positions]                                # (n, d)
+        logits = backbone.logits(picked[None])[0].astype(jnp.float32)   # (n, V)
+        return read(jax.nn.log_softmax(logits, axis=-1), *extras)
+
+    if N == 0:  # nothing picked: outputs of `read`'s shapes with no rows
+        one = jax.ShapeDtypeStruct((1,), jnp.int32)
+        shapes = jax.eval_shape(block_of, jax.ShapeDtypeStruct(
+            (1, 1) + hidden.shape[2:], hidden.dtype), one, one, *(
+            jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype) for x in extras))
+        return jax.tree.map(lambda s: jnp.zeros((0,) + s.shape[1:], s.dtype), shapes)
     rows, positions = fit(rows), fit(positions)
     extras = tuple(fit(x) for x in extras)
 
     def block_out(i):
-        picked = hidden[rows[i], positions[i]]                          # (n, d)
-        logits = backbone.logits(picked[None])[0].astype(jnp.float32)   # (n, V)
-        return read(jax.nn.log_softmax(logits, axis=-1), *(x[i] for x in extras))
+        return block_of(hidden, rows[i], positions[i], *(x[i] for x in extras))
 
     shapes = jax.eval_shape(block_out, 0)
     outputs = jax.tree.map(lambda s: jnp.zeros((padded // block,) + s.shape, s.dtype), shapes)

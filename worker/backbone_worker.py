@@ -20,7 +20,8 @@ import time
 import ray
 
 from gemma_core.errors import AdapterMismatch
-from worker.batch import Batch, BatchResult, ScorePicks, row_results, row_scores
+from worker.batch import Batch, BatchResult, row_results
+from worker.score_picks import ScorePicks, row_scores
 from worker.errors import AdapterRejected, FineTuneFailed, SlotsNotWritten
 from worker.fine_tune_session import FineTuneSession, FineTuneWork, StepReport
 from worker.log_format import configure_logging

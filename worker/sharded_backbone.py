@@ -12,7 +12,7 @@ import numpy as np
 from gemma_core import (MESH_AXES, Backbone, GemmaBackbone, LoraAdapter, LoraSlotTable,
                         read_preset_config, token_scores)
 from gemma_core.lora_targets import KERAS_HUB_TARGETS
-from worker.batch import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS, ScorePicks
+from worker.score_picks import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS, ScorePicks
 from worker.worker_config import WorkerSpec
 
 
@@ -105,7 +105,7 @@ class ShardedBackbone:
         (K, B, T, d) output."""
         with self.backbone.bound_to(values):
             return token_scores.scores_at(self.backbone, hidden[final], targets, ranked,
-                                          MAX_TOP_K)
+                                          min(MAX_TOP_K, self.backbone.config.vocabulary_size))
 
     def _row_split(self, rows: int) -> bool:
         return self._data_parallel > 1 and rows % self._data_parallel == 0

@@ -36,7 +36,7 @@ def seeded(cost, config=CONFIG, length=4, adapters=False):
     policy = BatchPolicy(config)
     for rows in config.batch_buckets:
         for _ in range(2):                     # the first run of a shape is its compilation
-            policy.timings.record((rows, length, adapters), cost(rows))
+            policy.timings.record((rows, length, adapters, False), cost(rows))
     return policy
 
 
@@ -74,7 +74,7 @@ def test_a_stale_timing_of_the_whole_bucket_runs_it_whole_again():
     policy.timings = BatchTimings(clock=lambda: now[0])
     for rows in CONFIG.batch_buckets:
         for _ in range(2):
-            policy.timings.record((rows, 4, False), 0.15 * rows)
+            policy.timings.record((rows, 4, False, False), 0.15 * rows)
     rows = [row([k]) for k in (1, 2, 3)]
     assert policy.take(rows) == rows[:2]
     now[0] = 31.0
@@ -200,8 +200,8 @@ def test_pack_pads_to_the_buckets_and_records_each_rows_slot_and_layers():
     three = policy.pack([row([1], (2,))] * 3)
     assert three.shape == (4, 4) and three.layer_ids.tolist() == [2, 2]   # unused slot repeats
     assert not three.padding_mask[3].any() and three.slot_ids.tolist() == [0] * 4
-    assert BatchPolicy.shape_key(batch) == (2, 8, True)
-    assert BatchPolicy.shape_key(three) == (4, 4, False)
+    assert BatchPolicy.shape_key(batch) == (2, 8, True, False)
+    assert BatchPolicy.shape_key(three) == (4, 4, False, False)
 
 
 def test_estimate_is_the_timed_seconds_of_a_batchs_shape():

@@ -295,7 +295,7 @@ def seed_timings(timings, cost, length=4, adapters=False):
     compilation)."""
     for rows in CONFIG.batch_buckets:
         for _ in range(2):
-            timings.record((rows, length, adapters), cost(rows))
+            timings.record((rows, length, adapters, False), cost(rows))
 
 
 def costed_fake(cost):
@@ -333,7 +333,7 @@ def test_a_bucket_not_timed_for_a_while_runs_whole_again():
         await s.submit(make_work([[1], [2], [3]]))
         assert fake.real_rows() == [2, 1]
         now[0] = 31.0
-        s.policy.timings.record((2, 4, False), linear(2))       # the 2-row bucket is fresh
+        s.policy.timings.record((2, 4, False, False), linear(2))  # the 2-row bucket is fresh
         await s.submit(make_work([[1], [2], [3]]))
         return fake
 

@@ -94,3 +94,19 @@ def test_they_run_under_jit_with_the_weights_as_arguments(models):
     jitted = np.asarray(jax.jit(scores)(values, hidden, inputs["token_ids"]))
     eager = np.asarray(token_scores.token_logprobs(model, hidden, inputs["token_ids"]))
     np.testing.assert_allclose(jitted, eager, atol=1e-6, rtol=0)
+
+
+def test_nothing_to_pick_gives_empty_answers(models):
+    """A one-token sequence has no token log-probabilities; no positions,
+    no top-k; no rows, no candidates."""
+    model = backbone_for(models, "gemma2_tiny", "")
+    inputs = reference_inputs("gemma2_tiny")
+    hidden = model({"token_ids": inputs["token_ids"][:, :1],
+                    "padding_mask": inputs["padding_mask"][:, :1]})          # (2, 1, d)
+    assert np.asarray(token_scores.token_logprobs(model, hidden,
+                                                  inputs["token_ids"][:, :1])).shape == (2, 0)
+    ids, log_probs = token_scores.top_k(model, hidden, np.zeros((2, 0), "int32"), 3)
+    assert ids.shape == log_probs.shape == (2, 0, 3)
+    chosen, probs = token_scores.candidates(model, hidden[:0], np.zeros(0, "int32"),
+                                            np.zeros((0, 2), "int32"))
+    assert chosen.shape == probs.shape == (0, 2)

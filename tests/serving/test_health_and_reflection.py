@@ -20,7 +20,7 @@ def test_reflection_lists_and_describes_the_service(channel):
     assert "grpc.health.v1.Health" in services
     pool = descriptor_pool.DescriptorPool(database)
     service = pool.FindServiceByName("gemma.v1.GemmaService")
-    assert {m.name for m in service.methods} == {"Forward", "GetModelInfo", "Tokenize"}
+    assert {m.name for m in service.methods} == {"Forward", "GetModelInfo", "Tokenize", "Score"}
     for name, methods in (("AdapterService", {"UploadAdapter", "LoadAdapter", "UnloadAdapter",
                                               "ListAdapters", "DeleteAdapter", "ExportAdapter",
                                               "RegisterAdapter"}),

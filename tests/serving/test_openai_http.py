@@ -157,6 +157,8 @@ def test_wrong_or_missing_key_is_401_in_openais_shape(http_service):
     ({"model": "default", "input": [[]]}, None, 400, "input"),
     ({"model": "default", "input": 5}, None, 400, "input"),
     ({"model": "default", "input": [-1]}, None, 400, "outside"),
+    ({"model": "default", "input": [2 ** 40]}, None, 400, "32-bit"),
+    ({"model": "default", "input": "x", "dimensions": 2 ** 40}, None, 400, "32-bit"),
     ({"model": "default", "input": ["a"] * 9}, None, 400, "9 items"),
     ({"model": "default", "input": "word " * 400}, None, 400, "bytes"),
     ({"model": "default", "input": "x", "dimensions": 0}, None, 400, "dimensions"),
@@ -218,6 +220,9 @@ def test_score_route_answers_as_the_score_rpc(http_service, grpc_client):
     np.testing.assert_allclose(by_ids["sequences"][1]["candidate_probs"],
                                want.sequences[1].candidate_probs, atol=1e-6)
     assert by_ids["sequences"][1]["token_logprobs"] == []   # not asked
+    status, no_bos = raw(http_service, "/v1/score", {"model": "default", "input": TEXTS[:1],
+                                                     "add_bos": False, "top_k": 1})
+    assert status == 200 and no_bos["sequences"][0]["token_ids"] == ids[0][1:]
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -230,6 +235,8 @@ def test_score_route_answers_as_the_score_rpc(http_service, grpc_client):
      "32-bit"),
     ({"model": "default", "input": "x", "top_k": 50}, 400, "top_k"),
     ({"model": "default", "input": "x", "truncation": "middle"}, 400, "truncation"),
+    ({"model": "default", "input": "x", "top_k": 1, "add_bos": "yes"}, 400, "add_bos"),
+    ({"model": "default", "input": [[5, 6]], "top_k": 1, "add_bos": False}, 400, "texts only"),
     ({"model": "default", "input": "x", "logprobs": True}, 400, "unknown parameter"),
     ({"model": "nope", "input": "x", "top_k": 1}, 404, "does not exist"),
 ])

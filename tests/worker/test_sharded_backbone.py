@@ -61,7 +61,8 @@ def test_scoring_rows_beside_hidden_rows_compile_nothing_and_match_the_library(p
     without an adapter) and a hidden-state row without compiling; each
     scoring row equals gemma_core.token_scores on the plain model."""
     from gemma_core import token_scores
-    from worker.batch import Batch, BatchRow, ScorePicks, ScoreSpec, row_results, row_scores
+    from worker.batch import Batch, BatchRow, row_results
+    from worker.score_picks import ScorePicks, ScoreSpec, row_scores
     from worker.worker_config import BatchingConfig
 
     batching = BatchingConfig(length_buckets=(16,), batch_buckets=(4,), max_batch_tokens=64)

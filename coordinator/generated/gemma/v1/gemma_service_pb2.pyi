@@ -323,7 +323,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., node_id: _Optional[str] = ..., mesh_shape: _Optional[_Iterable[int]] = ..., mesh_axes: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., in_flight_sequences: _Optional[int] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ..., max_sequences_in_a_batch: _Optional[int] = ..., compiled_functions: _Optional[int] = ..., sequences_cancelled: _Optional[int] = ..., adapter_slots: _Optional[int] = ..., adapters_resident: _Optional[int] = ..., adapter_loads: _Optional[int] = ..., adapter_evictions: _Optional[int] = ..., fine_tune_steps: _Optional[int] = ..., max_adapters_in_a_batch: _Optional[int] = ..., batch_shapes_seen: _Optional[int] = ..., compiled_slot_writers: _Optional[int] = ..., pid: _Optional[int] = ..., state: _Optional[str] = ..., forward_requests: _Optional[int] = ..., cpus: _Optional[int] = ..., xla_cpu_threads: _Optional[int] = ..., programs_compiled: _Optional[int] = ..., programs_from_cache: _Optional[int] = ..., compile_seconds: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes", "max_score_top_k", "max_score_positions", "max_score_candidates")
+    __slots__ = ("vocabulary_size", "num_layers", "hidden_dim", "max_sequence_length", "max_sequences_per_request", "max_layers_per_request", "max_text_bytes", "max_batch_tokens", "length_buckets", "batch_buckets", "bucket_count", "max_response_chunk_bytes", "max_adapter_rank", "max_upload_bytes", "max_score_top_k", "max_score_positions", "max_score_candidates", "max_score_response_bytes")
     VOCABULARY_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +341,7 @@ class Limits(_message.Message):
     MAX_SCORE_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_SCORE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SCORE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     vocabulary_size: int
     num_layers: int
     hidden_dim: int
@@ -358,4 +359,5 @@ class Limits(_message.Message):
     max_score_top_k: int
     max_score_positions: int
     max_score_candidates: int
-    def __init__(self, vocabulary_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_sequences_per_request: _Optional[int] = ..., max_layers_per_request: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., length_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., bucket_count: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_score_top_k: _Optional[int] = ..., max_score_positions: _Optional[int] = ..., max_score_candidates: _Optional[int] = ...) -> None: ...
+    max_score_response_bytes: int
+    def __init__(self, vocabulary_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., max_sequences_per_request: _Optional[int] = ..., max_layers_per_request: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., length_buckets: _Optional[_Iterable[int]] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., bucket_count: _Optional[int] = ..., max_response_chunk_bytes: _Optional[int] = ..., max_adapter_rank: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_score_top_k: _Optional[int] = ..., max_score_positions: _Optional[int] = ..., max_score_candidates: _Optional[int] = ..., max_score_response_bytes: _Optional[int] = ...) -> None: ...
