@@ -193,6 +193,15 @@ class Bench:
         return self.plain(token_ids, padding_mask, self.merged_values(device_factors))
 
 
+def tolerance_for(result, reference) -> float:
+    """How far a result may be from its reference: float32, TOLERANCE; a
+    bf16 checkpoint (--preset), its rounding, relative to the states' scale
+    (a merged bf16 kernel rounds W + a @ b once more)."""
+    if result.dtype == np.float32:
+        return TOLERANCE
+    return BF16_TOLERANCE * float(np.max(np.abs(np.asarray(reference, np.float32))))
+
+
 def throughput(bench, args, rng):
     """Cases 1-3 and the correctness checks; returns a dict of results."""
     from gemma_core import lora_targets
@@ -231,10 +240,7 @@ def throughput(bench, args, rng):
     slot0 = bench.run(token_ids, padding_mask, base_slots)
     plain = bench.plain(token_ids, padding_mask)
     base_error = float(np.max(np.abs(slot0 - plain)))
-    # float32: absolute; a bf16 checkpoint (--preset): its rounding, relative
-    # to the states' scale (a merged bf16 kernel rounds W + a @ b once more).
-    tolerance = (TOLERANCE if slot0.dtype == np.float32
-                 else BF16_TOLERANCE * float(np.max(np.abs(plain.astype(np.float32)))))
+    tolerance = tolerance_for(slot0, plain)
     slot0, plain = slot0.astype(np.float32), plain.astype(np.float32)
     checks = [(f"slot 0 == plain base model, max |diff| {base_error:.2e}",
                base_error <= tolerance)]
@@ -289,13 +295,15 @@ def load_latency(bench, args, rng):
         outputs.append((out, again))
     # Each first result is that adapter's (not a stale slot's): compare with
     # the merged-kernel path, outside the timing.
-    error = 0.0
+    error, tolerance = 0.0, TOLERANCE
     for adapter, (out, again) in zip(adapters[2:], outputs):
-        reference = bench.swap_and_run(bench.device_factors(adapter), token_ids, padding_mask)
-        error = max(error, float(np.max(np.abs(out - reference))),
-                    float(np.max(np.abs(again - reference))))
+        reference = bench.swap_and_run(bench.device_factors(adapter), token_ids,
+                                       padding_mask).astype(np.float32)
+        tolerance = tolerance_for(out, reference)
+        error = max(error, float(np.max(np.abs(out.astype(np.float32) - reference))),
+                    float(np.max(np.abs(again.astype(np.float32) - reference))))
     check = (f"each first result after write_slot == that adapter merged, max |diff| "
-             f"{error:.2e}", error <= TOLERANCE)
+             f"{error:.2e}", error <= tolerance)
     return dict(first=first, writes=writes, warm=warm), check
 
 
