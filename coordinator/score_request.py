@@ -15,7 +15,8 @@ from coordinator.forward_work import ForwardResult, ForwardWork
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
-from worker.score_picks import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS, ScoreSpec
+from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS
+from worker.score_picks import ScoreSpec
 
 # A unary answer stays under gRPC's default 4 MiB message limit: what it
 # would hold is estimated (bytes per value, varints at their widest) and a

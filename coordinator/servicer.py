@@ -28,7 +28,7 @@ from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from gemma_core.matmul_precision import compute_summary
 from coordinator.worker_router import WorkerRouter
-from worker.score_picks import MAX_CANDIDATES, MAX_TOP_K_POSITIONS
+from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K_POSITIONS
 
 
 log = logging.getLogger("gemma_serve.requests")

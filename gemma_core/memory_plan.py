@@ -43,6 +43,8 @@ import numpy as np
 from keras.src.backend.common import global_state
 
 from gemma_core.dot_product_attention import BLOCK_SIZE
+from gemma_core.token_scores import (BLOCK_PICKS, MAX_CANDIDATES, MAX_TOP_K,
+                                     MAX_TOP_K_POSITIONS)
 from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
@@ -233,11 +235,19 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     - feed_forward (one block at a time): 3 x B*T*f*c, both gates and their
       product; each row's gathered adapter factors B*(3*(d*R + R*f))*4 and
       the float32 updates of both gates and the output B*T*(2f + d)*4.
-    - logits are never computed (the service returns hidden states).
+    - scores (the score program, run after the forward for a batch with
+      Score rows; token_scores.scores_at): the forward's (S, B, T, d) output
+      it reads, S*B*T*d*c, and its copy of the final layer's slot, B*T*d*c;
+      a block of n = BLOCK_PICKS picks through the head,
+      3 x n*V*4 (the float32 logits, their log-probabilities and the
+      softmax's temporary; the vocabulary is not divided: top-k needs all
+      of it), with the n gathered hidden states; the pick lists and their
+      outputs, 4 x B*T*4 for token log-probabilities and B*(P+1)*(2k+C+3)*4
+      for the ranked ones (P positions, k top-k, C candidates).
 
-    total = selected + residual + max(attention, feed_forward). (`plan_memory`
-    adds `weight_casts`: under mixed_bfloat16, the bfloat16 copies of the
-    float32 weights.)
+    total = max(selected + residual + max(attention, feed_forward), scores).
+    (`plan_memory` adds `weight_casts`: under mixed_bfloat16, the bfloat16
+    copies of the float32 weights.)
 
     What divides over the mesh follows the weights, not the rows: the worker
     passes whole batches in, and XLA splits intermediates the way their
@@ -256,8 +266,9 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     Example:
     >>> terms = activation_terms(GEMMA_PRESETS["gemma2_2b_en"]["config"],
     ...                          "bfloat16", rows=16, length=1024, mesh_shape=(1, 4))
-    >>> terms["total"] == (terms["selected"] + terms["residual"]
-    ...                    + max(terms["attention"], terms["feed_forward"]))
+    >>> terms["total"] == max(terms["selected"] + terms["residual"]
+    ...                       + max(terms["attention"], terms["feed_forward"]),
+    ...                       terms["scores"])
     True
     """
     if rows < 1 or length < 1 or layer_slots < 1 or max_adapter_rank < 1:
@@ -292,8 +303,12 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
                                     + B * 3 * R * f * 4, ffw_split)
                          + B * 3 * d * R * 4 + B * T * d * 4),
     }
-    terms["total"] = (terms["selected"] + terms["residual"]
-                      + max(terms["attention"], terms["feed_forward"]))
+    V, picks = cfg.vocabulary_size, min(BLOCK_PICKS, B * T)
+    ranked = B * (MAX_TOP_K_POSITIONS + 1)
+    terms["scores"] = ((S + 1) * B * T * d * c + 3 * picks * V * 4 + picks * d * c
+                       + 4 * B * T * 4 + ranked * (2 * MAX_TOP_K + MAX_CANDIDATES + 3) * 4)
+    terms["total"] = max(terms["selected"] + terms["residual"]
+                         + max(terms["attention"], terms["feed_forward"]), terms["scores"])
     return terms
 
 

@@ -26,6 +26,10 @@ MAX_LOGITS_BYTES = 256 << 20
 # block is computed whole however few of its picks are real, so a batch
 # asking one position per row should not pay for hundreds.
 BLOCK_PICKS = 64
+# The serving score program's fixed sizes (it is compiled once per batch
+# bucket): the most next tokens listed per position, top-k positions per
+# row, candidates per row.
+MAX_TOP_K, MAX_TOP_K_POSITIONS, MAX_CANDIDATES = 20, 16, 64
 
 
 def head_at(backbone, hidden, rows, positions, count, read, extras=(), block=BLOCK_PICKS):

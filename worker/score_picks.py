@@ -2,8 +2,7 @@
 flat pick lists the worker's score program takes, and each row's answer.
 
 The program (`gemma_core.token_scores.scores_at`) is compiled once per
-bucket, so its sizes are fixed here: the most next tokens listed per
-position, positions listed per row, candidates per row.
+bucket, so its sizes are fixed (token_scores.MAX_*).
 """
 
 from __future__ import annotations
@@ -13,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K_POSITIONS
+
 if TYPE_CHECKING:  # batch.py imports this module
     from worker.batch import Batch, BatchRow
-
-MAX_TOP_K, MAX_TOP_K_POSITIONS, MAX_CANDIDATES = 20, 16, 64
 
 
 @dataclasses.dataclass(frozen=True)

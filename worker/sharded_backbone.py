@@ -12,7 +12,8 @@ import numpy as np
 from gemma_core import (MESH_AXES, Backbone, GemmaBackbone, LoraAdapter, LoraSlotTable,
                         read_preset_config, token_scores)
 from gemma_core.lora_targets import KERAS_HUB_TARGETS
-from worker.score_picks import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS, ScorePicks
+from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS
+from worker.score_picks import ScorePicks
 from worker.worker_config import WorkerSpec
 
 

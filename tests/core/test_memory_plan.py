@@ -128,6 +128,35 @@ def test_activation_estimate_is_at_least_what_xla_allocates(shape, dtype):
     assert xla <= plan.activation_bytes <= 3 * xla, (xla, dict(plan.activations))
 
 
+def test_score_program_estimate_is_at_least_what_xla_allocates():
+    """The `scores` term against XLA's own figures for the worker's score
+    program (token_scores.scores_at on a forward's output): its temporaries,
+    outputs and the forward output it reads."""
+    from gemma_core import token_scores
+
+    rows, length, slots = 4, 256, 4
+    _, backbone = sharded_tiny((1, 1), "float32")
+    N, M = rows * length, rows * (token_scores.MAX_TOP_K_POSITIONS + 1)
+
+    def scores(values, hidden, targets, ranked):  # ShardedBackbone._scores
+        with backbone.bound_to(values):
+            return token_scores.scores_at(backbone, hidden[0], targets, ranked,
+                                          token_scores.MAX_TOP_K)
+
+    def ints(*shape):
+        return np.zeros(shape, "int32")
+    hidden = jax.ShapeDtypeStruct((slots, rows, length, TINY.hidden_dim), "float32")
+    compiled = jax.jit(scores).lower(
+        [v.value for v in backbone.variables], hidden,
+        (ints(N), ints(N), ints(N), np.int32(N)),
+        (ints(M), ints(M), ints(M, token_scores.MAX_CANDIDATES), np.int32(M))).compile()
+    analysis = compiled.memory_analysis()
+    hidden_bytes = slots * rows * length * TINY.hidden_dim * 4
+    xla = analysis.temp_size_in_bytes + analysis.output_size_in_bytes + hidden_bytes
+    planned = activation_terms(TINY, "float32", rows, length, layer_slots=slots)["scores"]
+    assert xla <= planned <= 3 * xla, (xla, planned)
+
+
 def test_activation_terms_follow_the_layout():
     config = GEMMA_PRESETS["gemma2_9b_en"]["config"]
 
@@ -135,8 +164,12 @@ def test_activation_terms_follow_the_layout():
         return activation_terms(config, "bfloat16", rows=16, length=length, mesh_shape=mesh)
 
     base = terms((1, 1))
-    assert base["total"] == base["selected"] + base["residual"] + max(
-        base["attention"], base["feed_forward"])
+    assert base["total"] == max(base["selected"] + base["residual"] + max(
+        base["attention"], base["feed_forward"]), base["scores"])
+    # A short bucket's largest use is the score program's block of logits
+    # over a 256,000-token vocabulary, not its forward.
+    short = activation_terms(config, "bfloat16", rows=1, length=32)
+    assert short["total"] == short["scores"] > 3 * 32 * 256_000 * 4
     # Scores grow as T x block past the attention block: doubling the
     # length doubles attention (it quadrupled when every score was kept).
     assert 1.9 < terms((1, 1), 2048)["attention"] / base["attention"] < 2.1
