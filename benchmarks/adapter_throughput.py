@@ -239,9 +239,10 @@ def throughput(bench, args, rng):
     # Correctness first (this also compiles every function used below).
     slot0 = bench.run(token_ids, padding_mask, base_slots)
     plain = bench.plain(token_ids, padding_mask)
-    base_error = float(np.max(np.abs(slot0 - plain)))
+    exact = slot0.dtype == np.float32  # else a bf16 checkpoint: relative checks
     tolerance = tolerance_for(slot0, plain)
     slot0, plain = slot0.astype(np.float32), plain.astype(np.float32)
+    base_error = float(np.max(np.abs(slot0 - plain)))
     checks = [(f"slot 0 == plain base model, max |diff| {base_error:.2e}",
                base_error <= tolerance)]
     for name, label in (("qv", "query/value"), ("all", "all-linear")):
@@ -255,7 +256,7 @@ def throughput(bench, args, rng):
             (f"{label} mixed row i == adapter i alone (merged kernels), max |diff| "
              f"{row_error:.2e}", row_error <= tolerance),
             (f"every {label} adapter changes its row, min max |diff| vs base {effect:.2e}",
-             effect > (100 * TOLERANCE if tolerance == TOLERANCE else 2 * tolerance)),
+             effect > (100 * TOLERANCE if exact else 2 * tolerance)),
         ]
 
     cases = {"slot0": lambda: bench.run(token_ids, padding_mask, base_slots),
@@ -295,15 +296,15 @@ def load_latency(bench, args, rng):
         outputs.append((out, again))
     # Each first result is that adapter's (not a stale slot's): compare with
     # the merged-kernel path, outside the timing.
-    error, tolerance = 0.0, TOLERANCE
+    excess = 0.0  # the largest error as a share of its own tolerance
     for adapter, (out, again) in zip(adapters[2:], outputs):
         reference = bench.swap_and_run(bench.device_factors(adapter), token_ids,
                                        padding_mask).astype(np.float32)
-        tolerance = tolerance_for(out, reference)
-        error = max(error, float(np.max(np.abs(out.astype(np.float32) - reference))),
+        error = max(float(np.max(np.abs(out.astype(np.float32) - reference))),
                     float(np.max(np.abs(again.astype(np.float32) - reference))))
+        excess = max(excess, error / tolerance_for(out, reference))
     check = (f"each first result after write_slot == that adapter merged, max |diff| "
-             f"{error:.2e}", error <= tolerance)
+             f"{excess:.2f} of its tolerance", excess <= 1.0)
     return dict(first=first, writes=writes, warm=warm), check
 
 

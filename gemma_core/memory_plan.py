@@ -13,8 +13,9 @@ Three parts, per device of one worker's (data, model) mesh:
   split over the mesh by `LoraSlotTable.partition_specs`. Counted twice: a slot write
   builds new tables while a running batch may still read the old ones (they
   are not donated).
-- **activations**: an estimate of the jitted forward's peak working memory at
-  `rows x length`, see `activation_terms` for the formula. XLA fuses and
+- **activations**: an estimate of the peak working memory of the jitted
+  forward at `rows x length`, or of the score program after it where that
+  is larger, see `activation_terms` for the formula. XLA fuses and
   reuses buffers, so the real peak is usually lower; the estimate is meant to
   err on the side of refusing.
 
@@ -44,7 +45,7 @@ from keras.src.backend.common import global_state
 
 from gemma_core.dot_product_attention import BLOCK_SIZE
 from gemma_core.token_scores import (BLOCK_PICKS, MAX_CANDIDATES, MAX_TOP_K,
-                                     MAX_TOP_K_POSITIONS)
+                                     MAX_TOP_K_POSITIONS, RANKED_BLOCK_PICKS)
 from gemma_core.gemma_backbone import GemmaBackbone
 from gemma_core.gemma_config import GemmaConfig
 from gemma_core.gemma_presets import GEMMA_PRESETS
@@ -212,7 +213,8 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
                      mesh_shape: tuple[int, int] = (1, 1), layer_slots: int = 4,
                      max_adapter_rank: int = 16) -> dict[str, int]:
     """Estimated peak bytes per device of the worker's jitted forward
-    (`selected_hidden_states` with per-row adapters), term by term.
+    (`selected_hidden_states` with per-row adapters) and of its score
+    program, term by term.
 
     With B = rows, T = length, d = hidden_dim, H query and K key/value heads
     of size h, f = intermediate_dim / 2, c = bytes of the compute dtype, S =
@@ -238,7 +240,8 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     - scores (the score program, run after the forward for a batch with
       Score rows; token_scores.scores_at): the forward's (S, B, T, d) output
       it reads, S*B*T*d*c, and its copy of the final layer's slot, B*T*d*c;
-      a block of n = BLOCK_PICKS picks through the head,
+      a block of n picks through the head (the larger of the two loops'
+      blocks, BLOCK_PICKS and RANKED_BLOCK_PICKS, at most the picks),
       3 x n*V*4 (the float32 logits, their log-probabilities and the
       softmax's temporary; the vocabulary is not divided: top-k needs all
       of it), with the n gathered hidden states; the pick lists and their
@@ -260,7 +263,8 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
     own `memory_analysis()` (temporaries plus output) on CPU devices, where
     it stays above XLA's figure on every mesh and dtype policy tried (the
     ratios are in benchmarks/README.md, "Figures moved from the code"), and
-    tests/core/test_memory_plan.py keeps it at or above XLA's. Not yet
+    tests/core/test_memory_plan.py keeps it at or above XLA's (the scores
+    term: on one device, float32 and bfloat16). Not yet
     checked on a GPU, whose XLA fuses differently.
 
     Example:
@@ -303,8 +307,8 @@ def activation_terms(config: GemmaConfig, compute_dtype: str, rows: int, length:
                                     + B * 3 * R * f * 4, ffw_split)
                          + B * 3 * d * R * 4 + B * T * d * 4),
     }
-    V, picks = cfg.vocabulary_size, min(BLOCK_PICKS, B * T)
-    ranked = B * (MAX_TOP_K_POSITIONS + 1)
+    V, ranked = cfg.vocabulary_size, B * (MAX_TOP_K_POSITIONS + 1)
+    picks = max(min(BLOCK_PICKS, B * T), min(RANKED_BLOCK_PICKS, ranked))  # the larger block
     terms["scores"] = ((S + 1) * B * T * d * c + 3 * picks * V * 4 + picks * d * c
                        + 4 * B * T * 4 + ranked * (2 * MAX_TOP_K + MAX_CANDIDATES + 3) * 4)
     terms["total"] = max(terms["selected"] + terms["residual"]

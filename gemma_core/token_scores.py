@@ -26,6 +26,8 @@ MAX_LOGITS_BYTES = 256 << 20
 # block is computed whole however few of its picks are real, so a batch
 # asking one position per row should not pay for hundreds.
 BLOCK_PICKS = 64
+# Ranked picks (top-k positions, candidates) are few per row, often one.
+RANKED_BLOCK_PICKS = 8
 # The serving score program's fixed sizes (it is compiled once per batch
 # bucket): the most next tokens listed per position, top-k positions per
 # row, candidates per row.
@@ -153,7 +155,7 @@ def scores_at(backbone, hidden, targets, ranked, k: int):
         return top_ids.astype(jnp.int32), top_log_probs, _taken(log_probs, candidate_ids)
 
     rows, positions, candidate_ids, count = ranked
-    # Few of these per row (often one: the last position): small blocks.
     top_ids, top_log_probs, candidate_log_probs = head_at(
-        backbone, hidden, rows, positions, count, rank, (candidate_ids,), block=8)
+        backbone, hidden, rows, positions, count, rank, (candidate_ids,),
+        block=RANKED_BLOCK_PICKS)
     return chosen[:, 0], top_ids, top_log_probs, candidate_log_probs

@@ -82,6 +82,7 @@ def test_concurrent_requests_with_four_adapters_and_the_base_get_their_own_rows(
     def run(job):
         name, ids = job
         with GemmaClient(service.address, api_key=ACME_KEY) as own:
+            own.model_info()  # connected before the burst, so that the calls arrive together
             barrier.wait()
             return own.forward(token_ids=[ids], layers=[1, -1], adapter_id=name or "")
 
