@@ -109,11 +109,10 @@ def cheap_to_parse(message: pb.ForwardRequest, limits: ServiceLimits) -> bool:
             or sum(len(text) for text in texts) <= LOOP_TOKENIZE_CHARS)
 
 
-def parse_sequences(message, limits: ServiceLimits, tokenizer: GemmaTokenizer | None
-                    ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
-    """The input of a Forward or Score request (`texts` or `sequences`,
-    `add_bos`, `truncation`), validated: (int32 ids per sequence, tokens
-    truncation dropped from each).
+def texts_or_sequences(message, limits: ServiceLimits) -> tuple[list, list, bool]:
+    """(texts, sequences, add_bos) of a Forward, Score or Tokenize request:
+    exactly one of texts and sequences, within the count limit; `add_bos`
+    (default true) set only with texts.
 
     Raises:
         InvalidArgument: naming the field at fault.
@@ -127,6 +126,19 @@ def parse_sequences(message, limits: ServiceLimits, tokenizer: GemmaTokenizer | 
     if message.HasField("add_bos") and not texts:
         raise InvalidArgument("add_bos", "applies to texts only; token sequences are "
                                          "used exactly as sent.")
+    return texts, sequences, message.add_bos if message.HasField("add_bos") else True
+
+
+def parse_sequences(message, limits: ServiceLimits, tokenizer: GemmaTokenizer | None
+                    ) -> tuple[tuple[np.ndarray, ...], tuple[int, ...]]:
+    """The input of a Forward or Score request (`texts` or `sequences`,
+    `add_bos`, `truncation`), validated: (int32 ids per sequence, tokens
+    truncation dropped from each).
+
+    Raises:
+        InvalidArgument: naming the field at fault.
+    """
+    texts, sequences, add_bos = texts_or_sequences(message, limits)
     keep = _enum(message.truncation, TRUNCATIONS, "truncation", pb.Truncation)
     limit = limits.max_sequence_length
     ids, whole = [], []
@@ -134,7 +146,6 @@ def parse_sequences(message, limits: ServiceLimits, tokenizer: GemmaTokenizer | 
         if tokenizer is None:
             raise InvalidArgument("texts", "this model has no tokenizer; send token "
                                            "sequences instead.")
-        add_bos = message.add_bos if message.HasField("add_bos") else True
         for i, text in enumerate(texts):
             check_text(text, f"texts[{i}]", limits)
             tokens = np.asarray(tokenizer.tokenize(text, add_bos=add_bos), "int32")

@@ -15,7 +15,7 @@ from coordinator.forward_work import ForwardResult, ForwardWork
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
-from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS
+from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K_POSITIONS, max_top_k
 from worker.score_picks import ScoreSpec
 
 # A unary answer stays under gRPC's default 4 MiB message limit: what it
@@ -26,12 +26,6 @@ _ID_BYTES, _LOGPROB_BYTES = 5, 4
 # A candidate text is one token: a few dozen bytes at most. The limit keeps
 # tokenizing candidates on the event loop cheap.
 MAX_CANDIDATE_BYTES = 256
-
-
-def max_top_k(limits: ServiceLimits) -> int:
-    """The most next tokens one position lists: MAX_TOP_K, or the whole
-    vocabulary of a smaller one."""
-    return min(MAX_TOP_K, limits.vocabulary_size)
 
 
 def _candidate_ids(message: pb.ScoreRequest, limits: ServiceLimits,
@@ -87,7 +81,7 @@ def parse_score_request(message: pb.ScoreRequest, limits: ServiceLimits,
     Raises:
         InvalidArgument: naming the field at fault.
     """
-    most = max_top_k(limits)
+    most = max_top_k(limits.vocabulary_size)
     if not 0 <= message.top_k <= most:
         raise InvalidArgument("top_k", f"{message.top_k} is outside 0..{most}.")
     requested = list(message.top_k_positions) or [-1]

@@ -17,8 +17,7 @@ from coordinator.admission_control import TenantAdmission
 from coordinator.fine_tune_jobs import FineTuneJobs
 from coordinator.forward_request import cheap_to_parse, parse_forward_request
 from coordinator.forward_response import response_stream
-from coordinator.score_request import (MAX_RESPONSE_BYTES, max_top_k, parse_score_request,
-                                       score_response)
+from coordinator.score_request import MAX_RESPONSE_BYTES, parse_score_request, score_response
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.generated.gemma.v1 import gemma_service_pb2_grpc as pb_grpc
 from coordinator.service_config import ServiceConfig, ServiceLimits
@@ -28,7 +27,7 @@ from coordinator.tenant_auth import TenantAuth
 from gemma_core import GemmaTokenizer
 from gemma_core.matmul_precision import compute_summary
 from coordinator.worker_router import WorkerRouter
-from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K_POSITIONS
+from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K_POSITIONS, max_top_k
 
 
 log = logging.getLogger("gemma_serve.requests")
@@ -140,7 +139,7 @@ class GemmaServicer(pb_grpc.GemmaServiceServicer):
                 max_response_chunk_bytes=self._config.chunk_bytes,
                 max_adapter_rank=self._config.worker.max_adapter_rank,
                 max_upload_bytes=self._config.max_upload_bytes,
-                max_score_top_k=max_top_k(limits), max_score_positions=MAX_TOP_K_POSITIONS,
+                max_score_top_k=max_top_k(limits.vocabulary_size), max_score_positions=MAX_TOP_K_POSITIONS,
                 max_score_candidates=MAX_CANDIDATES,
                 max_score_response_bytes=MAX_RESPONSE_BYTES))
         for worker in await self._router.placement.stats():

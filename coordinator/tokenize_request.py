@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator.errors import FailedPrecondition, InvalidArgument
-from coordinator.forward_request import (LOOP_TOKENIZE_CHARS, check_count, check_id_range,
-                                         check_text)
+from coordinator.forward_request import (LOOP_TOKENIZE_CHARS, check_id_range, check_text,
+                                         texts_or_sequences)
 from coordinator.generated.gemma.v1 import gemma_service_pb2 as pb
 from coordinator.service_config import ServiceLimits
 from gemma_core import GemmaTokenizer
@@ -27,19 +27,11 @@ def tokenize(message: pb.TokenizeRequest, limits: ServiceLimits,
         InvalidArgument: naming the field at fault.
         FailedPrecondition: the model has no tokenizer.
     """
-    texts, sequences = list(message.texts), list(message.sequences)
-    if texts and sequences:
-        raise InvalidArgument("texts, sequences", "send texts or token sequences, not both.")
-    if not texts and not sequences:
-        raise InvalidArgument("texts, sequences", "nothing to do; send texts or sequences.")
-    check_count(len(texts) or len(sequences), "texts" if texts else "sequences", limits)
-    if message.HasField("add_bos") and not texts:
-        raise InvalidArgument("add_bos", "applies to texts only.")
+    texts, sequences, add_bos = texts_or_sequences(message, limits)
     if tokenizer is None:
         raise FailedPrecondition("this model has no tokenizer; it serves token sequences "
                                  "only.")
     if texts:
-        add_bos = message.add_bos if message.HasField("add_bos") else True
         for i, text in enumerate(texts):
             check_text(text, f"texts[{i}]", limits)
         return pb.TokenizeResponse(sequences=[

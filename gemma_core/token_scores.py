@@ -34,6 +34,12 @@ RANKED_BLOCK_PICKS = 8
 MAX_TOP_K, MAX_TOP_K_POSITIONS, MAX_CANDIDATES = 20, 16, 64
 
 
+def max_top_k(vocabulary_size: int) -> int:
+    """The most next tokens one position lists: MAX_TOP_K, or the whole of a
+    smaller vocabulary (top-k cannot take more than there are)."""
+    return min(MAX_TOP_K, vocabulary_size)
+
+
 def head_at(backbone, hidden, rows, positions, count, read, extras=(), block=BLOCK_PICKS):
     """Log-probabilities of the next token at picked positions, reduced by
     `read` a block at a time.

@@ -19,6 +19,8 @@ POOLINGS = ("none", "last_token", "mean")
 # A request's output dtype name -> the numpy dtype results are cast to.
 OUTPUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
                  "float16": np.dtype(np.float16)}
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchRow:
     """What one row of a batch wants back.

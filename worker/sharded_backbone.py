@@ -12,7 +12,7 @@ import numpy as np
 from gemma_core import (MESH_AXES, Backbone, GemmaBackbone, LoraAdapter, LoraSlotTable,
                         read_preset_config, token_scores)
 from gemma_core.lora_targets import KERAS_HUB_TARGETS
-from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K, MAX_TOP_K_POSITIONS
+from gemma_core.token_scores import MAX_CANDIDATES, MAX_TOP_K_POSITIONS
 from worker.score_picks import ScorePicks
 from worker.worker_config import WorkerSpec
 
@@ -105,8 +105,9 @@ class ShardedBackbone:
         """`token_scores.scores_at` on layer slot `final` of the forward's
         (K, B, T, d) output."""
         with self.backbone.bound_to(values):
-            return token_scores.scores_at(self.backbone, hidden[final], targets, ranked,
-                                          min(MAX_TOP_K, self.backbone.config.vocabulary_size))
+            return token_scores.scores_at(
+                self.backbone, hidden[final], targets, ranked,
+                token_scores.max_top_k(self.backbone.config.vocabulary_size))
 
     def _row_split(self, rows: int) -> bool:
         return self._data_parallel > 1 and rows % self._data_parallel == 0
